@@ -1,0 +1,31 @@
+"""Pure-torch implementations of the kernel entry points: run anywhere, define correctness."""
+
+from __future__ import annotations
+
+import torch
+
+from ..quant import Quantized, dequantize, quantize
+from .types import QuantizedMatrix
+
+__all__ = ["dequantize", "materialize", "precondition", "quantize"]
+
+
+def materialize(root: torch.Tensor | QuantizedMatrix, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A dense ``dtype`` matrix from a dense or quantized root."""
+    if isinstance(root, torch.Tensor):
+        return root.to(dtype)
+    n = root.order
+    return dequantize(
+        Quantized(root.codes, root.absmax, root.diag), root.codebook, (n, n), root.bits, root.block_size, dtype=dtype
+    )
+
+
+def precondition(
+    grad: torch.Tensor,
+    left: torch.Tensor | QuantizedMatrix,
+    right: torch.Tensor | QuantizedMatrix,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``left @ grad @ right`` in ``dtype`` matmuls, returned in fp32."""
+    out = materialize(left, dtype) @ grad.to(dtype) @ materialize(right, dtype)
+    return out.float()

@@ -1,0 +1,37 @@
+"""Exact accounting of optimizer-state bytes by kind, from the state keys themselves."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+
+KINDS = ("moments", "eigenvectors", "eigenvalues", "factors", "roots", "scales", "other")
+SECOND_ORDER = ("eigenvectors", "eigenvalues", "factors", "roots", "scales")
+
+_MOMENTS = {"exp_avg", "exp_avg_sq", "momentum_buffer"}
+
+
+def kind_of(key: str) -> str:
+    """The kind of a state entry (``"0.L.root_codes"`` -> ``"roots"``)."""
+    name = key.rsplit(".", 1)[-1]
+    if name in _MOMENTS:
+        return "moments"
+    if name.endswith("_absmax"):
+        return "scales"
+    for prefix, kind in (("eigvecs", "eigenvectors"), ("eigvals", "eigenvalues"), ("factor", "factors"), ("root", "roots")):
+        if name.startswith(prefix):
+            return kind
+    return "other"
+
+
+def memory_report(states: Iterable[Mapping[str, object]]) -> dict[str, int]:
+    """Bytes of every tensor in ``states`` by kind, plus ``second_order`` and ``total``."""
+    report = dict.fromkeys(KINDS, 0)
+    for state in states:
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                report[kind_of(key)] += value.numel() * value.element_size()
+    report["second_order"] = sum(report[k] for k in SECOND_ORDER)
+    report["total"] = sum(report[k] for k in KINDS)
+    return report

@@ -1,0 +1,81 @@
+"""Quantization codebooks: sorted fp32 tensors of 2**bits values in [-1, 1].
+
+Three maps are offered (SPEC.md section 2):
+
+* ``linear2`` ("linear square", the default): ``sign(d) * d**2`` over a uniform grid ``d``
+  with one grid point moved to zero. Dense near zero, where most eigenvector entries live.
+* ``dynamic``: the signed dynamic tree of bitsandbytes, a decimal-exponent map.
+* ``linear``: a uniform grid, the plain baseline.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+CODEBOOKS = ("linear2", "dynamic", "linear")
+BITS = (4, 8)
+
+
+def _check(name: str, bits: int) -> None:
+    if name not in CODEBOOKS:
+        raise ValueError(f"codebook={name!r} is not supported; choose one of {CODEBOOKS}")
+    if bits not in BITS:
+        raise ValueError(f"bits={bits!r} is not supported by a codebook; choose one of {BITS}")
+
+
+def linear2_values(bits: int) -> list[float]:
+    """Linear-2: d = linspace(-1, 1, 2**b), d[2**(b-1) - 1] = 0, value = sign(d) * d**2."""
+    d = torch.linspace(-1.0, 1.0, 2**bits, dtype=torch.float64)
+    d[2 ** (bits - 1) - 1] = 0.0
+    return (torch.sign(d) * d * d).tolist()
+
+
+def dynamic_values(bits: int) -> list[float]:
+    """Signed dynamic tree: level i holds 2**i fractions in (0.1, 1) scaled by 10**(i - E + 1).
+
+    With E = bits - 1 exponent levels this gives 2**bits - 2 signed values plus 0 and 1.
+    """
+    levels = bits - 1
+    values = [0.0, 1.0]
+    for i in range(levels):
+        edges = torch.linspace(0.1, 1.0, 2**i + 1, dtype=torch.float64)
+        means = (edges[:-1] + edges[1:]) / 2 * 10.0 ** (i - levels + 1)
+        values += means.tolist() + (-means).tolist()
+    return sorted(values)
+
+
+def linear_values(bits: int) -> list[float]:
+    """A uniform grid on [-1, 1] (no exact zero for an even number of points)."""
+    return torch.linspace(-1.0, 1.0, 2**bits, dtype=torch.float64).tolist()
+
+
+_MAKERS = {"linear2": linear2_values, "dynamic": dynamic_values, "linear": linear_values}
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_codebook(name: str, bits: int) -> torch.Tensor:
+    values = sorted(_MAKERS[name](bits))
+    return torch.tensor(values, dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=64)
+def _device_codebook(name: str, bits: int, device: torch.device) -> torch.Tensor:
+    return _cpu_codebook(name, bits).to(device)
+
+
+def get_codebook(name: str = "linear2", bits: int = 4, device: torch.device | str | None = None) -> torch.Tensor:
+    """The sorted fp32 codebook ``name`` for ``bits`` bits on ``device`` (cached, do not modify)."""
+    _check(name, bits)
+    if device is None or torch.device(device).type == "cpu":
+        return _cpu_codebook(name, bits)
+    return _device_codebook(name, bits, torch.device(device))
+
+
+def midpoints(codebook: torch.Tensor) -> torch.Tensor:
+    """Decision boundaries between neighbouring codebook values (fp32, len - 1 of them).
+
+    A normalized value v gets the index ``sum(v > midpoints)``: nearest value, ties to the lower.
+    """
+    return (codebook[:-1] + codebook[1:]) / 2
