@@ -10,6 +10,10 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# The suite is many small matmuls: one intra-op thread avoids oversubscribing the 2 cores
+# (DDP tests run two processes) and makes timings predictable.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -287,7 +287,7 @@ def test_non_finite_gradient_never_enters_the_statistics():
     opt = Shampoo4bit(model.parameters(), lr=1e-2, stat_interval=1, root_interval=2, min_quant_numel=64)
     _train(model, opt, 3)
     w = model[2].weight
-    before_state = {k: v.clone() for k, v in opt.state[w].items()}
+    before_state = copy.deepcopy(opt.state[w])
     before_w = w.detach().clone()
     other_before = model[4].weight.detach().clone()
     x, y = _data()
@@ -297,11 +297,16 @@ def test_non_finite_gradient_never_enters_the_statistics():
     opt.step()  # step 4 would be a statistics and a root update
     _state_equal(before_state, opt.state[w])
     assert torch.equal(w, before_w)
-    assert opt.counters["skipped_nonfinite"] == 1
-    assert not torch.equal(model[4].weight, other_before)  # the other parameters still stepped
+    assert opt.counters["skipped_nonfinite"] == 1 and opt.counters["steps"] == 3
+    # the whole step is skipped, as a GradScaler would, so step counts stay in sync
+    assert torch.equal(model[4].weight, other_before)
+    assert {opt.state[p]["step"] for p in model.parameters()} == {3}
     w.grad.fill_(float("inf"))
     opt.step()
     assert opt.counters["skipped_nonfinite"] == 2
+    w.grad.zero_()
+    opt.step()
+    assert opt.counters["steps"] == 4 and opt.state[w]["step"] == 4
 
 
 def test_failed_decomposition_retries_then_keeps_previous_root(monkeypatch):
@@ -364,6 +369,14 @@ def test_bad_group_override_is_rejected():
     m(torch.randn(1, 2)).sum().backward()
     with pytest.raises(ValueError, match="root_interval"):
         opt.step()
+
+
+def test_precondition_false_gives_a_group_no_shampoo_state():
+    m = nn.Sequential(nn.Embedding(300, 70), nn.Linear(70, 70))
+    opt = Shampoo4bit([{"params": m[0].parameters(), "precondition": False}, {"params": m[1].parameters()}])
+    opt.init_state()
+    assert set(opt.state[m[0].weight]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert "0.L.eigvals" in opt.state[m[1].weight]
 
 
 def test_per_group_overrides_apply():

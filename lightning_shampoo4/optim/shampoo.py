@@ -27,7 +27,7 @@ COUNTERS = (
     "steps",  # step() calls that updated at least one parameter (the optimizer's own steps)
     "stat_updates",  # factor statistics updated (PU)
     "root_updates",  # inverse roots recomputed (PIRU)
-    "skipped_nonfinite",  # parameter steps skipped because the gradient had inf/NaN
+    "skipped_nonfinite",  # steps skipped whole because some gradient had inf/NaN
     "retried_updates",  # decompositions that succeeded only on retry (float64, or eigh after Newton)
     "failed_updates",  # decompositions that failed in float64 too; previous kept
 )
@@ -71,9 +71,12 @@ class Shampoo4bit(Optimizer):
             "bfloat16", "float16"); statistics and roots are always computed in fp32.
         start_preconditioning_step: no statistics or root updates before this step, so the
             optimizer runs as its base optimizer until then.
+        precondition: False gives a group no Shampoo state at all, only the base update
+            (for embeddings and other matrices where Shampoo does not pay).
 
-    Rank <= 1 tensors (biases, norm weights) get the plain base update. ``step()`` skips, and
-    counts, any parameter whose gradient has inf or NaN, so statistics are never poisoned.
+    Rank <= 1 tensors (biases, norm weights) get the plain base update. Like a GradScaler,
+    ``step()`` skips the whole step, and counts it, when any gradient has inf or NaN, so
+    statistics are never poisoned and every parameter keeps the same step count.
     """
 
     def __init__(
@@ -101,6 +104,7 @@ class Shampoo4bit(Optimizer):
         kernel_backend: Literal["auto", "triton", "torch"] = "auto",
         precondition_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         start_preconditioning_step: int = 0,
+        precondition: bool = True,
     ):
         defaults = dict(
             lr=lr,
@@ -125,6 +129,7 @@ class Shampoo4bit(Optimizer):
             kernel_backend=kernel_backend,
             precondition_dtype=precondition_dtype,
             start_preconditioning_step=start_preconditioning_step,
+            precondition=precondition,
         )
         validate_group(defaults)
         self.counters: dict[str, float] = {k: 0 for k in COUNTERS} | {k: 0.0 for k in TIMERS}
@@ -140,6 +145,8 @@ class Shampoo4bit(Optimizer):
 
     @staticmethod
     def _blocks(p: torch.Tensor, group: dict) -> tuple[tuple[int, int] | None, tuple[Block, ...]]:
+        if not group["precondition"]:
+            return None, ()
         return blocks_for(tuple(p.shape), group["max_order"])
 
     def _factors(self, p: torch.Tensor, group: dict) -> list[tuple[Block, Factor, Factor]]:
@@ -154,7 +161,7 @@ class Shampoo4bit(Optimizer):
 
     def _init_state(self, p: torch.Tensor, group: dict) -> None:
         state = self.state[p]
-        state["step"] = torch.tensor(0.0)
+        state["step"] = 0  # Python ints: exact at any count, and no device sync to read
         if group["base"] == "adamw":
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -162,7 +169,7 @@ class Shampoo4bit(Optimizer):
             left.init(p.device)
             right.init(p.device)
         if self._blocks(p, group)[1]:
-            state["last_root_step"] = torch.tensor(0.0)  # step of the last root update; 0: none yet
+            state["last_root_step"] = 0  # step of the last root update; 0: none yet
 
     def init_state(self) -> None:
         """Create the state of every parameter now instead of at its first step."""
@@ -217,31 +224,38 @@ class Shampoo4bit(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        stepped = False
+        work = []
         for group in self.param_groups:
             validate_group(group)
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            if any(p.grad.is_sparse for p in params):
-                raise RuntimeError("Shampoo4bit does not support sparse gradients")
-            finite = torch.stack([torch.isfinite(p.grad).all() for p in params]).tolist()
-            for p, ok in zip(params, finite):
-                if not ok:
-                    self.counters["skipped_nonfinite"] += 1
-                    continue
-                if not self.state[p]:
-                    self._init_state(p, group)
-                self._step_param(p, group)
-                stepped = True
-        if stepped:
-            self.counters["steps"] += 1
+            for p in group["params"]:
+                if p.grad is not None:
+                    if p.grad.is_sparse:
+                        raise RuntimeError("Shampoo4bit does not support sparse gradients")
+                    work.append((p, group))
+        if not work:
+            return loss
+        if not self._all_finite([p.grad for p, _ in work]):
+            self.counters["skipped_nonfinite"] += 1
+            return loss
+        for p, group in work:
+            if not self.state[p]:
+                self._init_state(p, group)
+            self._step_param(p, group)
+        self.counters["steps"] += 1
         return loss
+
+    @staticmethod
+    def _all_finite(grads: list[torch.Tensor]) -> bool:
+        """One device sync per device for the whole step."""
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for g in grads:
+            by_device.setdefault(g.device, []).append(torch.isfinite(g).all())
+        return all(bool(torch.stack(flags).all()) for flags in by_device.values())
 
     def _step_param(self, p: torch.Tensor, group: dict) -> None:
         state = self.state[p]
         state["step"] += 1
-        step = int(state["step"].item())
+        step = state["step"]
         grad = p.grad
         factors = self._factors(p, group)
         if factors:
@@ -270,9 +284,9 @@ class Shampoo4bit(Optimizer):
                 self._record(left.update_root())
                 self._record(right.update_root())
             self.counters["root_updates"] += 2 * len(factors)
-            state["last_root_step"].fill_(step)
+            state["last_root_step"] = step
             self.counters["time_roots_s"] += self._tick(p) - t0
-        if state["last_root_step"].item() == 0:
+        if state["last_root_step"] == 0:
             return p.grad  # roots are still the identity: exactly the base optimizer
         dtype = _DTYPES[group["precondition_dtype"]]
         out = torch.empty_like(g)

@@ -70,3 +70,4 @@ def validate_group(g: dict) -> None:
     _choice("kernel_backend", g["kernel_backend"], BACKENDS)
     _choice("precondition_dtype", g["precondition_dtype"], PRECONDITION_DTYPES)
     _integer("start_preconditioning_step", g["start_preconditioning_step"], 0)
+    _choice("precondition", g["precondition"], (False, True))
