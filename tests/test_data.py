@@ -477,3 +477,16 @@ def test_batch_transforms():
     assert random_crop(x, 3, generator=g).shape == x.shape
     with pytest.raises(ValueError, match="mean/std"):
         normalize(x, [0.0], [1.0])
+
+
+def test_sampler_epoch_order_is_reproducible_for_resume():
+    """A sampler told the epoch (as Lightning does on resume) yields what an uninterrupted one did."""
+    from lightning_shampoo4.data.transforms import SeededShuffleSampler
+
+    running = SeededShuffleSampler(50, seed=3)
+    epochs = [list(running) for _ in range(3)]
+    assert epochs[0] != epochs[1] != epochs[2]
+    resumed = SeededShuffleSampler(50, seed=3)
+    resumed.set_epoch(2)
+    assert list(resumed) == epochs[2]
+    assert list(resumed) == list(running)  # both moved on to epoch 3

@@ -190,25 +190,33 @@ class InMemoryImageDataset(Dataset):
 class SeededShuffleSampler(Sampler):
     """Yields ``(index, rnd)`` pairs: a seeded permutation (or identity order) plus one random integer per sample.
 
-    The generator lives as long as the sampler, so each new epoch (each ``iter``) gives a new order
-    and new augmentation draws, while two samplers built with the same seed give identical streams.
+    Epoch ``e`` draws from a generator seeded by ``(seed, e)``, so a run resumed at an epoch
+    boundary sees exactly the order an uninterrupted run would: Lightning calls
+    :meth:`set_epoch` with the restored epoch. Without ``set_epoch`` (a plain loop) each
+    ``iter`` moves on to the next epoch, so every pass still gets a new order and new draws.
     """
 
     def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True) -> None:
         self.num_samples = int(num_samples)
         self.shuffle = bool(shuffle)
-        self.generator = torch.Generator().manual_seed(derive_seed(seed, 101))
+        self.seed = derive_seed(seed, 101)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return self.num_samples
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         n = self.num_samples
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
+        self.epoch += 1
         if self.shuffle:
-            order = torch.randperm(n, generator=self.generator)
+            order = torch.randperm(n, generator=generator)
         else:
             order = torch.arange(n)
-        rnd = torch.randint(0, _RND_HIGH, (n,), generator=self.generator, dtype=torch.long)
+        rnd = torch.randint(0, _RND_HIGH, (n,), generator=generator, dtype=torch.long)
         yield from zip(order.tolist(), rnd.tolist())
 
 
