@@ -77,9 +77,8 @@ class QuantizedStateMonitor(ShampooCallback):
     * ``bytes/fp32_shampoo``: what 32-bit Shampoo stores for the same factors, an fp32 factor
       and an fp32 root, ``8 n^2`` bytes per factor of order n; ``compression_ratio`` =
       ``bytes/fp32_shampoo`` / the second-order bytes of the same parameters. ``factors``,
-      ``quantized_factors``: counts. Factors and ratios leave out groups that
-      ``configure_shampoo`` marked ``precondition=False`` (the optimizer allocates, but never
-      updates, factors for them; the ``bytes/*`` totals include them).
+      ``quantized_factors``: counts. Groups with ``precondition=False`` have no factors
+      (their moments still count in ``bytes/*``).
     * Quantization errors, over the quantized factors (none logged when no factor is
       quantized, e.g. all smaller than ``min_quant_numel``). With ``V = D(Q(U))`` the
       dequantized eigenvectors and ``V_r`` = ``V`` after the ``bjorck_steps[1]`` Björck steps
