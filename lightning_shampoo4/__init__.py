@@ -20,13 +20,16 @@ only for classes that have been imported.
 
 from .callbacks import PreconditionerSchedule, QuantizedStateMonitor, ShampooPrecision
 from .configure import GroupedShampoo4bit, configure_shampoo, shampoo_param_groups
+from .module import ImageClassifier
 from .optim import Shampoo4bit
+from .recipes import get_recipe, list_recipes, register_recipe
 from .strategies import UnsupportedStrategyError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GroupedShampoo4bit",
+    "ImageClassifier",
     "PreconditionerSchedule",
     "QuantizedStateMonitor",
     "Shampoo4bit",
@@ -34,5 +37,8 @@ __all__ = [
     "UnsupportedStrategyError",
     "__version__",
     "configure_shampoo",
+    "get_recipe",
+    "list_recipes",
+    "register_recipe",
     "shampoo_param_groups",
 ]

@@ -7,6 +7,7 @@ previous preconditioner and count the event.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -119,31 +120,39 @@ def _coupled_newton(a: torch.Tensor, p: int, eps: float, max_iters: int, tol: fl
     z = (p + 1) / (2 * torch.linalg.matrix_norm(a).clamp(min=torch.finfo(a.dtype).tiny))
     m = z * a
     x = z.pow(1.0 / p) * eye
+    prev = float("inf")
     for _ in range(max_iters):
         t = ((p + 1) * eye - m) / p
         x = x @ t
         m = torch.linalg.matrix_power(t, p) @ m
-        if float((m - eye).abs().max()) < tol:
-            break
+        err = float((m - eye).abs().max())
+        if not math.isfinite(err) or err > 1e3:
+            return None  # diverging: A has eigenvalues <= 0 (e.g. an indefinite quantized factor)
+        if err < tol or (err < 1e-2 and err >= prev):
+            break  # converged, or stalled at round-off
+        prev = err
     x = (x + x.mT) / 2
     return x if is_finite(x) else None
 
 
 def coupled_newton_inverse_root(
-    a: torch.Tensor, p: int = 4, eps: float = 1e-6, max_iters: int = 100, tol: float = 1e-6
+    a: torch.Tensor, p: int = 4, eps: float = 1e-6, max_iters: int = 100, tol: float | None = None
 ) -> RootResult | None:
     """Inverse p-th root by the coupled Schur-Newton iteration (Guo and Higham).
 
     ``X_{k+1} = X_k T_k``, ``M_{k+1} = T_k^p M_k`` with ``T_k = ((p + 1) I - M_k) / p``;
     ``M -> I`` and ``X -> (A + rho I)^(-1/p)``. Only matmuls, so it runs where ``eigh`` is
-    slow, at the price of accuracy on ill-conditioned inputs. The baseline's root method.
-    Retries in float64 on failure; ``None`` if both attempts fail.
+    slow, at the price of accuracy on ill-conditioned inputs; it stops once ``max|M - I|``
+    reaches ``tol`` (default: 100 ulp of the dtype) or stalls at round-off. It diverges when
+    A has eigenvalues at or below zero, which a quantized factor can have; then, as for any
+    other failure, the exact ``eigh`` root (negative eigenvalues clamped, float64 retry) is
+    returned and marked as retried. ``None`` if that fails too.
     """
     if not is_finite(a):
         return None
     a = (a + a.mT) / 2
-    root = _coupled_newton(a.float(), p, eps, max_iters, tol)
+    root = _coupled_newton(a.float(), p, eps, max_iters, 100 * torch.finfo(torch.float32).eps if tol is None else tol)
     if root is not None:
         return RootResult(root, False)
-    root = _coupled_newton(a.double(), p, eps, max_iters, tol * 1e-3)
-    return None if root is None else RootResult(root.float(), True)
+    fallback = eigh_inverse_root(a, p, eps)
+    return None if fallback is None else RootResult(fallback.root, True)

@@ -164,3 +164,15 @@ def test_orthogonality_after_bjorck_steps_matches_spec():
     assert errs[1] == pytest.approx(0.84, rel=0.08)
     assert errs[2] == pytest.approx(0.03, rel=0.25)
     assert errs[3] < 2e-3
+
+
+def test_newton_on_an_indefinite_matrix_falls_back_to_eigh():
+    """A quantized factor can have negative eigenvalues; Newton diverges there and the clamped
+    eigh root is used instead, marked as retried."""
+    w = torch.tensor([1.0, 0.5, 0.1, -0.05], dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64))
+    a = ((q * w) @ q.T).float()
+    result = linalg.coupled_newton_inverse_root(a, 4, 1e-6)
+    assert result is not None and result.retried
+    expected = linalg.eigh_inverse_root(a, 4, 1e-6).root
+    assert torch.allclose(result.root, expected)

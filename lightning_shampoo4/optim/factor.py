@@ -194,13 +194,8 @@ class Factor:
             a = self._load("factor", offdiag=True)
             if cfg.root_method == "eigen":
                 result = linalg.eigh_inverse_root(a, 4, cfg.eps)
-            else:
+            else:  # falls back to eigh itself (e.g. for an indefinite quantized factor)
                 result = linalg.coupled_newton_inverse_root(a, 4, cfg.eps)
-                if result is None:
-                    # A quantized factor can be indefinite, where Newton diverges; the eigh
-                    # root clamps negative eigenvalues. Counted as a retry.
-                    fallback = linalg.eigh_inverse_root(a, 4, cfg.eps)
-                    result = None if fallback is None else linalg.RootResult(fallback.root, True)
         if result is None:
             return FAILED
         self._store("root", result.root, offdiag=True)
