@@ -1,0 +1,295 @@
+"""The ``lightning-shampoo4`` command: a LightningCLI whose defaults come from a recipe.
+
+``lightning-shampoo4 fit`` trains the default recipe (``digits_cnn``: embedded data, a few minutes
+on a CPU) and prints a summary: validation accuracy and the optimizer state in bytes next to what
+AdamW would keep for the same model. ``--recipe NAME`` (or a ``recipe:`` key in a ``--config``
+file) picks another recipe; every other flag overrides it, e.g. ``--optimizer.variant 32bit``,
+``--trainer.max_epochs 1``, ``--data.data_dir ~/data``. ``lightning-shampoo4 list-recipes`` (or
+``--list-recipes``) prints the recipes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import re
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+
+from .module import ImageClassifier
+from .recipes import DEFAULT_RECIPE, OptimizerConfig, RecipeError, ScheduleConfig, get_recipe
+from .recipes.export import cli_config, recipe_table
+
+try:  # registers the package callbacks so short names work: --trainer.callbacks+=QuantizedStateMonitor
+    from . import callbacks as _callbacks  # noqa: F401
+except ImportError:  # pragma: no cover - the callbacks are optional for the CLI
+    pass
+
+__all__ = ["ShampooCLI", "fit_summary", "main", "requested_recipe"]
+
+PROG = "lightning-shampoo4"
+DESCRIPTION = (
+    f"Train image classifiers with 4-bit Shampoo. '{PROG} fit' runs the default recipe ({DEFAULT_RECIPE}, "
+    f"embedded digits data, a few minutes on a CPU); add --recipe NAME for another recipe and any flag "
+    f"(--optimizer.variant 32bit, --trainer.max_epochs 1, ...) to override it. '{PROG} list-recipes' lists them."
+)
+_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+# -- choosing the recipe before the parser is built ------------------------------------------------
+def _recipe_in_config(value: str) -> str | None:
+    """The ``recipe`` key of a ``--config`` value (a path or a YAML string), if any."""
+    try:
+        path = Path(value).expanduser()
+        data = yaml.safe_load(path.read_text() if path.is_file() else value)
+    except (OSError, yaml.YAMLError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    if isinstance(data.get("recipe"), str):
+        return data["recipe"]
+    for sub in _SUBCOMMANDS:  # a top-level config holds per-subcommand sections
+        if isinstance(data.get(sub), dict) and isinstance(data[sub].get("recipe"), str):
+            return data[sub]["recipe"]
+    return None
+
+
+def requested_recipe(args: Sequence[str]) -> str | None:
+    """The recipe named by ``--recipe NAME`` or by a ``recipe:`` key in a ``--config`` file; the last one wins."""
+    found = None
+    i = 0
+    while i < len(args):
+        arg, value = args[i], args[i + 1] if i + 1 < len(args) else None
+        if arg == "--recipe" and value is not None:
+            found, i = value, i + 2
+            continue
+        if arg in ("--config", "-c") and value is not None:
+            found, i = _recipe_in_config(value) or found, i + 2
+            continue
+        if arg.startswith("--recipe="):
+            found = arg.split("=", 1)[1]
+        elif arg.startswith("--config="):
+            found = _recipe_in_config(arg.split("=", 1)[1]) or found
+        i += 1
+    return found
+
+
+def _flat_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """``cli_config`` as dotted parser defaults (``data`` stays whole: it is a subclass argument)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if key in ("trainer", "model", "optimizer", "schedule"):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+class _ArgumentParser(LightningArgumentParser):
+    """Adds "did you mean" suggestions to unknown-option errors (``--optimizer.bitz`` -> ``--optimizer.bits``)."""
+
+    def error(self, message: str, ex: Exception | None = None) -> Any:
+        match = re.search(r"unrecognized arguments: (-\S+)", message)
+        if match:
+            parser = getattr(ex, "subcommand_parser", None) or self
+            options = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+            close = difflib.get_close_matches(match.group(1).split("=")[0], options, n=3, cutoff=0.6)
+            if close:
+                message += f" (did you mean {' or '.join(close)}?)"
+        return super().error(message, ex)
+
+
+class _ListRecipes(argparse.Action):
+    """``--list-recipes [PATTERN]``: print the recipe table and exit."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        kwargs.update(nargs="?", default=argparse.SUPPRESS, metavar="PATTERN")
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        print_recipes(values)
+        parser.exit()
+
+
+def print_recipes(pattern: str | None = None) -> None:
+    print(recipe_table(pattern))
+    print(f"\nRun one: {PROG} fit --recipe NAME   (or --config recipes/NAME.yaml)")
+    print("Override anything: --optimizer.variant {4bit,8bit,32bit,naive4bit,first_order} --trainer.max_epochs N ...")
+
+
+# -- the CLI ----------------------------------------------------------------------------------------
+class ShampooCLI(LightningCLI):
+    """LightningCLI for :class:`ImageClassifier` and any data module, with recipe defaults.
+
+    Besides LightningCLI's ``trainer``, ``model`` and ``data`` it has ``--recipe`` and the top-level
+    ``optimizer`` and ``schedule`` groups (linked into the model). ``num_classes``, ``in_chans`` and
+    ``img_size`` of the model are linked from the data module.
+    """
+
+    def __init__(self, args: ArgsType = None, *, recipe: str | None = None, run: bool = True, **kwargs: Any) -> None:
+        if isinstance(args, dict) or hasattr(args, "as_dict"):  # a config given as a dict or Namespace
+            found = args.get("recipe") or (args.get("fit") or {}).get("recipe")
+        else:
+            found = requested_recipe(list(sys.argv[1:] if args is None else args))
+        self.recipe = get_recipe(recipe or found or DEFAULT_RECIPE)
+        self._fit_started = 0.0
+        kwargs.setdefault("parser_kwargs", {"prog": PROG, "description": DESCRIPTION})
+        kwargs.setdefault("seed_everything_default", self.recipe.seed)
+        kwargs.setdefault("parser_class", _ArgumentParser)
+        super().__init__(
+            ImageClassifier,
+            LightningDataModule,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,
+            args=args,
+            run=run,
+            **kwargs,
+        )
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        parser = super().init_parser(**kwargs)
+        parser.add_argument(
+            "--list-recipes", action=_ListRecipes, help="Print the recipes (optionally those matching PATTERN) and exit."
+        )
+        return parser
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--recipe",
+            type=str,
+            default=self.recipe.name,
+            help=f"Recipe whose settings are the defaults of every other option (see '{PROG} list-recipes').",
+        )
+        parser.add_argument("--optimizer", type=OptimizerConfig, default=OptimizerConfig(), help="Optimizer settings.")
+        parser.add_argument("--schedule", type=ScheduleConfig, default=ScheduleConfig(), help="Learning-rate schedule.")
+        parser.link_arguments("optimizer", "model.optimizer")
+        parser.link_arguments("schedule", "model.schedule")
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.image_shape", "model.in_chans", compute_fn=_channels, apply_on="instantiate")
+        parser.link_arguments("data.image_shape", "model.img_size", compute_fn=_size, apply_on="instantiate")
+        parser.set_defaults(_flat_defaults(cli_config(self.recipe)))
+
+    def before_fit(self) -> None:
+        self._fit_started = time.perf_counter()
+
+    def after_fit(self) -> None:
+        if self.trainer.is_global_zero:
+            name = self._get(self.config, "recipe") or self.recipe.name
+            print(fit_summary(self.trainer, self.model, name, time.perf_counter() - self._fit_started), flush=True)
+
+
+def _channels(image_shape: Sequence[int]) -> int:
+    return int(image_shape[0])
+
+
+def _size(image_shape: Sequence[int]) -> int:
+    return int(image_shape[-1])
+
+
+# -- the summary ------------------------------------------------------------------------------------
+def _bytes(n: float) -> str:
+    """``1,282,048 B (1.22 MiB)``."""
+    if n < 1024:
+        return f"{int(n)} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024:
+            break
+    return f"{int(n):,} B ({value:.2f} {unit})"
+
+
+def _param_bytes(optimizer: Any) -> int:
+    return sum(p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"])
+
+
+def shampoo32_bytes(optimizer: Any) -> dict[str, int] | None:
+    """State bytes 32-bit Shampoo would keep for the same parameters, counted on the meta device
+    (nothing is allocated); None if the optimizer is not Shampoo or the count fails."""
+    from .optim import Shampoo4bit
+
+    if not isinstance(optimizer, Shampoo4bit):
+        return None
+    try:
+        groups = [
+            {**{k: v for k, v in g.items() if k != "params"}, "bits": 32, "quantize": "eigenvectors", "root_method": None,
+             "params": [p.detach().to("meta") for p in g["params"]]}
+            for g in optimizer.param_groups
+        ]
+        shadow = Shampoo4bit(groups)
+        shadow.init_state()
+        return shadow.memory_report()
+    except Exception:  # noqa: BLE001 - the comparison is a nicety; never fail a finished run over it
+        return None
+
+
+def fit_summary(trainer: Any, module: Any, recipe: str, seconds: float) -> str:
+    """What ``lightning-shampoo4 fit`` prints at the end: accuracy and optimizer memory."""
+    from .optim.memory import memory_report
+
+    metrics = trainer.callback_metrics
+    acc, loss = metrics.get("val/acc"), metrics.get("val/loss")
+    acc_text = f"{float(acc):.4f} ({100 * float(acc):.2f} %)" if acc is not None else "n/a (no validation ran)"
+    if loss is not None:
+        acc_text += f", val/loss {float(loss):.4f}"
+    optimizer = trainer.optimizers[0] if trainer.optimizers else None
+    cfg = getattr(module, "optimizer_config", None)
+    data = type(trainer.datamodule).__name__ if trainer.datamodule is not None else "?"
+    lines = [
+        "",
+        f"{PROG} fit summary",
+        f"  recipe            {recipe}: {module.hparams.get('arch', '?')} on {data}",
+        f"  optimizer         {cfg.describe() if cfg is not None else type(optimizer).__name__}",
+        f"  val/acc           {acc_text}",
+        f"  trained           {trainer.current_epoch} epochs, {trainer.global_step} optimizer steps in {seconds:.1f} s",
+    ]
+    if optimizer is not None:
+        report = optimizer.memory_report() if hasattr(optimizer, "memory_report") else memory_report(optimizer.state.values())
+        params = _param_bytes(optimizer)
+        adamw = 2 * params
+        lines += [
+            f"  optimizer state   {_bytes(report['total'])} total",
+            f"    second-order    {_bytes(report['second_order'])}",
+            f"    moments         {_bytes(report['moments'])}",
+            f"  AdamW would keep  {_bytes(adamw)} (2 moments x {params:,} B of parameters)"
+            f"; this run: {report['total'] / adamw:.2f}x AdamW",
+        ]
+        ref = shampoo32_bytes(optimizer) if cfg is not None and cfg.is_shampoo else None
+        if ref is not None and cfg.shampoo_kwargs()["bits"] != 32 and ref["second_order"]:
+            saved = 1 - report["second_order"] / ref["second_order"]
+            lines.append(
+                f"  32-bit Shampoo    {_bytes(ref['second_order'])} second-order; this run keeps {100 * saved:.1f} % less"
+            )
+    if trainer.log_dir:
+        lines.append(f"  logs              {trainer.log_dir}")
+    return "\n".join(lines)
+
+
+# -- entry point ------------------------------------------------------------------------------------
+def main(args: Sequence[str] | None = None) -> int:
+    """Run the command; returns the exit status. User errors (unknown recipe, missing data files)
+    end in one ``error:`` line instead of a traceback."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] in ("list-recipes", "list_recipes"):
+        print_recipes(argv[1] if len(argv) > 1 else None)
+        return 0
+    try:
+        ShampooCLI(args=None if args is None else argv)
+    except RecipeError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
