@@ -27,15 +27,6 @@ from lightning_shampoo4.optim import Shampoo4bit
 from lightning_shampoo4.strategies import UnsupportedStrategyError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these matrices are tiny, and on a busy 2-core machine two threads
-    spinning against other processes make a 64 x 64 matmul a thousand times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 class Encoder(nn.Module):
     """Every kind of parameter the grouping rule distinguishes."""

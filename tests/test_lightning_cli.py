@@ -28,15 +28,6 @@ REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "lightning.md"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these matrices are tiny, and on a busy 2-core machine two threads
-    spinning against other processes make a 64 x 64 matmul a thousand times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 QUIET = [
     "--trainer.logger=false",

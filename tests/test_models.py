@@ -16,16 +16,6 @@ from lightning_shampoo4.models.swin import SwinBlock, shifted_window_mask, windo
 DIGITS_MODELS = ["mlp", "small_cnn"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These models are tiny: one intra-op thread avoids thread start-up and contention costs that
-    dominate on a shared 2-core machine (measured 5-10x slower with 2 threads)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -19,7 +19,6 @@ from lightning_shampoo4.optim import Shampoo4bit
 from lightning_shampoo4.recipes import (
     DEFAULT_RECIPE,
     VARIANTS,
-    CallbackConfig,
     OptimizerConfig,
     Recipe,
     RecipeError,

@@ -11,7 +11,7 @@ import copy
 import dataclasses
 import fnmatch
 import typing
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Union
 
 from omegaconf import OmegaConf
