@@ -1,0 +1,540 @@
+"""Training quality of 4-bit Shampoo against 32-bit and naive 4-bit Shampoo, AdamW and Muon on two
+small real-data tasks that need no download.
+
+Tasks
+-----
+``digits``  scikit-learn's 8x8 handwritten digits (1797 real images), the same seeded stratified
+            1438 / 359 split as ``DigitsDataModule``, normalised with the training mean / std; a
+            2-hidden-layer GELU MLP (``create_model("mlp")``, 85k params); cross-entropy.
+``charlm``  a character-level language model on Python source text that ships with Python
+            itself: the standard library's top-level ``.py`` files, sorted by name, concatenated
+            up to ``--chars`` characters (non-ASCII mapped to one unknown symbol, 128 symbols);
+            every 10th 8192-character chunk is validation. A pre-LayerNorm decoder-only
+            transformer (learned positions, GELU MLP, untied head) trained on random windows.
+
+Optimizers (all share one warm-up + cosine schedule, gradient clipping at norm 1, weight decay)
+------------------------------------------------------------------------------------------------
+``adamw``       torch.optim.AdamW.
+``shampoo32``   Shampoo4bit(bits=32) grafted on AdamW.
+``naive4``      Shampoo4bit(bits=4, quantize="preconditioner", root_method="eigen"): the factors
+                and roots themselves quantized, the root taken by an exact eigendecomposition of
+                the quantized factor. (Its default coupled Schur-Newton root diverges on indefinite
+                quantized factors and then falls back to that same eigh root; using eigh directly
+                keeps the comparison about quantization, not about the accuracy of the root.)
+``shampoo4``    Shampoo4bit(bits=4): 4-bit eigenvectors, the paper's method.
+``muon``        torch.optim.Muon (Newton-Schulz orthogonalised momentum, ``adjust_lr_fn=
+                "match_rms_adamw"`` so it shares AdamW's learning-rate scale) on the hidden 2-D
+                weight matrices; AdamW on embeddings, the output head, biases and norms, same lr.
+
+Protocol: a learning-rate sweep on seed 0 for every optimizer, the best lr chosen by final
+validation loss (a best lr on the edge of the grid extends the grid that way, by the grid's
+ratio, up to twice), then that lr rerun on further seeds (seed 0 reused); mean, std, min and max of
+the final validation loss (and accuracy) over seeds; loss curves as PNG. Shampoo runs use
+``stat_interval`` / ``root_interval`` = 10 / 50 (the paper's 100 / 500 are for runs of tens of
+thousands of steps), identical for all Shampoo variants.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import statistics
+import sys
+import sysconfig
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import LABELS, base_parser, setup_run, table, write_result  # noqa: E402
+
+from lightning_shampoo4 import Shampoo4bit  # noqa: E402
+
+NAME = "quality"
+OPTIMIZERS = ("adamw", "shampoo32", "naive4", "shampoo4", "muon")
+SHAMPOO_KW = {
+    "shampoo32": dict(bits=32),
+    "naive4": dict(bits=4, quantize="preconditioner", root_method="eigen"),
+    "shampoo4": dict(bits=4),
+}
+
+# -- task configurations -------------------------------------------------------------------
+FULL = {
+    "digits": dict(
+        steps=600, batch_size=64, eval_every=50, lrs=[3e-4, 1e-3, 3e-3, 1e-2], weight_decay=0.01,
+        stat_interval=10, root_interval=50, hidden=256,
+    ),
+    "charlm": dict(
+        steps=400, batch_size=32, eval_every=50, lrs=[1e-3, 2e-3, 4e-3, 8e-3], weight_decay=0.01,
+        stat_interval=10, root_interval=50, chars=1_000_000, context=64, d_model=128, n_layers=2,
+        n_heads=4, eval_batches=16,
+    ),
+}
+QUICK = {
+    "digits": dict(
+        steps=20, batch_size=64, eval_every=10, lrs=[3e-3], weight_decay=0.01, stat_interval=5,
+        root_interval=10, hidden=64,
+    ),
+    "charlm": dict(
+        steps=12, batch_size=8, eval_every=6, lrs=[4e-3], weight_decay=0.01, stat_interval=5,
+        root_interval=10, chars=20_000, context=16, d_model=32, n_layers=1, n_heads=2, eval_batches=4,
+    ),
+}
+WARMUP_FRACTION = 0.05
+FINAL_LR_FRACTION = 0.1
+CLIP_NORM = 1.0
+
+
+# -- data ------------------------------------------------------------------------------------
+def load_digits_split() -> dict[str, torch.Tensor]:
+    """The DigitsDataModule split (seeded, stratified 1438 / 359), flattened and normalised."""
+    from lightning_shampoo4.data.digits import _load_sklearn_digits, stratified_split
+
+    images, labels = _load_sklearn_digits()
+    train_idx, val_idx = stratified_split(labels, 0.2, 0)
+    x_train, x_val = images[train_idx], images[val_idx]
+    mean, std = x_train.mean(), x_train.std()
+    return {
+        "x_train": ((x_train - mean) / std).contiguous(),
+        "y_train": labels[train_idx],
+        "x_val": ((x_val - mean) / std).contiguous(),
+        "y_val": labels[val_idx],
+    }
+
+
+VOCAB = 128  # ASCII; every other character becomes 0 (NUL never occurs in source text)
+CHUNK = 8192
+
+
+def stdlib_text(max_chars: int) -> tuple[str, dict[str, Any]]:
+    """Sorted top-level ``.py`` files of this Python's standard library, concatenated."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.iterdir() if p.suffix == ".py" and p.is_file())
+    parts, total, used = [], 0, []
+    for path in files:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        parts.append(text)
+        used.append(path.name)
+        total += len(text)
+        if total >= max_chars:
+            break
+    text = "".join(parts)[:max_chars]
+    info = {
+        "source": str(root),
+        "python": sys.version.split()[0],
+        "files": len(used),
+        "first_file": used[0] if used else None,
+        "last_file": used[-1] if used else None,
+        "chars": len(text),
+        "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+    }
+    return text, info
+
+
+def load_char_data(max_chars: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    text, info = stdlib_text(max_chars)
+    codes = torch.tensor([c if c < VOCAB else 0 for c in map(ord, text)], dtype=torch.long)
+    chunks = list(codes.split(CHUNK))
+    train = torch.cat([c for i, c in enumerate(chunks) if i % 10 != 9])
+    val = torch.cat([c for i, c in enumerate(chunks) if i % 10 == 9] or [chunks[-1]])
+    info.update(train_chars=train.numel(), val_chars=val.numel(), vocab=VOCAB, split="every 10th 8192-char chunk")
+    return {"train": train, "val": val}, info
+
+
+# -- the character-level transformer ----------------------------------------------------------
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.ln2 = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, 4 * d)
+        self.fc2 = nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(att.transpose(1, 2).reshape(b, t, d))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class CharTransformer(nn.Module):
+    """Decoder-only pre-LN transformer over ``vocab`` symbols with a context of ``context``."""
+
+    def __init__(self, vocab: int = VOCAB, context: int = 64, d_model: int = 128, n_layers: int = 2, n_heads: int = 4):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d_model)
+        self.pos = nn.Embedding(context, d_model)
+        self.blocks = nn.ModuleList(Block(d_model, n_heads) for _ in range(n_layers))
+        self.ln_f = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab, bias=False)
+        self.apply(self._init)
+        for block in self.blocks:  # GPT-2 style scaled init of the residual projections
+            for lin in (block.proj, block.fc2):
+                nn.init.normal_(lin.weight, std=0.02 / math.sqrt(2 * n_layers))
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        t = idx.shape[1]
+        x = self.tok(idx) + self.pos(torch.arange(t, device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+
+def muon_param_split(model: nn.Module, task: str) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(hidden 2-D matrices for Muon, everything else for AdamW)."""
+    muon, adam = [], []
+    for name, p in model.named_parameters():
+        hidden = p.ndim == 2 and not name.startswith(("tok.", "pos.", "head."))
+        (muon if hidden else adam).append(p)
+    return muon, adam
+
+
+# -- optimizers ------------------------------------------------------------------------------
+class Combined:
+    """Several optimizers stepped as one (Muon + AdamW)."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
+        self.optimizers = optimizers
+        self.param_groups = [g for o in optimizers for g in o.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+
+def make_optimizer(name: str, model: nn.Module, task: str, lr: float, cfg: dict[str, Any]) -> Any:
+    wd = cfg["weight_decay"]
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
+    if name == "muon":
+        hidden, rest = muon_param_split(model, task)
+        return Combined(
+            torch.optim.Muon(hidden, lr=lr, weight_decay=wd, adjust_lr_fn="match_rms_adamw"),
+            torch.optim.AdamW(rest, lr=lr, weight_decay=wd),
+        )
+    return Shampoo4bit(
+        model.parameters(), lr=lr, weight_decay=wd, base="adamw", stat_interval=cfg["stat_interval"],
+        root_interval=cfg["root_interval"], **SHAMPOO_KW[name],
+    )
+
+
+def lr_factor(step: int, total: int) -> float:
+    """Linear warm-up over the first 5 % of steps, then cosine decay to 10 % (step is 0-based)."""
+    warmup = max(1, round(WARMUP_FRACTION * total))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# -- one training run --------------------------------------------------------------------------
+def build(task: str, cfg: dict[str, Any], seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    if task == "digits":
+        from lightning_shampoo4.models import create_model
+
+        return create_model("mlp", num_classes=10, in_chans=1, img_size=8, hidden=cfg["hidden"])
+    return CharTransformer(VOCAB, cfg["context"], cfg["d_model"], cfg["n_layers"], cfg["n_heads"])
+
+
+@torch.no_grad()
+def evaluate(task: str, model: nn.Module, data: dict[str, torch.Tensor], cfg: dict[str, Any], full: bool) -> dict[str, float]:
+    model.eval()
+    if task == "digits":
+        logits = model(data["x_val"])
+        out = {
+            "loss": float(F.cross_entropy(logits, data["y_val"])),
+            "acc": float((logits.argmax(1) == data["y_val"]).float().mean()),
+        }
+    else:
+        ctx = cfg["context"]
+        val = data["val"]
+        n_win = (val.numel() - 1) // ctx
+        starts = torch.arange(n_win) * ctx
+        if not full:  # a fixed, evenly spread subset for the intermediate curve points
+            keep = min(n_win, cfg["eval_batches"] * cfg["batch_size"])
+            starts = starts[torch.linspace(0, n_win - 1, keep).long()]
+        total_loss, total_tok, correct = 0.0, 0, 0
+        for chunk in starts.split(256):
+            idx = chunk[:, None] + torch.arange(ctx + 1)
+            seq = val[idx]
+            logits = model(seq[:, :-1])
+            tgt = seq[:, 1:]
+            total_loss += float(F.cross_entropy(logits.reshape(-1, VOCAB), tgt.reshape(-1), reduction="sum"))
+            correct += int((logits.argmax(-1) == tgt).sum())
+            total_tok += tgt.numel()
+        loss = total_loss / total_tok
+        out = {"loss": loss, "acc": correct / total_tok, "bits_per_char": loss / math.log(2)}
+    model.train()
+    return out
+
+
+def train_run(task: str, opt_name: str, lr: float, seed: int, data: dict[str, torch.Tensor], cfg: dict[str, Any]) -> dict[str, Any]:
+    model = build(task, cfg, seed)
+    opt = make_optimizer(opt_name, model, task, lr, cfg)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    steps = cfg["steps"]
+    curve: list[dict[str, float]] = []
+    train_ema = None
+    diverged = False
+    t0 = time.perf_counter()
+    for step in range(steps):
+        for g, base in zip(opt.param_groups, base_lrs):
+            g["lr"] = base * lr_factor(step, steps)
+        if task == "digits":
+            idx = torch.randint(0, data["x_train"].shape[0], (cfg["batch_size"],), generator=gen)
+            loss = F.cross_entropy(model(data["x_train"][idx]), data["y_train"][idx])
+        else:
+            ctx = cfg["context"]
+            starts = torch.randint(0, data["train"].numel() - ctx - 1, (cfg["batch_size"],), generator=gen)
+            seq = data["train"][starts[:, None] + torch.arange(ctx + 1)]
+            logits = model(seq[:, :-1])
+            loss = F.cross_entropy(logits.reshape(-1, VOCAB), seq[:, 1:].reshape(-1))
+        if not torch.isfinite(loss):
+            diverged = True
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM)
+        opt.step()
+        value = float(loss.detach())
+        train_ema = value if train_ema is None else 0.9 * train_ema + 0.1 * value
+        if (step + 1) % cfg["eval_every"] == 0 and step + 1 < steps:
+            ev = evaluate(task, model, data, cfg, full=False)
+            curve.append({"step": step + 1, "train_loss": train_ema, "val_loss": ev["loss"]})
+    if diverged:
+        final = {"loss": float("inf"), "acc": 0.0}
+    else:
+        final = evaluate(task, model, data, cfg, full=True)
+        curve.append({"step": steps, "train_loss": train_ema, "val_loss": final["loss"]})
+    rec = {
+        "optimizer": opt_name,
+        "lr": lr,
+        "seed": seed,
+        "val_loss": final["loss"],
+        "val_acc": final["acc"],
+        "diverged": diverged or not math.isfinite(final["loss"]),
+        "time_s": round(time.perf_counter() - t0, 2),
+        "curve": curve,
+    }
+    if "bits_per_char" in final:
+        rec["val_bits_per_char"] = final["bits_per_char"]
+    if isinstance(opt, Shampoo4bit):
+        rec["counters"] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in opt.counters.items()}
+    return rec
+
+
+def summarize(values: list[float]) -> dict[str, float]:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+def run_task(task: str, cfg: dict[str, Any], optimizers: list[str], seeds: int, log) -> dict[str, Any]:
+    if task == "digits":
+        data = load_digits_split()
+        data_info = {"source": "sklearn.datasets.load_digits", "train": int(data["y_train"].numel()),
+                     "val": int(data["y_val"].numel()), "split": "DigitsDataModule (stratified, seed 0)"}
+    else:
+        data, data_info = load_char_data(cfg["chars"])
+    sweep: dict[str, dict[str, Any]] = {}
+    best: dict[str, float] = {}
+    lrs = sorted(cfg["lrs"])
+    for name in optimizers:
+        sweep[name] = {}
+
+        def try_lr(lr: float) -> None:
+            rec = train_run(task, name, lr, 0, data, cfg)
+            sweep[name][repr(lr)] = rec
+            log(f"[{task}] sweep {name:9s} lr={lr:<7g} val_loss={rec['val_loss']:.4f} acc={rec['val_acc']:.4f} "
+                f"({rec['time_s']:.1f}s)")
+
+        def pick() -> float:
+            ok = [k for k, r in sweep[name].items() if not r["diverged"]]
+            return float(min(ok or sweep[name], key=lambda k: sweep[name][k]["val_loss"]))
+
+        for lr in lrs:
+            try_lr(lr)
+        # A best lr on the edge of the grid is not a best lr: extend the grid that way (same ratio).
+        if len(lrs) > 1:
+            up, down = lrs[-1] / lrs[-2], lrs[0] / lrs[1]
+            for _ in range(cfg.get("max_extend", 2)):
+                tried = sorted(float(k) for k in sweep[name])
+                if pick() == tried[-1]:
+                    try_lr(float(f"{tried[-1] * up:.3g}"))
+                elif pick() == tried[0]:
+                    try_lr(float(f"{tried[0] * down:.3g}"))
+                else:
+                    break
+        best[name] = pick()
+    finals: dict[str, Any] = {}
+    for name in optimizers:
+        lr = best[name]
+        runs = [sweep[name][repr(lr)]]
+        for seed in range(1, seeds):
+            rec = train_run(task, name, lr, seed, data, cfg)
+            runs.append(rec)
+            log(f"[{task}] final {name:9s} lr={lr:<7g} seed={seed} val_loss={rec['val_loss']:.4f} "
+                f"acc={rec['val_acc']:.4f} ({rec['time_s']:.1f}s)")
+        finite = [r for r in runs if not r["diverged"]]
+        finals[name] = {
+            "lr": lr,
+            "lrs_tried": sorted(float(k) for k in sweep[name]),
+            "lr_at_sweep_edge": len(sweep[name]) > 1 and lr in (min(map(float, sweep[name])), max(map(float, sweep[name]))),
+            "seeds": [r["seed"] for r in runs],
+            "val_loss": summarize([r["val_loss"] for r in finite]) if finite else None,
+            "val_acc": summarize([r["val_acc"] for r in finite]) if finite else None,
+            "diverged_runs": len(runs) - len(finite),
+            "runs": runs,
+        }
+        if task == "charlm" and finite:
+            finals[name]["val_bits_per_char"] = summarize([r["val_bits_per_char"] for r in finite])
+    return {"config": cfg, "data": data_info, "sweep": sweep, "best_lr": best, "final": finals}
+
+
+# -- plots --------------------------------------------------------------------------------------
+def plot_task(task: str, res: dict[str, Any], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    ax = axes[0]
+    for name, fin in res["final"].items():
+        runs = [r for r in fin["runs"] if not r["diverged"]]
+        if not runs:
+            continue
+        steps = [p["step"] for p in runs[0]["curve"]]
+        vals = torch.tensor([[p["val_loss"] for p in r["curve"]] for r in runs if len(r["curve"]) == len(steps)])
+        mean = vals.mean(0)
+        ax.plot(steps, mean, marker="o", ms=3, label=f"{LABELS[name]} (lr {fin['lr']:g})")
+        if vals.shape[0] > 1:
+            ax.fill_between(steps, vals.min(0).values, vals.max(0).values, alpha=0.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss")
+    ax.set_title(f"{task}: validation loss, best lr, mean and min-max over seeds")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    lo = min((min(p["val_loss"] for p in r["curve"]) for f in res["final"].values() for r in f["runs"] if r["curve"] and not r["diverged"]), default=None)
+    if lo is not None:
+        hi = max(r["curve"][len(r["curve"]) // 3]["val_loss"] for f in res["final"].values() for r in f["runs"] if r["curve"] and not r["diverged"])
+        ax.set_ylim(lo - 0.05 * (hi - lo), hi)
+    ax = axes[1]
+    for name, per_lr in res["sweep"].items():
+        lrs = sorted(float(k) for k in per_lr)
+        vals = [per_lr[repr(lr)]["val_loss"] for lr in lrs]
+        vals = [v if math.isfinite(v) else float("nan") for v in vals]
+        ax.plot(lrs, vals, marker="o", label=LABELS[name])
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("final validation loss (seed 0)")
+    ax.set_title(f"{task}: learning-rate sweep")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out / f"quality_{task}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    paths.append(path.name)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = base_parser(__doc__.split("\n\n")[0], NAME)
+    parser.add_argument("--tasks", nargs="+", default=["digits", "charlm"], choices=["digits", "charlm"])
+    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
+    parser.add_argument("--seeds", type=int, default=None, help="seeds for the final runs (default 3; 1 with --quick)")
+    parser.add_argument("--steps", type=int, default=None, help="override the training steps of every task")
+    parser.add_argument("--lrs", type=float, nargs="+", default=None, help="override the learning-rate grid")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    run = setup_run(args)
+    seeds = args.seeds or (1 if args.quick else 3)
+    configs = QUICK if args.quick else FULL
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    results: dict[str, Any] = {}
+    for task in args.tasks:
+        cfg = dict(configs[task])
+        if args.steps:
+            cfg["steps"] = args.steps
+            cfg["eval_every"] = max(1, min(cfg["eval_every"], args.steps // 4 or 1))
+        if args.lrs:
+            cfg["lrs"] = list(args.lrs)
+        t0 = time.perf_counter()
+        results[task] = run_task(task, cfg, list(args.optimizers), seeds, log)
+        results[task]["wall_s"] = round(time.perf_counter() - t0, 1)
+        if not args.no_plots:
+            results[task]["plots"] = plot_task(task, results[task], args.out)
+
+    for task, res in results.items():
+        metric = "val bits/char" if task == "charlm" else "val acc %"
+        rows = []
+        for name, fin in res["final"].items():
+            loss = fin["val_loss"]
+            if task == "charlm":
+                sec = fin.get("val_bits_per_char")
+                sec_txt = None if sec is None else f"{sec['mean']:.4f} ± {sec['std']:.4f}"
+            else:
+                acc = fin["val_acc"]
+                sec_txt = None if acc is None else f"{100 * acc['mean']:.2f} ± {100 * acc['std']:.2f}"
+            loss_txt = "diverged" if loss is None else f"{loss['mean']:.4f} ± {loss['std']:.4f}"
+            spread = None if loss is None else f"[{loss['min']:.4f}, {loss['max']:.4f}]"
+            edge = " (edge)" if fin["lr_at_sweep_edge"] else ""
+            rows.append([LABELS[name], f"{fin['lr']:g}{edge}", loss_txt, spread, sec_txt, len(fin["seeds"])])
+        print(f"\n{task}: final validation at the best lr ({res['config']['steps']} steps, mean ± std over seeds)")
+        print(table(["optimizer", "best lr", "val loss", "min/max", metric, "seeds"], rows))
+
+    payload = {
+        "settings": {
+            "optimizers": {n: LABELS[n] for n in args.optimizers},
+            "shampoo": {n: kw for n, kw in SHAMPOO_KW.items() if n in args.optimizers},
+            "schedule": f"linear warm-up {WARMUP_FRACTION:.0%} of steps, cosine to {FINAL_LR_FRACTION:g} x lr",
+            "grad_clip_norm": CLIP_NORM,
+            "adam_betas": [0.9, 0.999],
+            "muon": "torch.optim.Muon(momentum=0.95, nesterov=True, ns_steps=5, adjust_lr_fn='match_rms_adamw') "
+            "on hidden 2-D weights; AdamW (same lr and wd) on the rest",
+            "selection": "best lr by final validation loss on seed 0 (grid extended up to twice past an edge "
+            "winner, same ratio); that lr rerun on seeds 1..n-1",
+            "seeds": seeds,
+            "quick": args.quick,
+        },
+        "tasks": results,
+    }
+    path = write_result(args.out, NAME, payload, run, argv)
+    print(f"\nwrote {path}")
+    return payload
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    main()

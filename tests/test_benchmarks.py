@@ -1,0 +1,114 @@
+"""The benchmark scripts run end to end in ``--quick`` mode and write the JSON the docs are built from.
+
+Each script is imported from ``benchmarks/`` by path and its ``main(argv)`` called in-process
+(the peak-memory measurement itself starts subprocesses). Results go to ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name: str):
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _read(out: Path, name: str) -> dict:
+    data = json.loads((out / f"{name}.json").read_text())
+    assert data["benchmark"] == name
+    machine = data["machine"]
+    for key in ("cpu", "cpu_cores", "torch_threads", "torch", "device", "device_name"):
+        assert key in machine
+    assert data["run"]["command"].startswith(f"python benchmarks/{name}.py")
+    assert data["run"]["wall_s"] >= 0
+    return data
+
+
+def test_memory_quick_state_ratios(tmp_path):
+    mod = _load("memory")
+    mod.main(["--quick", "--out", str(tmp_path)])
+    data = _read(tmp_path, "memory")
+    assert set(data["models"]) == {"resnet34", "vgg19_bn", "vit_small", "swin_tiny"}
+    for name, rec in data["models"].items():
+        variants = rec["variants"]
+        assert set(variants) == {"baseline", "shampoo32", "shampoo8", "naive4", "shampoo4"}
+        for v in variants.values():
+            st = v["state"]
+            assert st["total"] == st["moments"] + st["second_order"] + st["other"]
+        # the paper's claim: 4-bit second-order state about 7x smaller than 32-bit
+        assert rec["second_order_ratio_32_over_4"] >= 6.5, name
+        assert variants["baseline"]["state"]["second_order"] == 0
+        assert variants["shampoo4"]["state"]["moments"] == variants["baseline"]["state"]["moments"]
+        first_order = {"resnet34": 1, "vgg19_bn": 1, "vit_small": 2, "swin_tiny": 2}[name]
+        assert variants["baseline"]["state"]["moments"] == first_order * rec["param_bytes"]
+
+
+def test_memory_peak_child_measures_a_step():
+    mod = _load("memory")
+    rec = mod.measure_peak("mlp", "shampoo4", batch_size=4, threads=1, transient=True)  # a fresh subprocess
+    assert rec["peak_rss_delta_bytes"] > rec["param_bytes"]
+    assert rec["static_bytes"] == rec["param_bytes"] + rec["grad_bytes"] + rec["state_bytes"]
+    assert rec["state_bytes"] > 2 * rec["param_bytes"]  # AdamW moments plus the second-order state
+    assert rec["transient_factor_order"] == 1200  # the MLP's 3072-wide input layer is split into 1200-blocks
+    assert set(rec["cumulative_peak_after_phase_bytes"]) == {"forward_backward", "optimizer_step", "pu_piru_largest_factor"}
+
+
+def test_quant_error_quick(tmp_path):
+    mod = _load("quant_error")
+    mod.main(["--quick", "--out", str(tmp_path)])
+    data = _read(tmp_path, "quant_error")
+    errs = data["synthetic"]["errors"]
+    for key in ("linear2/4/A", "linear2/4/U", "linear2/4/U+1", "linear2/4/full", "dynamic/4/U", "dynamic/8/A"):
+        assert {"nre", "ae"} <= set(errs[key])
+    # the paper's ordering: quantizing U beats quantizing A; Björck helps; Linear-2 beats DT
+    assert errs["linear2/4/U+1"]["nre"] < errs["linear2/4/U"]["nre"] < errs["linear2/4/A"]["nre"]
+    assert errs["linear2/4/U"]["nre"] < errs["dynamic/4/U"]["nre"]
+    assert abs(errs["linear2/4/U"]["nre"] - 0.092) < 0.01  # SPEC's stand-in figure (n barely matters)
+    assert set(data["lm"]["factors"]) == {"L", "R"}
+    assert (tmp_path / "lm_preconditioner.npz").exists()
+    assert len(data["synthetic"]["orthogonality"]) == 4
+
+
+def test_step_time_quick(tmp_path):
+    mod = _load("step_time")
+    mod.main(["--quick", "--out", str(tmp_path)])
+    data = _read(tmp_path, "step_time")
+    res = data["results"]
+    assert set(res) == {"baseline", "shampoo32", "naive4", "shampoo4", "shampoo8"}
+    assert res["baseline"]["ratio_total"] == pytest.approx(1.0)
+    for name in ("shampoo32", "naive4", "shampoo4", "shampoo8"):
+        r = res[name]
+        for key in ("fwd_bwd_ms", "precondition_ms", "stats_ms", "roots_ms", "other_ms", "total_ms", "ratio_total",
+                    "pu_event_s", "piru_event_s", "total_ms_at_100_500", "ratio_total_at_100_500"):
+            assert key in r
+        assert r["precondition_ms"] > 0 and r["stats_ms"] > 0 and r["roots_ms"] > 0
+        assert r["precondition_calls_per_step"] > 0
+    assert {m["variant"] for m in data["micro"]} >= {"shampoo32", "naive4", "shampoo4"}
+
+
+def test_quality_quick(tmp_path):
+    mod = _load("quality")
+    mod.main(["--quick", "--out", str(tmp_path)])
+    data = _read(tmp_path, "quality")
+    assert set(data["tasks"]) == {"digits", "charlm"}
+    for task, res in data["tasks"].items():
+        assert set(res["final"]) == {"adamw", "shampoo32", "naive4", "shampoo4", "muon"}
+        for name, fin in res["final"].items():
+            assert fin["val_loss"] is not None, (task, name)
+            assert fin["val_loss"]["mean"] < 5.0
+            assert fin["runs"][0]["curve"][-1]["step"] == res["config"]["steps"]
+        assert res["final"]["shampoo4"]["runs"][0]["counters"]["root_updates"] > 0
+        assert (tmp_path / f"quality_{task}.png").exists()
+    assert data["tasks"]["charlm"]["data"]["sha256"]
