@@ -14,7 +14,7 @@ import json
 import math
 import os
 import platform
-import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+QUICK_DIR = Path(tempfile.gettempdir()) / "lightning_shampoo4_bench_quick"
 
 # The optimizer variants every benchmark compares (Shampoo4bit keyword arguments).
 SHAMPOO_VARIANTS: dict[str, dict[str, Any]] = {
@@ -90,7 +91,11 @@ def base_parser(description: str, name: str) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--quick", action="store_true", help="tiny configuration for smoke tests (seconds)")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for the JSON (and PNG) results")
+    parser.add_argument(
+        "--out", type=Path, default=None,
+        help=f"directory for the JSON (and PNG) results (default: {RESULTS_DIR}; with --quick: {QUICK_DIR}, "
+        "so a smoke run never overwrites the recorded results)",
+    )
     parser.add_argument(
         "--threads", type=int, default=2, help="torch.set_num_threads for the run (keep equal across runs)"
     )
@@ -98,8 +103,10 @@ def base_parser(description: str, name: str) -> argparse.ArgumentParser:
 
 
 def setup_run(args: argparse.Namespace, device: str = "cpu") -> dict[str, Any]:
-    """Apply ``--threads``, make ``--out`` and return the start-of-run record."""
+    """Apply ``--threads``, resolve and make ``--out`` and return the start-of-run record."""
     torch.set_num_threads(max(1, args.threads))
+    if args.out is None:
+        args.out = QUICK_DIR if getattr(args, "quick", False) else RESULTS_DIR
     args.out.mkdir(parents=True, exist_ok=True)
     return {
         "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -165,7 +172,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 3
     """A GitHub-markdown table (also readable as plain text)."""
     cells = [[fmt(c, digits) for c in row] for row in rows]
     widths = [max(len(str(h)), *(len(r[i]) for r in cells)) if cells else len(str(h)) for i, h in enumerate(headers)]
-    line = lambda vals: "| " + " | ".join(str(v).ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
+    line = lambda vals: "| " + " | ".join(str(v).ljust(w) for v, w in zip(vals, widths)) + " |"
     out = [line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [line(r) for r in cells]
     return "\n".join(out)

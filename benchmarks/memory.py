@@ -43,11 +43,19 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import LABELS, SHAMPOO_VARIANTS, base_parser, mib, setup_run, table, write_result  # noqa: E402
+from _common import (
+    LABELS,
+    SHAMPOO_VARIANTS,
+    base_parser,
+    mib,
+    setup_run,
+    table,
+    write_result,
+)
 
-from lightning_shampoo4 import Shampoo4bit  # noqa: E402
-from lightning_shampoo4.models import create_model  # noqa: E402
-from lightning_shampoo4.optim.blocking import blocks_for  # noqa: E402
+from lightning_shampoo4 import Shampoo4bit
+from lightning_shampoo4.models import create_model
+from lightning_shampoo4.optim.blocking import blocks_for
 
 NAME = "memory"
 MODELS = {"resnet34": "sgdm", "vgg19_bn": "sgdm", "vit_small": "adamw", "swin_tiny": "adamw"}

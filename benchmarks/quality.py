@@ -28,7 +28,8 @@ Optimizers (all share one warm-up + cosine schedule, gradient clipping at norm 1
 
 Protocol: a learning-rate sweep on seed 0 for every optimizer, the best lr chosen by final
 validation loss (a best lr on the edge of the grid extends the grid that way, by the grid's
-ratio, up to twice), then that lr rerun on further seeds (seed 0 reused); mean, std, min and max of
+ratio, up to twice; then one more run at the geometric midpoint between the best lr and its
+better neighbour), then that lr rerun on further seeds (seed 0 reused); mean, std, min and max of
 the final validation loss (and accuracy) over seeds; loss curves as PNG. Shampoo runs use
 ``stat_interval`` / ``root_interval`` = 10 / 50 (the paper's 100 / 500 are for runs of tens of
 thousands of steps), identical for all Shampoo variants.
@@ -51,9 +52,9 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import LABELS, base_parser, setup_run, table, write_result  # noqa: E402
+from _common import LABELS, base_parser, setup_run, table, write_result
 
-from lightning_shampoo4 import Shampoo4bit  # noqa: E402
+from lightning_shampoo4 import Shampoo4bit
 
 NAME = "quality"
 OPTIMIZERS = ("adamw", "shampoo32", "naive4", "shampoo4", "muon")
@@ -364,33 +365,42 @@ def run_task(task: str, cfg: dict[str, Any], optimizers: list[str], seeds: int, 
     sweep: dict[str, dict[str, Any]] = {}
     best: dict[str, float] = {}
     lrs = sorted(cfg["lrs"])
+
+    def try_lr(name: str, lr: float) -> None:
+        rec = train_run(task, name, lr, 0, data, cfg)
+        sweep[name][repr(lr)] = rec
+        log(f"[{task}] sweep {name:9s} lr={lr:<7g} val_loss={rec['val_loss']:.4f} acc={rec['val_acc']:.4f} "
+            f"({rec['time_s']:.1f}s)")
+
+    def pick(name: str) -> float:
+        runs = sweep[name]
+        ok = [k for k, r in runs.items() if not r["diverged"]]
+        return float(min(ok or runs, key=lambda k: runs[k]["val_loss"]))
+
     for name in optimizers:
         sweep[name] = {}
-
-        def try_lr(lr: float) -> None:
-            rec = train_run(task, name, lr, 0, data, cfg)
-            sweep[name][repr(lr)] = rec
-            log(f"[{task}] sweep {name:9s} lr={lr:<7g} val_loss={rec['val_loss']:.4f} acc={rec['val_acc']:.4f} "
-                f"({rec['time_s']:.1f}s)")
-
-        def pick() -> float:
-            ok = [k for k, r in sweep[name].items() if not r["diverged"]]
-            return float(min(ok or sweep[name], key=lambda k: sweep[name][k]["val_loss"]))
-
         for lr in lrs:
-            try_lr(lr)
+            try_lr(name, lr)
         # A best lr on the edge of the grid is not a best lr: extend the grid that way (same ratio).
         if len(lrs) > 1:
             up, down = lrs[-1] / lrs[-2], lrs[0] / lrs[1]
             for _ in range(cfg.get("max_extend", 2)):
                 tried = sorted(float(k) for k in sweep[name])
-                if pick() == tried[-1]:
-                    try_lr(float(f"{tried[-1] * up:.3g}"))
-                elif pick() == tried[0]:
-                    try_lr(float(f"{tried[0] * down:.3g}"))
+                if pick(name) == tried[-1]:
+                    try_lr(name, float(f"{tried[-1] * up:.3g}"))
+                elif pick(name) == tried[0]:
+                    try_lr(name, float(f"{tried[0] * down:.3g}"))
                 else:
                     break
-        best[name] = pick()
+            # One refinement: the geometric midpoint between the best lr and its better neighbour.
+            tried = sorted(float(k) for k in sweep[name])
+            i = tried.index(pick(name))
+            neighbours = [tried[j] for j in (i - 1, i + 1) if 0 <= j < len(tried)]
+            if neighbours and cfg.get("refine", True):
+                runs = sweep[name]
+                other = min(neighbours, key=lambda lr: runs[repr(lr)]["val_loss"])
+                try_lr(name, float(f"{math.sqrt(pick(name) * other):.3g}"))
+        best[name] = pick(name)
     finals: dict[str, Any] = {}
     for name in optimizers:
         lr = best[name]
@@ -524,7 +534,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "muon": "torch.optim.Muon(momentum=0.95, nesterov=True, ns_steps=5, adjust_lr_fn='match_rms_adamw') "
             "on hidden 2-D weights; AdamW (same lr and wd) on the rest",
             "selection": "best lr by final validation loss on seed 0 (grid extended up to twice past an edge "
-            "winner, same ratio); that lr rerun on seeds 1..n-1",
+            "winner, same ratio; then one run at the geometric midpoint of the best lr and its better "
+            "neighbour); that lr rerun on seeds 1..n-1",
             "seeds": seeds,
             "quick": args.quick,
         },

@@ -38,10 +38,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, base_parser, setup_run, table, write_result  # noqa: E402
+from _common import RESULTS_DIR, base_parser, setup_run, table, write_result
 
-from lightning_shampoo4 import linalg  # noqa: E402
-from lightning_shampoo4.quant import dequantize, get_codebook, quantize  # noqa: E402
+from lightning_shampoo4 import linalg
+from lightning_shampoo4.quant import dequantize, get_codebook, quantize
 
 NAME = "quant_error"
 PRECOND_FILE = "lm_preconditioner.npz"
@@ -175,7 +175,7 @@ def capture_lm_preconditioner(steps: int, quick: bool) -> dict[str, np.ndarray]:
     names = {p: n for n, p in model.named_parameters()}
     out: dict[str, np.ndarray] = {}
     for side in ("L", "R"):
-        p, i, s, factor = max(((p, i, s, f) for p, i, s, f in opt.factors() if s == side), key=lambda t: t[3].order)
+        p, i, _, factor = max(((p, i, s, f) for p, i, s, f in opt.factors() if s == side), key=lambda t: t[3].order)
         out[f"{side}_factor"] = factor.factor().double().numpy()
         out[f"{side}_name"] = np.array(f"{names[p]} block {i} {'left' if side == 'L' else 'right'}")
     out["steps"] = np.array(steps)
