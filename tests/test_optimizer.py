@@ -10,7 +10,7 @@ from torch import nn
 
 from lightning_shampoo4 import Shampoo4bit
 from lightning_shampoo4.optim import COUNTERS
-from lightning_shampoo4.optim import factor as factor_mod
+from lightning_shampoo4 import linalg as linalg_mod
 
 
 def _model(seed=0):
@@ -297,16 +297,18 @@ def test_non_finite_gradient_never_enters_the_statistics():
     opt.step()  # step 4 would be a statistics and a root update
     _state_equal(before_state, opt.state[w])
     assert torch.equal(w, before_w)
-    assert opt.counters["skipped_nonfinite"] == 1 and opt.counters["steps"] == 3
-    # the whole step is skipped, as a GradScaler would, so step counts stay in sync
+    # the whole step is skipped: no parameter moves and AdamW's step counts stay in sync;
+    # the interval clock counts the call
+    assert opt.counters["skipped_nonfinite"] == 1 and opt.counters["steps"] == 4
     assert torch.equal(model[4].weight, other_before)
-    assert {opt.state[p]["step"] for p in model.parameters()} == {3}
+    assert {float(opt.state[p]["step"]) for p in model.parameters()} == {3.0}
     w.grad.fill_(float("inf"))
-    opt.step()
+    opt.step()  # a steady step: skipped on the device, without a host sync
     assert opt.counters["skipped_nonfinite"] == 2
+    _state_equal(before_state, opt.state[w])
     w.grad.zero_()
     opt.step()
-    assert opt.counters["steps"] == 4 and opt.state[w]["step"] == 4
+    assert opt.counters["steps"] == 6 and float(opt.state[w]["step"]) == 4.0
 
 
 def test_failed_decomposition_retries_then_keeps_previous_root(monkeypatch):
@@ -314,17 +316,17 @@ def test_failed_decomposition_retries_then_keeps_previous_root(monkeypatch):
     opt = Shampoo4bit(model.parameters(), lr=1e-2, stat_interval=1, root_interval=2, min_quant_numel=64)
     _train(model, opt, 2)  # one root update done
     w = model[2].weight
-    real = factor_mod.linalg.eigen_inverse_root
+    real = linalg_mod.eigen_inverse_root
 
     def nan_in_fp32(eigvals, eigvecs, p, eps):
         out = real(eigvals, eigvecs, p, eps)
         return out * float("nan") if out.dtype == torch.float32 else out
 
-    monkeypatch.setattr(factor_mod.linalg, "eigen_inverse_root", nan_in_fp32)
+    monkeypatch.setattr(linalg_mod, "eigen_inverse_root", nan_in_fp32)
     _train(model, opt, 2)  # root update at step 4: fp32 fails, float64 succeeds
     assert opt.counters["retried_updates"] > 0 and opt.counters["failed_updates"] == 0
 
-    monkeypatch.setattr(factor_mod.linalg, "eigen_inverse_root", lambda *a: real(*a) * float("nan"))
+    monkeypatch.setattr(linalg_mod, "eigen_inverse_root", lambda *a: real(*a) * float("nan"))
     roots = {k: v.clone() for k, v in opt.state[w].items() if ".root" in k}
     _train(model, opt, 2)  # step 6: both fail, the previous root is kept
     assert opt.counters["failed_updates"] == 2 * 3  # 3 matrices, 2 sides

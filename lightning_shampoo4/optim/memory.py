@@ -9,13 +9,13 @@ import torch
 KINDS = ("moments", "eigenvectors", "eigenvalues", "factors", "roots", "scales", "other")
 SECOND_ORDER = ("eigenvectors", "eigenvalues", "factors", "roots", "scales")
 
-_MOMENTS = {"exp_avg", "exp_avg_sq", "momentum_buffer"}
+_MOMENTS = ("exp_avg", "momentum_buffer")  # with their codes and scales when quantized
 
 
 def kind_of(key: str) -> str:
     """The kind of a state entry (``"0.L.root_codes"`` -> ``"roots"``)."""
     name = key.rsplit(".", 1)[-1]
-    if name in _MOMENTS:
+    if name.startswith(_MOMENTS):
         return "moments"
     if name.endswith("_absmax"):
         return "scales"

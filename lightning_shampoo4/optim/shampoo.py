@@ -1,39 +1,74 @@
 """``Shampoo4bit``: Shampoo with 4-bit quantized preconditioners, grafted onto AdamW or SGD.
 
-Per step and parameter (SPEC.md section 4): count the step; every ``stat_interval`` steps
-update the Kronecker statistics (PU); every ``root_interval`` steps recompute the inverse
-roots (PIRU); precondition ``L^-1/4 G R^-1/4`` block by block; rescale to the gradient's
-norm (grafting); hand the result to AdamW or SGD as if it were the gradient.
+One step (SPEC.md section 4), in three phases so that it either completes or leaves no trace:
+
+1. **compute**: for every parameter with a gradient, the due statistics (PU) and inverse-root
+   (PIRU) updates of its blocks, each *returning* new state entries, then the preconditioned,
+   grafted direction ``L^-1/4 G R^-1/4 * ||G|| / ||L^-1/4 G R^-1/4||``;
+2. **check**: one device-side flag for "some direction is inf/NaN";
+3. **commit**: write the new entries, advance the counters and run the base optimizer (fused
+   AdamW or SGD) with that flag, so a non-finite step changes nothing.
+
+Steps without a PU or PIRU (the steady state) never wait on the device: the flag stays on the
+device and the count of skipped steps is read only when :attr:`Shampoo4bit.counters` is.
+Steps with a PU or PIRU check the gradients on the host first, since their linear algebra
+synchronizes anyway.
 """
 
 from __future__ import annotations
 
 import time
+from collections import ChainMap
 from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch.optim import Optimizer
 
 from .. import kernels
+from . import base_update
 from .blocking import Block, blocks_for
-from .factor import FAILED, RETRIED, Factor, FactorConfig
+from .checkpoint import load_optimizer_state
+from .factor import Factor, PrefixView
 from .memory import memory_report
-from .validation import validate_group
+from .storage import FAILED, RETRIED, FactorConfig, Storage, Update, storage_for
+from .validation import FORMAT_KEYS, validate_group
 
 __all__ = ["COUNTERS", "Shampoo4bit"]
 
 COUNTERS = (
-    "steps",  # step() calls that updated at least one parameter (the optimizer's own steps)
+    "steps",  # step() calls with at least one gradient: the clock of stat_interval / root_interval
     "stat_updates",  # factor statistics updated (PU)
     "root_updates",  # inverse roots recomputed (PIRU)
-    "skipped_nonfinite",  # steps skipped whole because some gradient had inf/NaN
+    "skipped_nonfinite",  # steps that changed nothing because a gradient or direction had inf/NaN
     "retried_updates",  # decompositions that succeeded only on retry (float64, or eigh after Newton)
-    "failed_updates",  # decompositions that failed in float64 too; previous kept
+    "failed_updates",  # updates that failed (non-finite result, linear-algebra error); previous kept
 )
 TIMERS = ("time_stats_s", "time_roots_s")
 
+# every per-group hyper-parameter (the constructor's arguments after params)
+HYPER_KEYS = (
+    "lr", "betas", "eps", "weight_decay", "momentum", "nesterov", "base", "bits", "moment_bits", "quantize",
+    "codebook", "block_size", "min_quant_numel", "max_order", "shampoo_beta", "matrix_eps", "stat_interval",
+    "root_interval", "bjorck_steps", "root_method", "kernel_backend", "precondition_dtype",
+    "start_preconditioning_step", "precondition",
+)
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class _Side(NamedTuple):
+    prefix: str
+    order: int
+
+
+class _Plan(NamedTuple):
+    """How one parameter maps onto blocks and factors; fixed once the parameter has state."""
+
+    mshape: tuple[int, int] | None
+    blocks: tuple[Block, ...]
+    sides: tuple[tuple[_Side, _Side], ...]
+    fmt: tuple
 
 
 class Shampoo4bit(Optimizer):
@@ -50,6 +85,7 @@ class Shampoo4bit(Optimizer):
         nesterov: Nesterov momentum for SGD.
         base: the first-order optimizer fed with the preconditioned gradient, "adamw" or "sgd".
         bits: 4 or 8 for quantized state, 32 for plain 32-bit Shampoo.
+        moment_bits: 32 (the parameter's dtype), 8 or 4: storage of the base optimizer's moments.
         quantize: "eigenvectors" (the 4-bit Shampoo method) or "preconditioner" (the naive
             baseline that quantizes the factors and roots themselves).
         codebook: "linear2" (default), "dynamic" (dynamic tree) or "linear".
@@ -64,8 +100,8 @@ class Shampoo4bit(Optimizer):
         bjorck_steps: Björck steps applied to dequantized eigenvectors before a statistics
             update and before a root update.
         root_method: "eigen" (eigendecomposition) or "schur_newton" (coupled Newton);
-            None picks the paper's choice: Schur-Newton for ``quantize="preconditioner"``,
-            eigen otherwise.
+            None picks the paper's choice: its early-stopped Newton for
+            ``quantize="preconditioner"``, eigen otherwise.
         kernel_backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
         precondition_dtype: dtype of the per-step preconditioning matmuls ("float32",
             "bfloat16", "float16"); statistics and roots are always computed in fp32.
@@ -74,9 +110,10 @@ class Shampoo4bit(Optimizer):
         precondition: False gives a group no Shampoo state at all, only the base update
             (for embeddings and other matrices where Shampoo does not pay).
 
-    Rank <= 1 tensors (biases, norm weights) get the plain base update. Like a GradScaler,
-    ``step()`` skips the whole step, and counts it, when any gradient has inf or NaN, so
-    statistics are never poisoned and every parameter keeps the same step count.
+    Rank <= 1 tensors (biases, norm weights) get the plain base update. Intervals count the
+    optimizer's own ``step()`` calls that had gradients (``counters["steps"]``), whichever
+    parameters had them. A step whose gradients or preconditioned directions hold inf / NaN
+    changes no parameter and no state, and is counted in ``counters["skipped_nonfinite"]``.
     """
 
     def __init__(
@@ -90,6 +127,7 @@ class Shampoo4bit(Optimizer):
         nesterov: bool = False,
         base: Literal["adamw", "sgd"] = "adamw",
         bits: Literal[4, 8, 32] = 4,
+        moment_bits: Literal[4, 8, 32] = 32,
         quantize: Literal["eigenvectors", "preconditioner"] = "eigenvectors",
         codebook: Literal["linear2", "dynamic", "linear"] = "linear2",
         block_size: int = 64,
@@ -108,13 +146,14 @@ class Shampoo4bit(Optimizer):
     ):
         defaults = dict(
             lr=lr,
-            betas=tuple(betas),
+            betas=betas,
             eps=eps,
             weight_decay=weight_decay,
             momentum=momentum,
             nesterov=nesterov,
             base=base,
             bits=bits,
+            moment_bits=moment_bits,
             quantize=quantize,
             codebook=codebook,
             block_size=block_size,
@@ -124,7 +163,7 @@ class Shampoo4bit(Optimizer):
             matrix_eps=matrix_eps,
             stat_interval=stat_interval,
             root_interval=root_interval,
-            bjorck_steps=tuple(bjorck_steps),
+            bjorck_steps=bjorck_steps,
             root_method=root_method,
             kernel_backend=kernel_backend,
             precondition_dtype=precondition_dtype,
@@ -132,51 +171,98 @@ class Shampoo4bit(Optimizer):
             precondition=precondition,
         )
         validate_group(defaults)
-        self.counters: dict[str, float] = {k: 0 for k in COUNTERS} | {k: 0.0 for k in TIMERS}
+        self._init_bookkeeping()
         super().__init__(params, defaults)
+
+    def _init_bookkeeping(self) -> None:
+        """Counters and caches: everything here besides the counts is derived and rebuilt."""
+        self._counts: dict[str, float] = {k: 0 for k in COUNTERS} | {k: 0.0 for k in TIMERS}
+        self._skips: dict[torch.device, torch.Tensor] = {}  # device-side skipped-step counts
+        self._plans: dict[int, _Plan] = {}
+        self._group_cache: dict[int, tuple[tuple, dict[int, Storage]]] = {}
+        self.sync_timers = False  # synchronize CUDA around PU / PIRU so the timers are exact
+
+    # -- counters ------------------------------------------------------------------------
+    @property
+    def counters(self) -> dict[str, float]:
+        """Event counts and timers (see ``COUNTERS``); reading it waits for pending skips."""
+        out = dict(self._counts)
+        for flag in self._skips.values():
+            out["skipped_nonfinite"] += int(flag.item())
+        return out
 
     # -- groups and state ----------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        for key in ("betas", "bjorck_steps"):
-            group[key] = tuple(group[key])
+        for p in group["params"]:
+            if p.is_complex():
+                raise ValueError(
+                    f"complex parameters are not supported (got one of shape {tuple(p.shape)}); "
+                    "optimize torch.view_as_real(p) as a real parameter instead"
+                )
         validate_group(group)
+        group.setdefault("clock", self.param_groups[0].get("clock", 0))
 
-    @staticmethod
-    def _blocks(p: torch.Tensor, group: dict) -> tuple[tuple[int, int] | None, tuple[Block, ...]]:
-        if not group["precondition"]:
-            return None, ()
-        return blocks_for(tuple(p.shape), group["max_order"])
+    @property
+    def _clock(self) -> int:
+        return self.param_groups[0]["clock"] if self.param_groups else 0
 
-    def _factors(self, p: torch.Tensor, group: dict) -> list[tuple[Block, Factor, Factor]]:
-        state = self.state[p]
-        _, blocks = self._blocks(p, group)
-        out = []
-        for i, b in enumerate(blocks):
-            left = Factor(state, f"{i}.L", b.rows, FactorConfig.from_group(group, b.rows))
-            right = Factor(state, f"{i}.R", b.cols, FactorConfig.from_group(group, b.cols))
-            out.append((b, left, right))
-        return out
+    def _group_storages(self, group: dict) -> dict[int, Storage]:
+        """The group's storages by factor order; revalidates the group when it changed."""
+        sig = tuple(group[k] for k in HYPER_KEYS)
+        cached = self._group_cache.get(id(group))
+        if cached is not None and cached[0] == sig:
+            return cached[1]
+        validate_group(group)
+        storages: dict[int, Storage] = {}
+        self._group_cache[id(group)] = (tuple(group[k] for k in HYPER_KEYS), storages)
+        return storages
 
-    def _init_state(self, p: torch.Tensor, group: dict) -> None:
-        state = self.state[p]
-        state["step"] = 0  # Python ints: exact at any count, and no device sync to read
-        if group["base"] == "adamw":
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        for _, left, right in self._factors(p, group):
-            left.init(p.device)
-            right.init(p.device)
-        if self._blocks(p, group)[1]:
-            state["last_root_step"] = 0  # step of the last root update; 0: none yet
+    def _storage(self, group: dict, order: int) -> Storage:
+        storages = self._group_storages(group)
+        st = storages.get(order)
+        if st is None:
+            st = storages[order] = storage_for(FactorConfig.from_group(group, order))
+        return st
+
+    def _plan(self, p: torch.Tensor, group: dict) -> _Plan:
+        """The parameter's plan; raises if a format setting changed after its state existed."""
+        fmt = tuple(group[k] for k in FORMAT_KEYS)
+        plan = self._plans.get(id(p))
+        if plan is not None and plan.fmt == fmt:
+            return plan
+        if plan is not None and self.state.get(p):
+            changed = [f"{k} {a!r} -> {b!r}" for k, a, b in zip(FORMAT_KEYS, plan.fmt, fmt) if a != b]
+            raise ValueError(
+                f"the storage format of a parameter of shape {tuple(p.shape)} changed after its state was "
+                f"created ({', '.join(changed)}); the stored state cannot be reinterpreted. Keep these settings "
+                "fixed, or start a new optimizer (or clear its state) to change them"
+            )
+        plan = self._plans[id(p)] = make_plan(p, group)
+        return plan
+
+    def _new_state(self, p: torch.Tensor, group: dict, device: torch.device | str | None = None) -> dict[str, Any]:
+        """A fresh state for ``p`` (not yet stored); ``device="meta"`` only describes it."""
+        device = p.device if device is None else torch.device(device)
+        plan = make_plan(p, group)
+        state: dict[str, Any] = {"step": torch.zeros((), dtype=torch.float32, device=device)}
+        like = p if device == p.device else torch.empty_like(p, device=device)
+        state.update(base_update.init_moments(like, group))
+        for left, right in plan.sides:
+            for side in (left, right):
+                for name, t in self._storage(group, side.order).init(device).items():
+                    state[f"{side.prefix}.{name}"] = t
+        if plan.sides:
+            state["last_root_step"] = 0  # optimizer step of the last root update; 0: none yet
+        return state
 
     def init_state(self) -> None:
         """Create the state of every parameter now instead of at its first step."""
         for group in self.param_groups:
             for p in group["params"]:
-                if not self.state[p]:
-                    self._init_state(p, group)
+                if not self.state.get(p):
+                    self.state[p] = self._new_state(p, group)
 
     def memory_report(self) -> dict[str, int]:
         """Exact bytes of the optimizer state by kind: moments, eigenvectors, eigenvalues,
@@ -187,34 +273,45 @@ class Shampoo4bit(Optimizer):
         """``(param, block index, side, factor)`` for every Shampoo factor with state."""
         for group in self.param_groups:
             for p in group["params"]:
-                if self.state[p]:
-                    for i, (_, left, right) in enumerate(self._factors(p, group)):
-                        yield p, i, "L", left
-                        yield p, i, "R", right
+                state = self.state.get(p)
+                if not state:
+                    continue
+                for i, (left, right) in enumerate(self._plan(p, group).sides):
+                    yield p, i, "L", Factor(state, left.prefix, self._storage(group, left.order))
+                    yield p, i, "R", Factor(state, right.prefix, self._storage(group, right.order))
 
-    # -- checkpointing -------------------------------------------------------------------
+    # -- checkpointing and copies --------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        sd["counters"] = dict(self.counters)
+        sd["counters"] = self.counters
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load like torch does, but keep every state tensor's saved dtype.
+        """Load a checkpoint after checking it fits (keys, shapes, dtypes, finite values).
 
-        torch casts floating state to the parameter's dtype; that would turn uint8 codes into
-        floats and fp32 eigenvalues into bf16 for a bf16 model.
+        Unlike torch, the saved dtype of every second-order tensor is kept (uint8 codes stay
+        codes, fp32 eigenvalues stay fp32 for a bf16 model); moments follow the parameter's
+        dtype as in torch. Nothing changes when the check fails.
         """
-        saved_state = state_dict["state"]
-        super().load_state_dict({**state_dict, "state": {}})
-        params = [p for g in self.param_groups for p in g["params"]]
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        by_id = dict(zip(saved_ids, params))
-        for pid, pstate in saved_state.items():
-            p = by_id[pid]
-            self.state[p] = {
-                k: v.detach().to(p.device, copy=True) if isinstance(v, torch.Tensor) else v for k, v in pstate.items()
-            }
-        self.counters.update(state_dict.get("counters", {}))
+        load_optimizer_state(self, state_dict, super().load_state_dict)
+        self._plans.clear()
+        self._group_cache.clear()
+        self._skips.clear()
+        self._counts = {k: 0 for k in COUNTERS} | {k: 0.0 for k in TIMERS}
+        self._counts.update({k: v for k, v in state_dict.get("counters", {}).items() if k in self._counts})
+        for group in self.param_groups:
+            group.setdefault("clock", 0)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "_counts": self.counters, "sync_timers": self.sync_timers}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        counts, sync_timers = state.pop("_counts", None), state.pop("sync_timers", False)
+        super().__setstate__(state)
+        self._init_bookkeeping()
+        if counts:
+            self._counts.update(counts)
+        self.sync_timers = sync_timers
 
     # -- the step ------------------------------------------------------------------------
     @torch.no_grad()
@@ -226,113 +323,190 @@ class Shampoo4bit(Optimizer):
                 loss = closure()
         work = []
         for group in self.param_groups:
-            validate_group(group)
+            self._group_storages(group)  # validates the group if it changed
             for p in group["params"]:
                 if p.grad is not None:
                     if p.grad.is_sparse:
                         raise RuntimeError("Shampoo4bit does not support sparse gradients")
-                    work.append((p, group))
+                    work.append((p, group, self._plan(p, group)))
         if not work:
             return loss
-        if not self._all_finite([p.grad for p, _ in work]):
-            self.counters["skipped_nonfinite"] += 1
+        clock = self._clock + 1
+        due = {}
+        for group in self.param_groups:
+            active = group["precondition"] and clock >= group["start_preconditioning_step"]
+            due[id(group)] = (active and clock % group["stat_interval"] == 0, active and clock % group["root_interval"] == 0)
+        updates_due = any(s or r for s, r in due.values())
+        if updates_due and not _all_finite([p.grad for p, _, _ in work]):
+            self._commit_clock(clock)
+            self._counts["skipped_nonfinite"] += 1
             return loss
-        for p, group in work:
-            if not self.state[p]:
-                self._init_state(p, group)
-            self._step_param(p, group)
-        self.counters["steps"] += 1
+
+        # 1. compute
+        counts = dict.fromkeys(("stat_updates", "root_updates", "retried_updates", "failed_updates"), 0)
+        timers = dict.fromkeys(TIMERS, 0.0)
+        pending: list[tuple[dict, str, dict]] = []  # (state, key prefix, new entries)
+        new_states: dict[torch.Tensor, dict] = {}
+        directions: list[torch.Tensor] = []
+        graft: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (index, gradient matrix, preconditioned)
+        for p, group, plan in work:
+            state = self.state.get(p)
+            if not state:
+                state = new_states[p] = self._new_state(p, group)
+            if not plan.sides:
+                directions.append(p.grad)
+                continue
+            stats_due, roots_due = due[id(group)]
+            g = p.grad.float().reshape(plan.mshape)
+            hat = self._precondition(p, group, plan, state, g, stats_due, roots_due, clock, pending, counts, timers)
+            if hat is None:
+                directions.append(p.grad)
+            else:
+                graft.append((len(directions), g, hat))
+                directions.append(hat)
+        self._graft(graft)
+        for i, p_work in enumerate(work):
+            p = p_work[0]
+            if directions[i] is not p.grad:
+                directions[i] = directions[i].view(p.shape).to(p.dtype)
+
+        # 2. check
+        found_inf = _non_finite_flags(directions, [p for p, _, _ in work])
+        if updates_due and any(bool(f) for f in found_inf.values()):
+            self._commit_clock(clock)
+            self._counts["skipped_nonfinite"] += 1
+            return loss
+
+        # 3. commit
+        for state, prefix, entries in pending:
+            for name, t in entries.items():
+                state[f"{prefix}.{name}" if prefix else name] = t
+        for p, state in new_states.items():
+            self.state[p] = state
+        for k, v in counts.items():
+            self._counts[k] += v
+        for k, v in timers.items():
+            self._counts[k] += v
+        self._commit_clock(clock)
+        if not updates_due:
+            for dev, flag in found_inf.items():
+                self._skips[dev] = self._skips[dev] + flag if dev in self._skips else flag.clone()
+        base_update.apply(self, work, directions, found_inf)
         return loss
 
-    @staticmethod
-    def _all_finite(grads: list[torch.Tensor]) -> bool:
-        """One device sync per device for the whole step."""
-        by_device: dict[torch.device, list[torch.Tensor]] = {}
-        for g in grads:
-            by_device.setdefault(g.device, []).append(torch.isfinite(g).all())
-        return all(bool(torch.stack(flags).all()) for flags in by_device.values())
+    def _commit_clock(self, clock: int) -> None:
+        for group in self.param_groups:
+            group["clock"] = clock
+        self._counts["steps"] = clock
 
-    def _step_param(self, p: torch.Tensor, group: dict) -> None:
-        state = self.state[p]
-        state["step"] += 1
-        step = state["step"]
-        grad = p.grad
-        factors = self._factors(p, group)
-        if factors:
-            grad = self._precondition(p, group, factors, step)
-        if group["base"] == "adamw":
-            self._adamw(p, grad, state, group, step)
-        else:
-            self._sgd(p, grad, state, group)
-
-    def _precondition(self, p: torch.Tensor, group: dict, factors: list, step: int) -> torch.Tensor:
-        state = self.state[p]
-        mshape, _ = self._blocks(p, group)
-        g = p.grad.float().reshape(mshape)
-        active = step >= group["start_preconditioning_step"]
-        if active and step % group["stat_interval"] == 0:
-            t0 = self._tick(p)
-            for b, left, right in factors:
-                gb = g[b.r0 : b.r1, b.c0 : b.c1]
-                self._record(left.update_stats(gb @ gb.mT))
-                self._record(right.update_stats(gb.mT @ gb))
-            self.counters["stat_updates"] += 2 * len(factors)
-            self.counters["time_stats_s"] += self._tick(p) - t0
-        if active and step % group["root_interval"] == 0:
-            t0 = self._tick(p)
-            for _, left, right in factors:
-                self._record(left.update_root())
-                self._record(right.update_root())
-            self.counters["root_updates"] += 2 * len(factors)
-            state["last_root_step"] = step
-            self.counters["time_roots_s"] += self._tick(p) - t0
-        if state["last_root_step"] == 0:
-            return p.grad  # roots are still the identity: exactly the base optimizer
+    def _precondition(self, p, group, plan, state, g, stats_due, roots_due, clock, pending, counts, timers):
+        """Due PU / PIRU of every block (new entries into ``pending``), then ``L^-1/4 G R^-1/4``;
+        None while no root has been computed (the base optimizer runs on the raw gradient)."""
+        if roots_due:
+            pending.append((state, "", {"last_root_step": clock}))
+        operands = []
+        for block, (left, right) in zip(plan.blocks, plan.sides):
+            gb = g if len(plan.blocks) == 1 else g[block.r0 : block.r1, block.c0 : block.c1]
+            pair = []
+            for side, is_left in ((left, True), (right, False)):
+                storage = self._storage(group, side.order)
+                new: dict[str, torch.Tensor] = {}
+                view = ChainMap(new, PrefixView(state, side.prefix))
+                fresh = None
+                if stats_due:
+                    t0 = self._tick(p)
+                    upd = _guarded(storage.update_stats, view, gb @ gb.mT if is_left else gb.mT @ gb)
+                    new.update(upd.entries)
+                    fresh = upd.fresh
+                    _record(upd.status, counts)
+                    counts["stat_updates"] += 1
+                    timers["time_stats_s"] += self._tick(p) - t0
+                if roots_due:
+                    t0 = self._tick(p)
+                    upd = _guarded(storage.update_root, view, fresh)
+                    new.update(upd.entries)
+                    _record(upd.status, counts)
+                    counts["root_updates"] += 1
+                    timers["time_roots_s"] += self._tick(p) - t0
+                if new:
+                    pending.append((state, side.prefix, new))
+                pair.append(storage.operand(view))
+            operands.append(pair)
+        if not roots_due and state["last_root_step"] == 0:
+            return None
         dtype = _DTYPES[group["precondition_dtype"]]
+        backend = group["kernel_backend"]
+        if len(plan.blocks) == 1:
+            return kernels.precondition(g, operands[0][0], operands[0][1], dtype=dtype, backend=backend)
         out = torch.empty_like(g)
-        for b, left, right in factors:
-            out[b.r0 : b.r1, b.c0 : b.c1] = kernels.precondition(
-                g[b.r0 : b.r1, b.c0 : b.c1], left.operand(), right.operand(), dtype=dtype, backend=group["kernel_backend"]
+        for block, (lo, ro) in zip(plan.blocks, operands):
+            out[block.r0 : block.r1, block.c0 : block.c1] = kernels.precondition(
+                g[block.r0 : block.r1, block.c0 : block.c1], lo, ro, dtype=dtype, backend=backend
             )
-        out.mul_(g.norm() / (out.norm() + 1e-12))  # graft onto the gradient's norm
-        return out.view(p.shape).to(p.dtype)
-
-    def _record(self, status: str) -> None:
-        if status == RETRIED:
-            self.counters["retried_updates"] += 1
-        elif status == FAILED:
-            self.counters["failed_updates"] += 1
+        return out
 
     @staticmethod
-    def _tick(p: torch.Tensor) -> float:
-        if p.device.type == "cuda":
+    def _graft(graft: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
+        """Rescale every preconditioned matrix to its gradient's norm, in place.
+
+        Norms are taken in float64, so a huge but finite gradient cannot overflow them.
+        """
+        if not graft:
+            return
+        _, grads, hats = zip(*graft)
+        gn = torch._foreach_norm(list(grads), 2, dtype=torch.float64)
+        hn = torch._foreach_norm(list(hats), 2, dtype=torch.float64)
+        torch._foreach_add_(hn, 1e-12)
+        torch._foreach_div_(gn, hn)
+        torch._foreach_mul_(list(hats), gn)
+
+    def _tick(self, p: torch.Tensor) -> float:
+        if self.sync_timers and p.device.type == "cuda":
             torch.cuda.synchronize(p.device)
         return time.perf_counter()
 
-    # -- base optimizers -----------------------------------------------------------------
-    @staticmethod
-    def _adamw(p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, step: int) -> None:
-        beta1, beta2 = group["betas"]
-        lr = group["lr"]
-        p.mul_(1 - lr * group["weight_decay"])
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        bias1 = 1 - beta1**step
-        bias2_sqrt = (1 - beta2**step) ** 0.5
-        denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(group["eps"])
-        p.addcdiv_(exp_avg, denom, value=-lr / bias1)
 
-    @staticmethod
-    def _sgd(p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
-        if group["weight_decay"]:
-            grad = grad.add(p, alpha=group["weight_decay"])
-        momentum = group["momentum"]
-        if momentum:
-            buf = state.get("momentum_buffer")
-            if buf is None:
-                buf = state["momentum_buffer"] = grad.detach().clone()
-            else:
-                buf.mul_(momentum).add_(grad)
-            grad = grad.add(buf, alpha=momentum) if group["nesterov"] else buf
-        p.add_(grad, alpha=-group["lr"])
+def make_plan(p: torch.Tensor, group: dict) -> _Plan:
+    """How ``p`` maps onto Shampoo blocks under ``group``'s settings."""
+    fmt = tuple(group[k] for k in FORMAT_KEYS)
+    mshape, blocks = blocks_for(tuple(p.shape), group["max_order"]) if group["precondition"] else (None, ())
+    sides = tuple((_Side(f"{i}.L", b.rows), _Side(f"{i}.R", b.cols)) for i, b in enumerate(blocks))
+    return _Plan(mshape, blocks, sides, fmt)
+
+
+def _guarded(update: Callable[..., Update], *args) -> Update:
+    """Run a PU / PIRU; a linear-algebra error is a failed update (previous state kept)."""
+    try:
+        return update(*args)
+    except torch.linalg.LinAlgError:
+        return Update({}, FAILED)
+
+
+def _record(status: str, counts: dict[str, int]) -> None:
+    if status == RETRIED:
+        counts["retried_updates"] += 1
+    elif status == FAILED:
+        counts["failed_updates"] += 1
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Host check, one sync per device."""
+    return not any(bool(f) for f in _non_finite_flags(tensors, tensors).values())
+
+
+def _non_finite_flags(tensors: list[torch.Tensor], like: list[torch.Tensor]) -> dict[torch.device, torch.Tensor]:
+    """Per device, a 0-dim fp32 tensor: 1.0 if any tensor there holds inf / NaN (no host sync)."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for t, ref in zip(tensors, like):
+        by_device.setdefault(ref.device, []).append(t)
+    flags = {}
+    for dev, ts in by_device.items():
+        flag = torch.zeros((), dtype=torch.float32, device=dev)
+        # one fused check for all tensors of a device (it also multiplies them by 1, a no-op)
+        torch._amp_foreach_non_finite_check_and_unscale_(ts, flag, torch.ones((), device=dev))
+        flags[dev] = flag
+    if len(flags) > 1:  # one step: a non-finite value anywhere skips it everywhere
+        first = next(iter(flags))
+        anyflag = torch.stack([f.to(first) for f in flags.values()]).amax()
+        flags = {dev: anyflag.to(dev, non_blocking=True) for dev in flags}
+    return flags

@@ -1,0 +1,53 @@
+"""The base optimizer that consumes the preconditioned direction: AdamW or SGD.
+
+Moments live beside the Shampoo state as plain tensors (``exp_avg``, ``exp_avg_sq``,
+``momentum_buffer``) in the parameter's dtype; ``state["step"]`` is a 0-dim fp32 tensor
+counting the updates that ran for that parameter (AdamW's bias correction), as in torch.
+Updates run as torch's fused multi-tensor kernels, which take a device-side "found inf"
+flag: a step flagged non-finite leaves parameters, moments and step counts untouched
+without the host ever reading the flag.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def init_moments(p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Zero moments for ``p`` (SGD's zero buffer gives torch's first step ``buf = g`` exactly)."""
+    zeros = lambda: torch.zeros_like(p, memory_format=torch.preserve_format)  # noqa: E731
+    if group["base"] == "adamw":
+        return {"exp_avg": zeros(), "exp_avg_sq": zeros()}
+    if group["momentum"]:
+        return {"momentum_buffer": zeros()}
+    return {}
+
+
+def apply(optimizer, work: list, directions: list[torch.Tensor], found_inf: dict[torch.device, torch.Tensor]) -> None:
+    """Run the base update of every ``(param, group, plan)`` in ``work`` on its direction."""
+    batches: dict[tuple[int, torch.device, torch.dtype], list] = {}
+    for (p, group, _), d in zip(work, directions):
+        batches.setdefault((id(group), p.device, p.dtype), [group, []])[1].append((p, d))
+    for (_, device, _), (group, items) in batches.items():
+        params = [p for p, _ in items]
+        grads = [d for _, d in items]
+        states = [optimizer.state[p] for p in params]
+        steps = [s["step"] for s in states]
+        flag = found_inf[device]
+        torch._foreach_add_(steps, [1.0 - flag] * len(steps))  # no advance on a flagged step
+        if group["base"] == "adamw":
+            beta1, beta2 = group["betas"]
+            torch._fused_adamw_(
+                params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [], steps,
+                lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
+                amsgrad=False, maximize=False, grad_scale=None, found_inf=flag,
+            )
+        else:
+            bufs = [s["momentum_buffer"] for s in states] if group["momentum"] else []
+            torch._fused_sgd_(
+                params, grads, bufs, weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"],
+                dampening=0.0, nesterov=group["nesterov"], maximize=False, is_first_step=False, grad_scale=None,
+                found_inf=flag,
+            )

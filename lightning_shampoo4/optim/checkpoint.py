@@ -1,0 +1,136 @@
+"""Loading a checkpoint into a ``Shampoo4bit``: check that it fits, then load it unchanged.
+
+A checkpoint of another model, another optimizer configuration, a truncated file or a run that
+had already diverged is refused with an error naming the parameter and the mismatch, before
+anything is changed. Second-order tensors keep their saved dtype (uint8 codes stay codes);
+moments are cast to the parameter's dtype as torch does, so a bf16 run resumes in fp32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+_MOMENTS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint that does not fit this optimizer and its parameters."""
+
+
+def _describe(index: int, p: torch.Tensor, group: dict) -> str:
+    names = group.get("param_names")
+    where = f"'{names[group['params'].index(p)]}'" if names else f"#{index}"
+    return f"parameter {where} (shape {tuple(p.shape)})"
+
+
+def load_optimizer_state(optimizer, state_dict: dict[str, Any], torch_load: Callable[[dict], None]) -> None:
+    """Check ``state_dict`` against ``optimizer``, then load it (``torch_load`` loads the groups)."""
+    if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+        raise CheckpointMismatchError("not an optimizer state dict: it needs 'state' and 'param_groups'")
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise CheckpointMismatchError(
+            f"the checkpoint has {len(saved_groups)} parameter groups, this optimizer {len(optimizer.param_groups)}"
+        )
+    groups = []
+    by_id: dict[Any, tuple[int, torch.Tensor, dict, dict]] = {}
+    index = 0
+    for gi, (group, saved) in enumerate(zip(optimizer.param_groups, saved_groups)):
+        if len(saved["params"]) != len(group["params"]):
+            raise CheckpointMismatchError(
+                f"parameter group {gi} has {len(saved['params'])} parameters in the checkpoint and "
+                f"{len(group['params'])} here"
+            )
+        # keys a checkpoint of an older version lacks keep this optimizer's values
+        merged = {k: v for k, v in group.items() if k != "params"} | saved
+        groups.append(merged)
+        for pid, p in zip(saved["params"], group["params"]):
+            by_id[pid] = (index, p, group, merged)
+            index += 1
+    from .shampoo import HYPER_KEYS
+    from .validation import validate_group
+
+    for merged in groups:
+        check = {k: v for k, v in merged.items() if k in HYPER_KEYS}
+        try:
+            validate_group(check)
+        except ValueError as err:
+            raise CheckpointMismatchError(f"the checkpoint's hyper-parameters are invalid: {err}") from None
+
+    loaded: dict[torch.Tensor, dict[str, Any]] = {}
+    flags = []
+    for pid, saved_state in state_dict["state"].items():
+        if pid not in by_id:
+            raise CheckpointMismatchError(f"the checkpoint has state for parameter id {pid!r}, which no group lists")
+        index, p, _, merged = by_id[pid]
+        what = _describe(index, p, _owner(optimizer, p))
+        state = _upgrade(dict(saved_state), p, merged)
+        expected = optimizer._new_state(p, merged, device="meta")
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise CheckpointMismatchError(
+                f"the checkpoint's state for {what} does not fit this optimizer's settings: "
+                f"missing {missing or 'nothing'}, unexpected {unexpected or 'nothing'}"
+            )
+        out: dict[str, Any] = {}
+        for key, want in expected.items():
+            got = state[key]
+            if not isinstance(want, torch.Tensor):
+                out[key] = got
+                continue
+            if not isinstance(got, torch.Tensor):
+                raise CheckpointMismatchError(f"'{key}' of {what} should be a tensor, the checkpoint holds {type(got).__name__}")
+            if tuple(got.shape) != tuple(want.shape):
+                raise CheckpointMismatchError(
+                    f"'{key}' of {what} has shape {tuple(got.shape)} in the checkpoint; this optimizer expects "
+                    f"{tuple(want.shape)} (a checkpoint of another model or other settings?)"
+                )
+            if key in _MOMENTS:
+                if not got.is_floating_point():
+                    raise CheckpointMismatchError(f"'{key}' of {what} has dtype {got.dtype}; expected a float tensor")
+                got = got.to(p.dtype)
+            elif got.dtype != want.dtype:
+                raise CheckpointMismatchError(f"'{key}' of {what} has dtype {got.dtype}; expected {want.dtype}")
+            got = got.detach().to(p.device, copy=True)
+            if got.is_floating_point():
+                flags.append((torch.isfinite(got).all(), key, what))
+            out[key] = got
+        loaded[p] = out
+    if flags:
+        ok = torch.stack([f.cpu() for f, _, _ in flags]).tolist()
+        bad = [f"'{key}' of {what}" for good, (_, key, what) in zip(ok, flags) if not good]
+        if bad:
+            raise CheckpointMismatchError(f"the checkpoint holds inf / NaN in {', '.join(bad[:5])}"
+                                          + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
+
+    clock = max([int(g.get("clock", 0)) for g in groups] or [0])
+    torch_load({**state_dict, "state": {}, "param_groups": [g | {"params": s["params"]} for g, s in zip(groups, saved_groups)]})
+    for group in optimizer.param_groups:
+        group["clock"] = clock
+    optimizer.state.clear()
+    for p, st in loaded.items():
+        optimizer.state[p] = st
+
+
+def _owner(optimizer, p: torch.Tensor) -> dict:
+    for group in optimizer.param_groups:
+        if any(q is p for q in group["params"]):
+            return group
+    return {}
+
+
+def _upgrade(state: dict[str, Any], p: torch.Tensor, group: dict) -> dict[str, Any]:
+    """Fill in what checkpoints of version 0.1 stored differently (Python step counts, a
+    momentum buffer created lazily) and the per-optimizer clock they lacked."""
+    step = state.get("step")
+    if step is not None and not isinstance(step, torch.Tensor):
+        state["step"] = torch.tensor(float(step), dtype=torch.float32)
+        group.setdefault("clock", int(step))
+        group["clock"] = max(group["clock"], int(step))
+    if group["base"] == "sgd" and group["momentum"] and "momentum_buffer" not in state:
+        state["momentum_buffer"] = torch.zeros_like(p)
+    return state

@@ -1,0 +1,536 @@
+"""The distribution layer of ``Shampoo4bit``: which rank computes which Shampoo block, and how
+the preconditioned blocks come back. The per-block work itself knows nothing of it.
+
+Three layouts (:func:`detect`):
+
+``None``   one process, or ``distributed="off"``: every rank computes every block of the
+           parameters it holds (the single-device step, replicated under DDP).
+``"ddp"``  plain parameters whose gradients are identical on every rank (after DDP's
+           all-reduce): each block has one owner rank (:func:`plan_for`, balanced by cost,
+           computed identically on every rank without communication) that alone keeps its
+           second-order state and preconditions it; one collective per step
+           (:func:`gather_blocks`) hands every rank all preconditioned blocks, so every rank
+           applies the same update. Confirmed once by :func:`check_replicated`.
+``"fsdp2"`` DTensor parameters on a 1-D mesh, ``Shard(0)`` (FSDP2's ``fully_shard``) or
+           ``Replicate``: each rank preconditions its local shard as its own matrix
+           (:func:`shard_layout`); no communication; blocks never straddle shards.
+
+Anything else (FSDP1 flat parameters, DeepSpeed ZeRO-3, other DTensor layouts) raises
+:class:`UnsupportedStrategyError`. This module depends on torch only.
+"""
+
+from __future__ import annotations
+
+import functools
+import heapq
+import math
+import warnings
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from .blocking import Block, blocks_for, matrix_shape, split
+from .memory import kind_of
+
+__all__ = [
+    "COMM_DTYPES",
+    "MODES",
+    "SUPPORTED",
+    "BlockRef",
+    "DistributedLayer",
+    "Plan",
+    "ShardLayout",
+    "UnsupportedStrategyError",
+    "all_true",
+    "block_cost",
+    "block_index",
+    "check_mode",
+    "check_replicated",
+    "detect",
+    "export_state",
+    "gather_block_state",
+    "gather_blocks",
+    "import_state",
+    "is_sharded",
+    "local_view",
+    "plan_for",
+    "prune_state",
+    "shard_layout",
+    "sum_across",
+]
+
+MODES = ("auto", "off")
+COMM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SUPPORTED = (
+    "one device; DDP (plain parameters with identical gradients on every rank); "
+    "FSDP2 / DTensor parameters on a 1-D device mesh with Shard(0) or Replicate placements"
+)
+
+
+class UnsupportedStrategyError(RuntimeError):
+    """The parameters come from a parallel layout Shampoo4bit cannot precondition correctly."""
+
+
+def _refuse(what: str) -> UnsupportedStrategyError:
+    return UnsupportedStrategyError(f"Shampoo4bit does not support {what}. Supported: {SUPPORTED}.")
+
+
+def check_mode(mode: str) -> str:
+    """Validate the ``distributed`` argument."""
+    if mode not in MODES:
+        raise ValueError(f"distributed must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
+    return mode
+
+
+def check_comm_dtype(name: str) -> torch.dtype:
+    """Validate the dtype the preconditioned blocks travel in (``"float32"`` or ``"bfloat16"``)."""
+    if name not in COMM_DTYPES:
+        raise ValueError(f"distributed_dtype must be one of {', '.join(map(repr, COMM_DTYPES))}, got {name!r}")
+    return COMM_DTYPES[name]
+
+
+# -- detection ----------------------------------------------------------------------------
+def _dtensor_cls() -> type | None:
+    if not dist.is_available():
+        return None
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without DTensor
+        return None
+    return DTensor
+
+
+def _is_dtensor(t: Any) -> bool:
+    cls = _dtensor_cls()
+    return cls is not None and isinstance(t, cls)
+
+
+def _placement(p: torch.Tensor) -> str:
+    """``"shard0"`` or ``"replicate"`` for a supported DTensor; raise for any other layout."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    mesh, placements = p.device_mesh, tuple(p.placements)
+    if mesh.ndim != 1 or len(placements) != 1:
+        raise _refuse(f"DTensor parameters on a {mesh.ndim}-D device mesh with placements {placements} (HSDP, 2-D parallelism)")
+    pl = placements[0]
+    if type(pl) is Shard and pl.dim in (0, -p.ndim):
+        return "shard0"
+    if type(pl) is Replicate:
+        return "replicate"
+    raise _refuse(f"DTensor parameters with placement {pl} (tensor parallel shards other than dim 0, partial values)")
+
+
+def is_sharded(p: torch.Tensor) -> bool:
+    """Whether ``p`` is a DTensor sharded on dim 0 (its local tensor holds only some rows)."""
+    return _is_dtensor(p) and _placement(p) == "shard0"
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def detect(params: Iterable[torch.Tensor], mode: str = "auto") -> str | None:
+    """The layout of ``params``: ``None``, ``"ddp"`` (a candidate until :func:`check_replicated`
+    confirms it) or ``"fsdp2"``. Raises :class:`UnsupportedStrategyError` for refused layouts,
+    whatever ``mode``: those parameters cannot be preconditioned correctly at all."""
+    check_mode(mode)
+    has_dtensor = False
+    for p in params:
+        if getattr(p, "_is_flat_param", False) or getattr(p, "_fsdp_flattened", False):
+            raise _refuse("FSDP1 (FullyShardedDataParallel) flat parameters; use FSDP2 (fully_shard)")
+        if hasattr(p, "ds_id") or hasattr(p, "ds_tensor"):
+            raise _refuse("DeepSpeed ZeRO partitioned parameters")
+        if _is_dtensor(p):
+            _placement(p)
+            has_dtensor = True
+    if has_dtensor:
+        return "fsdp2"
+    world, _ = _world()
+    return "ddp" if mode == "auto" and world > 1 else None
+
+
+def _comm_device(tensor_device: torch.device, group: Any = None) -> torch.device:
+    """NCCL needs CUDA tensors; every other backend here gets CPU tensors."""
+    return tensor_device if "nccl" in str(dist.get_backend(group)) else torch.device("cpu")
+
+
+def check_replicated(
+    params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None], group: Any = None
+) -> bool | None:
+    """Whether every rank holds the same parameters and gradients: one all_gather of a small
+    signature (count, shapes, which have gradients, weighted sums of values and gradients).
+
+    ``None`` means not decidable this step (all gradients zero, or some non-finite): ask again
+    at the next step. A host sync; meant for the first steps only."""
+    world = dist.get_world_size(group)
+    device = next((p.device for p in params), torch.device("cpu"))
+    device = _comm_device(device, group)
+    shapes = zlib.crc32(repr([tuple(p.shape) for p in params]).encode())
+    present = zlib.crc32(bytes(g is not None for g in grads))
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    s_p, s_g, s_g2 = zero.clone(), zero.clone(), zero.clone()
+    for k, (p, g) in enumerate(zip(params, grads)):
+        w = float(k + 1)
+        s_p += w * p.detach().double().sum().to(device)
+        if g is not None:
+            gd = g.detach().double()
+            s_g += w * gd.sum().to(device)
+            s_g2 += gd.square().sum().to(device)
+    head = torch.tensor([len(params), shapes, present], dtype=torch.float64, device=device)
+    sig = torch.cat([head, torch.stack([s_p, s_g, s_g2])])
+    table = torch.empty(world, sig.numel(), dtype=sig.dtype, device=device)
+    dist.all_gather_into_tensor(table, sig, group=group)
+    table = table.cpu()
+    if not torch.isfinite(table).all():
+        return None
+    if not torch.equal(table[:, :3], table[:1, :3].expand_as(table[:, :3])):
+        return False
+    if not torch.allclose(table[:, 3:], table[:1, 3:].expand_as(table[:, 3:]), rtol=1e-6, atol=0.0):
+        return False
+    return None if float(table[0, 5]) == 0.0 else True
+
+
+def all_true(flag: torch.Tensor, group: Any = None) -> bool:
+    """``flag`` (a bool scalar) is true on every rank: one all_reduce and one host sync."""
+    t = flag.to(device=_comm_device(flag.device, group), dtype=torch.int32).reshape(1)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return bool(t.item())
+
+
+def sum_across(t: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """Sum ``t`` over the ranks of ``group`` (e.g. squared norms of local shards, for grafting on
+    the whole parameter's norm): one all_reduce, no host sync on NCCL."""
+    buf = t.to(_comm_device(t.device, group))
+    dist.all_reduce(buf, group=group)
+    return buf.to(t.device)
+
+
+# -- local views and shard layouts --------------------------------------------------------
+def local_view(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(tensor, grad)`` as plain tensors: a DTensor's local shard (in-place updates of it update
+    ``p``), a plain tensor itself. A gradient whose layout differs from its parameter's is refused."""
+    if not _is_dtensor(p):
+        return p, p.grad
+    grad = p.grad
+    if grad is not None:
+        if _is_dtensor(grad):
+            if tuple(grad.placements) != tuple(p.placements):
+                raise _refuse(f"a gradient with placements {tuple(grad.placements)} for a parameter with {tuple(p.placements)}")
+            grad = grad.to_local()
+        elif grad.shape != p.to_local().shape:
+            raise _refuse("a plain gradient that is not the parameter's local shard")
+    return p.to_local(), grad
+
+
+class ShardLayout(NamedTuple):
+    """How this rank's part of a parameter maps onto Shampoo blocks.
+
+    ``padded_shape`` is the local tensor's shape with dim 0 padded to the shard size every rank
+    of the mesh uses (``ceil(n / world)``), so all ranks have the same blocks and the same state
+    shapes; ``rows`` of its dim 0 hold data, the rest are zeros (they add zero rows to the
+    statistics, which leaves the data rows' preconditioner unchanged in exact arithmetic).
+    Plain and replicated tensors: the parameter itself, no padding.
+    """
+
+    mshape: tuple[int, int] | None
+    blocks: tuple[Block, ...]
+    padded_shape: tuple[int, ...]
+    rows: int
+
+    def to_matrix(self, t: torch.Tensor) -> torch.Tensor:
+        """The local tensor ``t`` as the ``mshape`` matrix (zero padded where needed)."""
+        if t.shape[0] != self.padded_shape[0]:
+            padded = t.new_zeros(self.padded_shape)
+            padded[: t.shape[0]] = t
+            t = padded
+        return t.reshape(self.mshape)
+
+    def from_matrix(self, m: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`to_matrix`: the data rows of ``m`` in the local tensor's shape."""
+        return m.reshape(self.padded_shape)[: self.rows]
+
+
+@functools.lru_cache(maxsize=4096)
+def _layout(shape: tuple[int, ...], max_order: int, world: int, local_rows: int | None) -> ShardLayout:
+    if local_rows is None:  # plain or replicated
+        mshape, blocks = blocks_for(shape, max_order)
+        return ShardLayout(mshape, blocks, shape, shape[0] if shape else 0)
+    n0 = shape[0]
+    chunk = -(-n0 // world)  # torch.chunk / FSDP2 / DTensor Shard: ceil(n / world) rows per rank
+    padded = (chunk, *shape[1:])
+    if matrix_shape(shape) is None:
+        return ShardLayout(None, (), padded, local_rows)
+    mshape = matrix_shape(padded) if n0 == 1 else (chunk, math.prod(shape[1:]))
+    rows, cols = mshape
+    blocks = tuple(Block(r0, r1, c0, c1) for r0, r1 in split(rows, max_order) for c0, c1 in split(cols, max_order))
+    return ShardLayout(mshape, blocks, padded, local_rows)
+
+
+def shard_layout(p: torch.Tensor, max_order: int) -> ShardLayout:
+    """The blocks this rank preconditions for ``p``: the whole parameter when it is plain or
+    replicated, its local rows when it is a ``Shard(0)`` DTensor (the left factor shrinks with the
+    shard, the right one does not)."""
+    if is_sharded(p):
+        return _layout(tuple(p.shape), max_order, p.device_mesh.size(), p.to_local().shape[0])
+    return _layout(tuple(p.shape), max_order, 1, None)
+
+
+# -- the DDP plan -------------------------------------------------------------------------
+class BlockRef(NamedTuple):
+    """One block of one parameter: ``param`` is its position in the optimizer's parameter list."""
+
+    param: int
+    block: int
+    rows: int
+    cols: int
+
+
+def block_cost(rows: int, cols: int) -> int:
+    """Work of one block, exact integer: preconditioning and statistics (``L G`` and ``G R``,
+    ``G G^T`` and ``G^T G``: ``r c (r + c)``) plus one inverse root of each factor (``r^3 + c^3``)."""
+    return rows * cols * (rows + cols) + rows**3 + cols**3
+
+
+class Plan:
+    """Which rank owns each block; identical on every rank."""
+
+    __slots__ = ("_index", "blocks", "owners", "world_size")
+
+    def __init__(self, blocks: tuple[BlockRef, ...], owners: tuple[int, ...], world_size: int):
+        self.blocks, self.owners, self.world_size = blocks, owners, world_size
+        self._index = {(b.param, b.block): o for b, o in zip(blocks, owners)}
+
+    def owner(self, param: int, block: int) -> int:
+        return self._index[(param, block)]
+
+    def owned(self, rank: int) -> frozenset[tuple[int, int]]:
+        """``(param, block)`` pairs owned by ``rank``."""
+        return frozenset(k for k, o in self._index.items() if o == rank)
+
+    def loads(self) -> list[int]:
+        """Total :func:`block_cost` per rank."""
+        out = [0] * self.world_size
+        for b, o in zip(self.blocks, self.owners):
+            out[o] += block_cost(b.rows, b.cols)
+        return out
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Plan) and (self.blocks, self.owners, self.world_size) == (
+            other.blocks, other.owners, other.world_size
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.blocks, self.owners, self.world_size))
+
+    def __repr__(self) -> str:
+        return f"Plan({len(self.blocks)} blocks, world_size={self.world_size}, loads={self.loads()})"
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(blocks: tuple[BlockRef, ...], world_size: int) -> Plan:
+    order = sorted(range(len(blocks)), key=lambda i: (-block_cost(blocks[i].rows, blocks[i].cols), i))
+    heap = [(0, rank) for rank in range(world_size)]  # (load, rank): ties go to the lower rank
+    owners = [0] * len(blocks)
+    for i in order:
+        load, rank = heapq.heappop(heap)
+        owners[i] = rank
+        heapq.heappush(heap, (load + block_cost(blocks[i].rows, blocks[i].cols), rank))
+    return Plan(blocks, tuple(owners), world_size)
+
+
+def plan_for(blocks: Iterable[BlockRef | tuple[int, int, int, int]], world_size: int) -> Plan:
+    """Assign every block to a rank: largest cost first, each to the least loaded rank (ties: the
+    lower rank, then the earlier block). Pure and deterministic, so every rank computes the same
+    plan without communicating; cached per layout."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    return _plan(tuple(BlockRef(*b) for b in blocks), world_size)
+
+
+def gather_blocks(
+    blocks: Sequence[tuple[torch.Tensor, int]], dtype: torch.dtype = torch.float32, group: Any = None
+) -> None:
+    """Give every rank every preconditioned block, in place: one all_gather of a flat buffer.
+
+    ``blocks`` is ``(destination, owner)`` for every block preconditioned this step, in the same
+    order and with the same shapes on every rank; the owner's destination holds the result on
+    entry. On return every destination holds the owner's result, rounded through ``dtype`` on
+    every rank alike (the owner's own copy too), so all ranks apply the same update."""
+    if not blocks:
+        return
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    sizes = [0] * world
+    for dst, owner in blocks:
+        sizes[owner] += dst.numel()
+    length = max(sizes)
+    if length == 0:
+        return
+    device = _comm_device(blocks[0][0].device, group)
+    send = torch.zeros(length, dtype=dtype, device=device)
+    mine = [dst.reshape(-1) for dst, owner in blocks if owner == rank]
+    if mine:
+        send[: sizes[rank]] = torch.cat(mine)
+    recv = torch.empty(world * length, dtype=dtype, device=device)
+    dist.all_gather_into_tensor(recv, send, group=group)
+    offsets = [r * length for r in range(world)]
+    for dst, owner in blocks:
+        n = dst.numel()
+        dst.copy_(recv[offsets[owner] : offsets[owner] + n].view(dst.shape), non_blocking=True)
+        offsets[owner] += n
+
+
+# -- state: ownership, consolidation, checkpoint form ---------------------------------------
+def block_index(key: str) -> int | None:
+    """The block a state key belongs to (``"3.L.eigvals"`` -> 3), ``None`` for per-parameter keys."""
+    head = key.split(".", 1)[0]
+    return int(head) if head.isdigit() and "." in key else None
+
+
+def prune_state(state: dict[str, Any], keep: Iterable[int]) -> int:
+    """Delete the entries of blocks not in ``keep`` (a rank keeps only the blocks it owns);
+    returns how many were deleted."""
+    keep = set(keep)
+    drop = [k for k in state if (i := block_index(k)) is not None and i not in keep]
+    for k in drop:
+        del state[k]
+    return len(drop)
+
+
+def gather_block_state(
+    local: Mapping[int, Mapping[str, torch.Tensor]], dst: int = 0, group: Any = None, device: Any = "cpu"
+) -> dict[int, dict[str, torch.Tensor]] | None:
+    """Collect every rank's block state on rank ``dst`` (for a full checkpoint under ``"ddp"``).
+
+    ``local`` maps parameter index to the state entries of the blocks this rank owns. Returns the
+    union on ``dst`` (tensors on ``device``), ``None`` elsewhere. Every rank must call it."""
+    payload = {pid: {k: v.detach().cpu() for k, v in s.items()} for pid, s in local.items()}
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    received: list[Any] | None = [None] * world if rank == dst else None
+    dist.gather_object(payload, received, group=group, group_dst=dst)
+    if received is None:
+        return None
+    merged: dict[int, dict[str, torch.Tensor]] = {}
+    for part in received:
+        for pid, s in part.items():
+            merged.setdefault(pid, {}).update({k: v.to(device) for k, v in s.items()})
+    return merged
+
+
+def _stacked(t: torch.Tensor, p: torch.Tensor) -> Any:
+    from torch.distributed.tensor import DTensor, Shard
+
+    return DTensor.from_local(t.unsqueeze(0), p.device_mesh, [Shard(0)], run_check=False)
+
+
+def export_state(p: torch.Tensor, state: Mapping[str, Any]) -> dict[str, Any]:
+    """The checkpoint form of a ``Shard(0)`` parameter's state, for ``torch.distributed.checkpoint``.
+
+    DCP keeps one copy of a plain tensor key (every rank's would be the same) and so would lose
+    per-rank state; here moments (same shape as the local shard) become DTensors laid out like
+    ``p``, and each second-order tensor becomes a ``(world, *shape)`` DTensor, one row per rank
+    (possible because :func:`shard_layout` gives every rank the same shapes). Other parameters'
+    state is returned as is."""
+    if not is_sharded(p):
+        return dict(state)
+    from torch.distributed.tensor import DTensor
+
+    local_shape = p.to_local().shape
+    out: dict[str, Any] = {}
+    for key, v in state.items():
+        if not isinstance(v, torch.Tensor) or _is_dtensor(v):
+            out[key] = v
+        elif kind_of(key) == "moments" and v.shape == local_shape:
+            out[key] = DTensor.from_local(v, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+        else:
+            out[key] = _stacked(v, p)
+    return out
+
+
+def import_state(p: torch.Tensor, state: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`export_state`: local tensors for this rank."""
+    out: dict[str, Any] = {}
+    for key, v in state.items():
+        if not _is_dtensor(v):
+            out[key] = v
+        elif kind_of(key) == "moments" and tuple(v.shape) == tuple(p.shape):
+            out[key] = v.to_local()
+        else:
+            local = v.to_local()
+            if local.shape[0] != 1:
+                raise RuntimeError(f"state {key!r}: expected one row per rank, got local shape {tuple(local.shape)}")
+            out[key] = local[0]
+    return out
+
+
+# -- one object per optimizer -------------------------------------------------------------
+class DistributedLayer:
+    """What one optimizer keeps of the distribution layer: the mode, the layout once resolved,
+    the cached plan, the dtype blocks travel in.
+
+    Per step: :meth:`resolve` (the layout; a collective only until DDP is confirmed), then
+    :meth:`plan` over the optimizer's blocks, :meth:`owns` to skip other ranks' blocks,
+    :meth:`gather` after preconditioning."""
+
+    def __init__(self, mode: str = "auto", dtype: str = "float32", group: Any = None):
+        self.mode = check_mode(mode)
+        self.dtype = check_comm_dtype(dtype)
+        self.group = group
+        self.kind: str | None = None
+        self._resolved = False
+        self._plan: Plan | None = None
+        self._rank = 0
+
+    def check(self, params: Iterable[torch.Tensor]) -> None:
+        """Refuse unsupported layouts (at construction): raises :class:`UnsupportedStrategyError`."""
+        detect(params, self.mode)
+
+    def resolve(self, params: Sequence[torch.Tensor]) -> str | None:
+        """The layout for this step. Under a DDP candidate the first steps compare a signature
+        of parameters and gradients across ranks until it is decidable; if ranks differ, fall
+        back to ``None`` (every rank its own update) with a warning."""
+        if self._resolved:
+            return self.kind
+        kind = detect(params, self.mode)
+        if kind == "ddp":
+            same = check_replicated(params, [p.grad for p in params], self.group)
+            if same is None:
+                return None  # undecidable this step: replicated work, decide again next step
+            if not same:
+                warnings.warn(
+                    "Shampoo4bit(distributed='auto'): parameters or gradients differ across ranks (not plain "
+                    "data parallel), so every rank preconditions its own parameters without sharing work",
+                    stacklevel=3,
+                )
+                kind = None
+        self.kind, self._resolved = kind, True
+        if kind == "ddp":
+            self._rank = dist.get_rank(self.group)
+        return kind
+
+    def plan(self, blocks: Iterable[BlockRef]) -> Plan | None:
+        """The owner of every block under ``"ddp"`` (``None`` otherwise: this rank owns all)."""
+        if self.kind != "ddp":
+            self._plan = None
+            return None
+        blocks = tuple(blocks)
+        if self._plan is None or self._plan.blocks != blocks:
+            self._plan = plan_for(blocks, dist.get_world_size(self.group))
+        return self._plan
+
+    def owns(self, param: int, block: int) -> bool:
+        return self._plan is None or self._plan.owner(param, block) == self._rank
+
+    def owned_blocks(self, param: int, n_blocks: int) -> list[int]:
+        return [i for i in range(n_blocks) if self.owns(param, i)]
+
+    def gather(self, blocks: Sequence[tuple[int, int, torch.Tensor]]) -> None:
+        """``(param, block, destination)`` for every block preconditioned this step, same order on
+        every rank: fill the other ranks' blocks (no-op unless ``"ddp"``)."""
+        if self._plan is None:
+            return
+        gather_blocks([(dst, self._plan.owner(pid, i)) for pid, i, dst in blocks], self.dtype, self.group)

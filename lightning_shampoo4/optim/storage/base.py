@@ -1,0 +1,154 @@
+"""The interface every storage mode implements, and the matrix codec they share."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import torch
+
+from ... import kernels
+from ...kernels import QuantizedMatrix
+from ...quant import Quantized, get_codebook, packed_numel
+
+OK, RETRIED, FAILED = "ok", "retried", "failed"
+
+Entries = dict[str, torch.Tensor]
+
+
+class FactorConfig(NamedTuple):
+    """Settings of one factor of order ``order``, derived from its parameter group.
+
+    ``mode``, ``quantized``, ``bits``, ``codebook``, ``block_size`` fix the stored format;
+    the rest only steer the updates and may change between steps.
+    """
+
+    order: int
+    mode: str
+    quantized: bool
+    bits: int
+    codebook: str
+    block_size: int
+    beta: float
+    eps: float
+    bjorck_stats: int
+    bjorck_root: int
+    root_method: str
+    backend: str
+
+    @classmethod
+    def from_group(cls, group: Mapping, order: int) -> FactorConfig:
+        bits = group["bits"]
+        if bits == 32:
+            mode = "dense"
+        else:
+            mode = "eigen" if group["quantize"] == "eigenvectors" else "naive"
+        root_method = group["root_method"] or ("schur_newton" if mode == "naive" else "eigen")
+        return cls(
+            order=order,
+            mode=mode,
+            quantized=bits != 32 and order * order >= group["min_quant_numel"],
+            bits=bits,
+            codebook=group["codebook"],
+            block_size=group["block_size"],
+            beta=group["shampoo_beta"],
+            eps=group["matrix_eps"],
+            bjorck_stats=group["bjorck_steps"][0],
+            bjorck_root=group["bjorck_steps"][1],
+            root_method=root_method,
+            backend=group["kernel_backend"],
+        )
+
+
+class Update(NamedTuple):
+    """What an update computed: entries to commit (empty on failure), its status, and
+    ``fresh`` fp32 tensors a following update of the same step may reuse (never stored)."""
+
+    entries: Entries
+    status: str
+    fresh: Entries | None = None
+
+
+class Storage:
+    """One storage mode for factors of one configuration. Holds no state of its own."""
+
+    def __init__(self, cfg: FactorConfig):
+        self.cfg = cfg
+
+    # -- the interface -------------------------------------------------------------------
+    def init(self, device: torch.device) -> Entries:
+        """Entries of a fresh factor: statistic ``eps I``, root ``I``."""
+        raise NotImplementedError
+
+    def update_stats(self, st: Mapping[str, torch.Tensor], m: torch.Tensor) -> Update:
+        """Fold ``m`` (this step's G G^T or G^T G, fp32) into the statistic."""
+        raise NotImplementedError
+
+    def update_root(self, st: Mapping[str, torch.Tensor], fresh: Entries | None = None) -> Update:
+        """Recompute the inverse 4th root; ``fresh`` is what ``update_stats`` just returned."""
+        raise NotImplementedError
+
+    def statistic(self, st: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The statistic as dense fp32."""
+        raise NotImplementedError
+
+    # -- shared by every mode ------------------------------------------------------------
+    def root(self, st: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The stored inverse root as dense fp32."""
+        return self.load(st, "root", offdiag=True)
+
+    def operand(self, st: Mapping[str, torch.Tensor]) -> torch.Tensor | QuantizedMatrix:
+        """The root in the form the preconditioning kernel takes."""
+        if not self.cfg.quantized:
+            return st["root"]
+        cfg = self.cfg
+        codes, absmax, diag = st["root_codes"], st["root_absmax"], st["root_diag"]
+        return QuantizedMatrix(codes, absmax, diag, cfg.order, self.codebook(codes.device), cfg.bits, cfg.block_size)
+
+    def codebook(self, device: torch.device) -> torch.Tensor:
+        return get_codebook(self.cfg.codebook, self.cfg.bits, device)
+
+    def store(self, name: str, x: torch.Tensor, *, offdiag: bool = False, transpose: bool = False) -> Entries:
+        """Entries holding matrix ``x`` as ``name``: fp32, or quantized when the factor is."""
+        cfg = self.cfg
+        if not cfg.quantized:
+            return {name: x.float().contiguous()}
+        if x.device.type == "meta":  # shapes only (checkpoint checks, memory estimates)
+            return self._describe(name, offdiag)
+        q = kernels.quantize(
+            x, self.codebook(x.device), cfg.bits, cfg.block_size, offdiag=offdiag, transpose=transpose, backend=cfg.backend
+        )
+        out = {f"{name}_codes": q.codes, f"{name}_absmax": q.absmax}
+        if offdiag:
+            out[f"{name}_diag"] = q.diag
+        return out
+
+    def _describe(self, name: str, offdiag: bool) -> Entries:
+        cfg, n = self.cfg, self.cfg.order
+        meta = dict(device="meta")
+        out = {
+            f"{name}_codes": torch.empty(packed_numel(n * n, cfg.bits), dtype=torch.uint8, **meta),
+            f"{name}_absmax": torch.empty(n, -(-n // cfg.block_size), dtype=torch.float32, **meta),
+        }
+        if offdiag:
+            out[f"{name}_diag"] = torch.empty(n, dtype=torch.float32, **meta)
+        return out
+
+    def load(self, st: Mapping[str, torch.Tensor], name: str, *, offdiag: bool = False, transpose: bool = False) -> torch.Tensor:
+        """Matrix ``name`` as dense fp32."""
+        cfg = self.cfg
+        if not cfg.quantized:
+            return st[name]
+        q = Quantized(st[f"{name}_codes"], st[f"{name}_absmax"], st[f"{name}_diag"] if offdiag else None)
+        n = cfg.order
+        return kernels.dequantize(
+            q, self.codebook(q.codes.device), (n, n), cfg.bits, cfg.block_size, transpose=transpose, backend=cfg.backend
+        )
+
+    def eye(self, device: torch.device) -> torch.Tensor:
+        return torch.eye(self.cfg.order, dtype=torch.float32, device=device)
+
+
+def all_finite(*tensors: torch.Tensor) -> bool:
+    """One host sync for several tensors (the updates that call this sync anyway)."""
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())

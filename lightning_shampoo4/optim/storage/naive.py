@@ -1,0 +1,42 @@
+"""``naive``: the naive 4-bit baseline, quantizing the statistic and its root themselves.
+
+Stored: the statistic (``factor_*``) and the inverse root (``root_*``), both diag-real
+quantized. PU: dequantize, EMA, requantize. PIRU: the coupled Newton iteration as the
+paper's baseline runs it (at most 10 iterations, early stop, no fallback;
+``root_method="schur_newton"``, the default here) or an exact ``eigh`` root
+(``root_method="eigen"``). Quantizing the small eigenvalues away is what this baseline shows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from ... import linalg
+from .base import FAILED, OK, RETRIED, Entries, Storage, Update, all_finite
+
+
+class NaiveStorage(Storage):
+    def init(self, device: torch.device) -> Entries:
+        eye = self.eye(device)
+        return {**self.store("factor", self.cfg.eps * eye, offdiag=True), **self.store("root", eye, offdiag=True)}
+
+    def statistic(self, st: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.load(st, "factor", offdiag=True)
+
+    def update_stats(self, st: Mapping[str, torch.Tensor], m: torch.Tensor) -> Update:
+        a = torch.lerp(m, self.statistic(st), self.cfg.beta)
+        if not all_finite(a):
+            return Update({}, FAILED)
+        return Update(self.store("factor", a, offdiag=True), OK)
+
+    def update_root(self, st: Mapping[str, torch.Tensor], fresh: Entries | None = None) -> Update:
+        a = self.statistic(st)
+        if self.cfg.root_method == "eigen":
+            result = linalg.eigh_inverse_root(a, 4, self.cfg.eps)
+        else:
+            result = linalg.coupled_newton_inverse_root(a, 4, self.cfg.eps)
+        if result is None:
+            return Update({}, FAILED)
+        return Update(self.store("root", result.root, offdiag=True), RETRIED if result.retried else OK)
