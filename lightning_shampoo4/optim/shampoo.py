@@ -25,8 +25,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch.optim import Optimizer
 
-from .. import kernels
-from . import base_update
+from . import base_update, preconditioning
 from .blocking import Block, blocks_for
 from .checkpoint import load_optimizer_state
 from .factor import Factor, PrefixView
@@ -348,7 +347,8 @@ class Shampoo4bit(Optimizer):
         pending: list[tuple[dict, str, dict]] = []  # (state, key prefix, new entries)
         new_states: dict[torch.Tensor, dict] = {}
         directions: list[torch.Tensor] = []
-        graft: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (index, gradient matrix, preconditioned)
+        jobs: list[preconditioning.Job] = []
+        preconditioned: list[tuple[int, torch.Tensor, _Plan, int]] = []  # (direction index, G, plan, first job)
         for p, group, plan in work:
             state = self.state.get(p)
             if not state:
@@ -358,12 +358,27 @@ class Shampoo4bit(Optimizer):
                 continue
             stats_due, roots_due = due[id(group)]
             g = p.grad.float().reshape(plan.mshape)
-            hat = self._precondition(p, group, plan, state, g, stats_due, roots_due, clock, pending, counts, timers)
-            if hat is None:
+            operands = self._update_factors(p, group, plan, state, g, stats_due, roots_due, clock, pending, counts, timers)
+            if operands is None:
                 directions.append(p.grad)
+                continue
+            dtype, backend = _DTYPES[group["precondition_dtype"]], group["kernel_backend"]
+            preconditioned.append((len(directions), g, plan, len(jobs)))
+            directions.append(p.grad)  # replaced below
+            for block, (lo, ro) in zip(plan.blocks, operands):
+                gb = g if len(plan.blocks) == 1 else g[block.r0 : block.r1, block.c0 : block.c1]
+                jobs.append(preconditioning.Job(gb, lo, ro, dtype, backend))
+        results = preconditioning.run(jobs)
+        graft = []
+        for index, g, plan, first in preconditioned:
+            if len(plan.blocks) == 1:
+                hat = results[first]
             else:
-                graft.append((len(directions), g, hat))
-                directions.append(hat)
+                hat = torch.empty_like(g)
+                for j, block in enumerate(plan.blocks):
+                    hat[block.r0 : block.r1, block.c0 : block.c1] = results[first + j]
+            graft.append((index, g, hat))
+            directions[index] = hat
         self._graft(graft)
         for i, p_work in enumerate(work):
             p = p_work[0]
@@ -399,9 +414,10 @@ class Shampoo4bit(Optimizer):
             group["clock"] = clock
         self._counts["steps"] = clock
 
-    def _precondition(self, p, group, plan, state, g, stats_due, roots_due, clock, pending, counts, timers):
-        """Due PU / PIRU of every block (new entries into ``pending``), then ``L^-1/4 G R^-1/4``;
-        None while no root has been computed (the base optimizer runs on the raw gradient)."""
+    def _update_factors(self, p, group, plan, state, g, stats_due, roots_due, clock, pending, counts, timers):
+        """Due PU / PIRU of every block (new entries into ``pending``); the ``(left, right)``
+        root operands per block, or None while no root exists (the base optimizer then runs
+        on the raw gradient)."""
         if roots_due:
             pending.append((state, "", {"last_root_step": clock}))
         operands = []
@@ -434,16 +450,7 @@ class Shampoo4bit(Optimizer):
             operands.append(pair)
         if not roots_due and state["last_root_step"] == 0:
             return None
-        dtype = _DTYPES[group["precondition_dtype"]]
-        backend = group["kernel_backend"]
-        if len(plan.blocks) == 1:
-            return kernels.precondition(g, operands[0][0], operands[0][1], dtype=dtype, backend=backend)
-        out = torch.empty_like(g)
-        for block, (lo, ro) in zip(plan.blocks, operands):
-            out[block.r0 : block.r1, block.c0 : block.c1] = kernels.precondition(
-                g[block.r0 : block.r1, block.c0 : block.c1], lo, ro, dtype=dtype, backend=backend
-            )
-        return out
+        return operands
 
     @staticmethod
     def _graft(graft: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:

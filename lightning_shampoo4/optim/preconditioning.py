@@ -1,0 +1,84 @@
+"""``L^-1/4 G R^-1/4`` for all blocks of a step, same-shape blocks batched.
+
+A transformer's layers give many blocks of one shape: for the torch backend they are stacked
+and run as two ``bmm`` (quantized roots dequantized in one batched call), instead of one
+dequantization and two matmuls per block. A batch is capped at ``MAX_BATCH_BYTES`` of stacked
+roots so the step's temporaries stay bounded. With the Triton backend every block goes to the
+fused kernel, which dequantizes root tiles inside the matmul.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .. import kernels
+from ..kernels import QuantizedMatrix
+from ..kernels.reference import materialize
+from ..quant import Quantized, dequantize
+
+MAX_BATCH_BYTES = 32 * 2**20
+
+
+class Job(NamedTuple):
+    """One block to precondition."""
+
+    grad: torch.Tensor  # fp32 m x n
+    left: torch.Tensor | QuantizedMatrix
+    right: torch.Tensor | QuantizedMatrix
+    dtype: torch.dtype
+    backend: str
+
+
+def _fmt(root: torch.Tensor | QuantizedMatrix) -> tuple:
+    if isinstance(root, torch.Tensor):
+        return ("dense", root.shape[-1])
+    return ("q", root.order, root.bits, root.block_size, id(root.codebook), root.diag is not None)
+
+
+def _stack(roots: list, dtype: torch.dtype) -> torch.Tensor:
+    """``k x n x n`` dense roots in ``dtype``; quantized ones dequantized in one call."""
+    first = roots[0]
+    if isinstance(first, torch.Tensor):
+        return torch.stack(roots).to(dtype)
+    n, k = first.order, len(roots)
+    if first.bits == 4 and (n * n) % 2:  # odd element count: codes of two roots share a byte
+        return torch.stack([materialize(r, dtype) for r in roots])
+    codes = torch.cat([r.codes for r in roots])
+    absmax = torch.cat([r.absmax for r in roots])
+    out = dequantize(Quantized(codes, absmax, None), first.codebook, (k * n, n), first.bits, first.block_size)
+    out = out.view(k, n, n)
+    if first.diag is not None:
+        out.diagonal(dim1=1, dim2=2).copy_(torch.stack([r.diag for r in roots]))
+    return out.to(dtype)
+
+
+def run(jobs: list[Job]) -> list[torch.Tensor]:
+    """The fp32 preconditioned block of every job, in order."""
+    out: list[torch.Tensor | None] = [None] * len(jobs)
+    batches: dict[tuple, list[int]] = {}
+    for i, job in enumerate(jobs):
+        if kernels.resolve_backend(job.backend, job.grad.device) != "torch":
+            out[i] = kernels.precondition(job.grad, job.left, job.right, dtype=job.dtype, backend=job.backend)
+            continue
+        key = (job.grad.shape, job.grad.device, job.dtype, _fmt(job.left), _fmt(job.right))
+        batches.setdefault(key, []).append(i)
+    for idx in batches.values():
+        m, n = jobs[idx[0]].grad.shape
+        per_item = 4 * (m * m + n * n)
+        step = max(1, MAX_BATCH_BYTES // per_item)
+        for s in range(0, len(idx), step):
+            chunk = idx[s : s + step]
+            if len(chunk) == 1:
+                j = jobs[chunk[0]]
+                out[chunk[0]] = kernels.precondition(j.grad, j.left, j.right, dtype=j.dtype, backend="torch")
+                continue
+            dtype = jobs[chunk[0]].dtype
+            left = _stack([jobs[i].left for i in chunk], dtype)
+            right = _stack([jobs[i].right for i in chunk], dtype)
+            grads = torch.stack([jobs[i].grad for i in chunk]).to(dtype)
+            res = torch.bmm(torch.bmm(left, grads), right).float()
+            for i, r in zip(chunk, res.unbind(0)):
+                out[i] = r
+    return out  # type: ignore[return-value]
