@@ -1,9 +1,25 @@
 """The quantizer: codebooks, round-trip error bounds, packing, diag-real, transpose."""
 
+import math
+import weakref
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
-from lightning_shampoo4.quant import dequantize, get_codebook, pack4, quantize, unpack4
+from lightning_shampoo4.quant import (
+    Quantized,
+    blockwise,
+    dequantize,
+    dequantize_symmetric,
+    get_codebook,
+    pack4,
+    packed_numel,
+    quantize,
+    quantize_symmetric,
+    unpack4,
+)
 
 LINEAR2_4 = [-1, -0.7511, -0.5378, -0.3600, -0.2178, -0.1111, -0.0400, 0, 0.0044, 0.0400, 0.1111,
              0.2178, 0.3600, 0.5378, 0.7511, 1]
@@ -141,3 +157,315 @@ def test_bad_quantize_arguments():
         quantize(torch.randn(3, 4), cb, 4, offdiag=True)
     with pytest.raises(ValueError, match="codebook needs 256"):
         quantize(torch.randn(3), cb, 8)
+
+
+# -- the fast implementation against a frozen copy of the original one ------------------------
+# The original reference, kept verbatim in algorithm: a zero-padded fp32 copy, an int64
+# bucketize, codebook[idx.long()] and repeat_interleave'd scales. The current code must give
+# the same bits for every input.
+def _old_pack4(idx):
+    idx = idx.reshape(-1)
+    if idx.numel() % 2:
+        idx = torch.cat([idx, idx.new_zeros(1)])
+    pairs = idx.view(-1, 2)
+    return pairs[:, 0] | (pairs[:, 1] << 4)
+
+
+def _old_unpack4(packed, numel):
+    return torch.stack([packed & 0x0F, packed >> 4], dim=1).reshape(-1)[:numel]
+
+
+def _old_rows(shape):
+    return (1, 1) if len(shape) == 0 else (math.prod(shape[:-1]), shape[-1])
+
+
+def _old_quantize(x, codebook, bits, block_size, offdiag=False, transpose=False):
+    x = x.detach().float()
+    if transpose:
+        x = x.t()
+    diag = None
+    if offdiag:
+        diag = x.diagonal().clone()
+        x = x.clone()
+        x.diagonal().zero_()
+    rows, cols = _old_rows(tuple(x.shape))
+    nblocks = -(-cols // block_size)
+    padded = torch.zeros(rows, nblocks * block_size, dtype=torch.float32)
+    padded[:, :cols] = x.reshape(rows, cols)
+    blocks = padded.view(rows, nblocks, block_size)
+    absmax = blocks.abs().amax(dim=-1)
+    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    normalized = blocks / safe.unsqueeze(-1)
+    mids = (codebook[:-1] + codebook[1:]) / 2
+    idx = torch.bucketize(normalized, mids, right=False).to(torch.uint8)
+    idx = idx.view(rows, nblocks * block_size)[:, :cols].reshape(-1)
+    codes = _old_pack4(idx) if bits == 4 else idx.contiguous()
+    return Quantized(codes, absmax, diag)
+
+
+def _old_dequantize(q, codebook, shape, bits, block_size, transpose=False, dtype=torch.float32):
+    codes, absmax, diag = q
+    shape = tuple(shape)
+    stored = (shape[1], shape[0]) if transpose else shape
+    rows, cols = _old_rows(stored)
+    numel = rows * cols
+    idx = _old_unpack4(codes, numel) if bits == 4 else codes[:numel]
+    values = codebook[idx.long()].view(rows, cols)
+    scale = absmax.reshape(rows, -1).repeat_interleave(block_size, dim=-1)[:, :cols]
+    out = (values * scale).view(stored)
+    if diag is not None:
+        out.diagonal().copy_(diag)
+    if transpose:
+        out = out.t()
+    return out.to(dtype).contiguous()
+
+
+_INT_OF = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def _same_bits(a, b, what):
+    assert a.dtype == b.dtype and a.shape == b.shape, f"{what}: {a.dtype} {tuple(a.shape)} vs {b.dtype} {tuple(b.shape)}"
+    if a.dtype in _INT_OF:
+        a, b = a.contiguous().view(_INT_OF[a.dtype]), b.contiguous().view(_INT_OF[b.dtype])
+    assert torch.equal(a, b), f"{what}: {(a != b).sum().item()} of {a.numel()} differ"
+
+
+def _awkward(shape, dtype, gen):
+    """Random values over many magnitudes, with zero blocks, -0.0, subnormals and huge entries."""
+    x = torch.randn(shape, generator=gen) * 10.0 ** torch.randint(-6, 7, shape, generator=gen)
+    flat = x.view(-1)
+    if flat.numel() >= 4:
+        flat[: max(1, flat.numel() // 7)] = 0.0  # zero blocks at the start of the first rows
+        flat[flat.numel() // 3] = -0.0
+        flat[flat.numel() // 2] = torch.finfo(dtype).max / 4  # huge, still finite
+        flat[-1] = torch.finfo(torch.float32).tiny / 8 if dtype == torch.float32 else 0.0
+    return x.clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max).to(dtype)
+
+
+def _assert_matches_old(x, cb, bits, bs, offdiag=False, transpose=False, what=""):
+    want = _old_quantize(x, cb, bits, bs, offdiag, transpose)
+    got = quantize(x, cb, bits, bs, offdiag=offdiag, transpose=transpose)
+    _same_bits(got.codes, want.codes, f"{what} codes")
+    _same_bits(got.absmax, want.absmax, f"{what} absmax")
+    assert (got.diag is None) == (want.diag is None)
+    if want.diag is not None:
+        _same_bits(got.diag, want.diag, f"{what} diag")
+    for dtype in (torch.float32, torch.bfloat16):
+        ref = _old_dequantize(want, cb, x.shape, bits, bs, transpose, dtype)
+        out = dequantize(want, cb, x.shape, bits, bs, transpose=transpose, dtype=dtype)
+        assert out.is_contiguous()
+        _same_bits(out, ref, f"{what} dequantize {dtype}")
+
+
+# (shape, offdiag, transpose): 0-D, 1-D, 1 x 1, short and odd rows, odd orders, N-D, transposed
+EQUAL_CASES = [
+    ((), False, False),
+    ((1,), False, False),
+    ((7,), False, False),
+    ((1, 1), False, False),
+    ((1, 1), True, False),
+    ((3, 200), False, False),
+    ((64, 64), False, False),
+    ((65, 65), True, False),
+    ((65, 65), False, True),
+    ((33, 70), False, True),
+    ((9, 9), True, True),
+    ((4, 3, 130), False, False),
+]
+
+
+@pytest.mark.parametrize("chunk", [None, 37], ids=["chunk-default", "chunk-37"])
+@pytest.mark.parametrize("case", EQUAL_CASES, ids=lambda c: "x".join(map(str, c[0])) + "-d" * c[1] + "-T" * c[2])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_bit_identical_to_original(case, bits, chunk, monkeypatch):
+    """Every codebook, block size and input dtype; a tiny chunk also exercises the long-row
+    path (runs of blocks inside one row) and chunks that start on a high nibble."""
+    if chunk is not None:
+        monkeypatch.setattr(blockwise, "_CHUNK", chunk)
+    shape, offdiag, transpose = case
+    gen = torch.Generator().manual_seed(hash((shape, bits)) % 2**31)
+    for name in ("linear2", "dynamic", "linear"):
+        cb = get_codebook(name, bits)
+        for bs in (1, 7, 64, 128, 256):
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                x = _awkward(shape, dtype, gen)
+                _assert_matches_old(x, cb, bits, bs, offdiag, transpose, f"{name}/{bs}/{dtype}")
+
+
+@pytest.mark.parametrize(
+    "shape, bits, name, bs, dtype, offdiag, transpose",
+    [
+        ((1200, 1200), 4, "linear2", 64, torch.float32, True, False),
+        ((1200, 1200), 4, "linear2", 128, torch.bfloat16, False, True),
+        ((1200, 1200), 8, "dynamic", 256, torch.float16, False, False),
+        ((1200, 1200), 8, "linear2", 7, torch.float32, True, False),
+        ((3, 70001), 4, "dynamic", 64, torch.float32, False, False),  # rows longer than a chunk
+    ],
+)
+def test_bit_identical_to_original_large(shape, bits, name, bs, dtype, offdiag, transpose):
+    gen = torch.Generator().manual_seed(1)
+    x = _awkward(shape, dtype, gen)
+    _assert_matches_old(x, get_codebook(name, bits), bits, bs, offdiag, transpose)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("name", ["linear2", "dynamic", "linear"])
+def test_ties_nan_and_inf_match_original(bits, name):
+    """Values exactly on a midpoint go to the lower index; NaN / inf blocks as before."""
+    cb = get_codebook(name, bits)
+    mids = (cb[:-1] + cb[1:]) / 2
+    ties = torch.cat([torch.ones(1), mids, -mids.flip(0)])  # block absmax 1: normalized == midpoint
+    q = quantize(ties, cb, bits, ties.numel())
+    idx = unpack4(q.codes, ties.numel()) if bits == 4 else q.codes
+    assert idx[1 : mids.numel() + 1].tolist() == list(range(mids.numel()))
+    _assert_matches_old(ties, cb, bits, ties.numel())
+    _assert_matches_old(ties, cb, bits, 5)
+    odd = torch.randn(6, 40)
+    odd[0, 3] = float("nan")
+    odd[1, 0] = float("inf")
+    odd[2, 39] = -float("inf")
+    odd[3, :20] = float("nan")
+    for bs in (1, 8, 64):
+        _assert_matches_old(odd, cb, bits, bs)
+
+
+def test_dequantize_into_out():
+    cb = get_codebook()
+    u = torch.randn(70, 33)
+    q = quantize(u, cb, 4, 64, transpose=True)
+    for dtype in (torch.float32, torch.bfloat16):
+        out = torch.full((70, 33), float("nan"), dtype=dtype)
+        got = dequantize(q, cb, u.shape, 4, 64, transpose=True, dtype=dtype, out=out)
+        assert got is out
+        _same_bits(out, dequantize(q, cb, u.shape, 4, 64, transpose=True, dtype=dtype), "out")
+    a = torch.randn(65, 65)
+    qa = quantize(a, cb, 4, 64, offdiag=True)
+    work = torch.empty(65, 65)
+    for _ in range(2):  # a reused workspace
+        _same_bits(dequantize(qa, cb, a.shape, 4, 64, out=work), _old_dequantize(qa, cb, a.shape, 4, 64), "reuse")
+    with pytest.raises(ValueError, match="out must be"):
+        dequantize(qa, cb, a.shape, 4, 64, out=torch.empty(65, 64))
+    with pytest.raises(ValueError, match="out must be"):
+        dequantize(qa, cb, a.shape, 4, 64, out=torch.empty(65, 65, dtype=torch.float16))
+    with pytest.raises(ValueError, match="contiguous"):
+        dequantize(qa, cb, a.shape, 4, 64, out=torch.empty(65, 65).t())
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Peak bytes of tensor storage created inside the block and alive at the same time."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen = set()
+
+    def _free(self, key, nbytes):
+        self.live -= nbytes
+        self.seen.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key, nbytes = storage.data_ptr(), storage.nbytes()
+                if nbytes and key not in self.seen and key not in inputs:  # views and out= are not new
+                    self.seen.add(key)
+                    self.live += nbytes
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, key, nbytes)
+        return out
+
+
+def _temp_bytes(fn):
+    """Peak temporary bytes of fn(): peak live bytes minus what it returns and created."""
+    fn()  # warm the table caches
+    with _LiveBytes() as track:
+        result = fn()
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)}
+    return track.peak - sum(nb for key, nb in storages.items() if key in track.seen)
+
+
+def test_temporaries_are_bounded():
+    """Working memory is a few chunks, not a multiple of the matrix (the original: ~17 B/element)."""
+    n = 600
+    cb = get_codebook()
+    x = torch.randn(n, n)
+    q = quantize(x, cb, 4, 64, offdiag=True)
+    bound = 4 * n * n  # bytes: a few chunks of ~13 B per element, not a copy of the matrix
+    assert _temp_bytes(lambda: quantize(x, cb, 4, 64, offdiag=True)) <= bound
+    xb = x.bfloat16()
+    assert _temp_bytes(lambda: quantize(xb, cb, 4, 64, transpose=True)) <= bound
+    # dequantizing (every step) trades memory for fewer calls: one chunk up to 2**20 elements,
+    # its buffers below 7 bytes per element (the dense output itself is 4)
+    assert _temp_bytes(lambda: dequantize(q, cb, (n, n), 4, 64)) <= 7 * n * n
+    assert _temp_bytes(lambda: _old_quantize(x, cb, 4, 64, offdiag=True)) > 10 * n * n
+
+
+# -- symmetric storage: fp32 diagonal, quantized strict upper triangle ---------------------------
+@pytest.mark.parametrize("n", [1, 2, 3, 64, 65, 130, 257])
+@pytest.mark.parametrize("bits, name, bs", [(4, "linear2", 64), (4, "dynamic", 7), (8, "linear2", 128), (4, "linear", 1)])
+def test_symmetric_matches_row_by_row_quantization(n, bits, name, bs, monkeypatch):
+    monkeypatch.setattr(blockwise, "_CHUNK", 300)  # several chunks even for small orders
+    cb = get_codebook(name, bits)
+    a = torch.randn(n, n, dtype=torch.float64)
+    a = a + a.T
+    q = quantize_symmetric(a, cb, bits, bs)
+    tri = n * (n - 1) // 2
+    assert q.codes.numel() == packed_numel(tri, bits) and q.codes.dtype == torch.uint8
+    assert q.absmax.shape == (sum(-(-(n - 1 - i) // bs) for i in range(n - 1)),)
+    _same_bits(q.diag, a.diagonal().float(), "diag")
+    y = dequantize_symmetric(q, cb, n, bits, bs)
+    assert y.shape == (n, n) and y.dtype == torch.float32
+    assert torch.equal(y, y.T)
+    _same_bits(y.diagonal(), a.diagonal().float(), "diagonal")
+    # each triangle row is stored exactly as quantizing that row alone
+    idx = unpack4(q.codes, tri) if bits == 4 else q.codes
+    start = block = 0
+    for i in range(n - 1):
+        row = a[i, i + 1 :]
+        ref = quantize(row, cb, bits, bs)
+        ref_idx = unpack4(ref.codes, row.numel()) if bits == 4 else ref.codes
+        assert torch.equal(idx[start : start + row.numel()], ref_idx)
+        _same_bits(q.absmax[block : block + ref.absmax.numel()], ref.absmax.view(-1), f"row {i} absmax")
+        _same_bits(y[i, i + 1 :], dequantize(ref, cb, row.shape, bits, bs), f"row {i} values")
+        start += row.numel()
+        block += ref.absmax.numel()
+
+
+def test_symmetric_bf16_out_and_scale_dtypes():
+    cb = get_codebook()
+    n = 97
+    a = torch.randn(n, n)
+    a = a @ a.T
+    q = quantize_symmetric(a, cb, 4, 64)
+    out = torch.empty(n, n, dtype=torch.bfloat16)
+    assert dequantize_symmetric(q, cb, n, 4, 64, dtype=torch.bfloat16, out=out) is out
+    _same_bits(out, dequantize_symmetric(q, cb, n, 4, 64).bfloat16(), "bf16")
+    exact = dequantize_symmetric(q, cb, n, 4, 64)
+    for sd in (torch.float16, torch.bfloat16):
+        qs = quantize_symmetric(a, cb, 4, 64, scale_dtype=sd)
+        assert qs.absmax.dtype == sd
+        assert torch.all(qs.absmax.float() >= q.absmax)  # rounded up: normalized values stay in [-1, 1]
+        y = dequantize_symmetric(qs, cb, n, 4, 64)
+        assert torch.equal(y, y.T)
+        assert (y - a).norm() < 1.1 * (exact - a).norm()
+    with pytest.raises(ValueError, match="square"):
+        quantize_symmetric(torch.randn(3, 4), cb)
+    with pytest.raises(ValueError, match="range"):
+        quantize_symmetric(torch.full((3, 3), 1e6), cb, scale_dtype=torch.float16)
+
+
+def test_scale_dtype_on_plain_quantize():
+    cb = get_codebook()
+    u = torch.linalg.qr(torch.randn(100, 100))[0]
+    q32 = quantize(u, cb, 4, 64, transpose=True)
+    q16 = quantize(u, cb, 4, 64, transpose=True, scale_dtype=torch.float16)
+    assert q16.absmax.dtype == torch.float16 and torch.all(q16.absmax.float() >= q32.absmax)
+    y32 = dequantize(q32, cb, u.shape, 4, 64, transpose=True)
+    y16 = dequantize(q16, cb, u.shape, 4, 64, transpose=True)
+    assert (y16 - u).norm() < 1.05 * (y32 - u).norm()
+    with pytest.raises(ValueError, match="scale_dtype"):
+        quantize(u, cb, 4, 64, scale_dtype=torch.int8)

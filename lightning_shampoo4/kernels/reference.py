@@ -10,13 +10,25 @@ from .types import QuantizedMatrix
 __all__ = ["dequantize", "materialize", "precondition", "quantize"]
 
 
-def materialize(root: torch.Tensor | QuantizedMatrix, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A dense ``dtype`` matrix from a dense or quantized root."""
+def materialize(
+    root: torch.Tensor | QuantizedMatrix, dtype: torch.dtype = torch.float32, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A dense ``dtype`` matrix from a dense or quantized root.
+
+    ``out``: a contiguous ``dtype`` (n, n) workspace to write a quantized root into, so repeated
+    steps reuse one buffer; a dense root is returned as it is (converted to ``dtype``).
+    """
     if isinstance(root, torch.Tensor):
         return root.to(dtype)
     n = root.order
     return dequantize(
-        Quantized(root.codes, root.absmax, root.diag), root.codebook, (n, n), root.bits, root.block_size, dtype=dtype
+        Quantized(root.codes, root.absmax, root.diag),
+        root.codebook,
+        (n, n),
+        root.bits,
+        root.block_size,
+        dtype=dtype,
+        out=out,
     )
 
 

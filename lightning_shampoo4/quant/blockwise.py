@@ -14,16 +14,55 @@ Layout (SPEC.md section 2), the contract the Triton kernels reproduce exactly:
   8-bit indices are one per byte.
 * Diag-real (``offdiag=True``, square matrices): the diagonal is kept in fp32 and zeroed
   before the absmax, only the off-diagonal is quantized.
+
+Symmetric storage (:func:`quantize_symmetric`): a symmetric matrix keeps its diagonal in fp32
+and only its strict upper triangle quantized. The triangle rows ``x[i, i+1:]`` (i = 0 .. n-2)
+are the rows of the layout above, concatenated: codes pack the flattened triangle, and each
+triangle row has its own blocks, so ``absmax`` is flat with ``ceil((n-1-i) / block_size)``
+entries for row i. Blocks inside rows gave a slightly lower error than blocks running across
+the flattened triangle (benchmarks/quant_speed.py) for about 2/n more bytes per n^2.
+
+``scale_dtype`` (fp16 / bf16) stores the absmax in 16 bits: it is rounded up to the next
+representable value and the block is normalized by that, so the block maximum stays within the
+codebook. fp16 scales need absmaxes in roughly [6e-5, 65504]; bf16 has fp32's range.
+
+Implementation notes. The work runs in chunks of at most ``_CHUNK`` elements (whole rows, or
+runs of whole blocks of one long row) through small reused buffers, so temporaries stay bounded
+whatever the size, and the input is read in place (no padded or fp32 copy of the whole).
+Dequantizing 4-bit codes gathers both values of a byte at once from a 256-entry pair table and
+multiplies by the scales broadcast over (rows, blocks, block_size) views.
+
+The index of a normalized value v is found without a search: with K cells per unit,
+``cell = trunc((v + 1) * K)`` is monotone in v, so every midpoint in an earlier cell is below v
+and every one in a later cell above it; K is chosen so that a cell holds at most one midpoint,
+and index = (midpoints in earlier cells) + (v > the cell's midpoint). The cells of the
+midpoints come from the same float operations, which makes this equal to counting midpoints,
+NaN included (NaN gets the last index, as ``torch.bucketize`` gives). Codebooks that would need
+more than 2**16 cells per unit (the 8-bit dynamic map) use ``torch.bucketize``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
 import torch
 
 from .codebooks import midpoints
+
+# Elements per chunk of work: large enough that the ~20 torch calls per chunk cost little,
+# small enough that the ~13 bytes per element of working buffers stay in cache. Inputs of
+# fewer than 4 full chunks use chunks of a quarter of their size (at least _CHUNK / 4), so the
+# buffers stay near 3 bytes per input element from 2**16 elements up.
+_CHUNK = 1 << 16
+# Dequantizing runs on every optimizer step (quantizing only at statistics and root updates):
+# it works in chunks of up to 2**20 elements, one chunk for any root up to order 1024, so a step
+# issues few torch calls; its buffers (~6 bytes per element) stay below the dense output's size
+# plus 6 MiB.
+_DEQUANT_CHUNK = 1 << 20
+_MAX_CELLS_LOG2 = 16
+_SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class Quantized(NamedTuple):
@@ -53,6 +92,14 @@ def _check_args(bits: int, block_size: int) -> None:
         raise ValueError(f"block_size={block_size!r} must be a positive integer")
 
 
+def _check_quantize_args(codebook: torch.Tensor, bits: int, block_size: int, scale_dtype: torch.dtype) -> None:
+    _check_args(bits, block_size)
+    if codebook.numel() != 2**bits:
+        raise ValueError(f"a {bits}-bit codebook needs {2**bits} values, got {codebook.numel()}")
+    if scale_dtype not in _SCALE_DTYPES:
+        raise ValueError(f"scale_dtype={scale_dtype!r} is not supported; choose one of {_SCALE_DTYPES}")
+
+
 def pack4(idx: torch.Tensor) -> torch.Tensor:
     """Pack a flat uint8 tensor of 4-bit indices two per byte (2k low, 2k+1 high)."""
     idx = idx.reshape(-1)
@@ -68,6 +115,245 @@ def unpack4(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return out[:numel]
 
 
+# -- lookup tables ------------------------------------------------------------------------------
+class _IndexTables(NamedTuple):
+    """How to turn normalized values into indices; ``cells`` = 0 means use bucketize."""
+
+    mids: torch.Tensor
+    cells: int
+    base: torch.Tensor | None = None  # uint8, midpoints in earlier cells, per cell
+    mid_at: torch.Tensor | None = None  # the cell's midpoint, +inf where it has none
+
+
+def _cell_of(v: torch.Tensor, cells: int, out: torch.Tensor) -> torch.Tensor:
+    """Cell of each value into fp32 ``out``: trunc((v + 1) * cells) clamped to [0, 2 cells]; NaN: 2 cells + 1."""
+    torch.add(v, 1.0, out=out)
+    out.mul_(cells)
+    out.clamp_(0, 2 * cells)
+    return out.nan_to_num_(nan=2 * cells + 1)
+
+
+@functools.lru_cache(maxsize=32)
+def _index_tables(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> _IndexTables:
+    cb = torch.tensor(values, dtype=dtype)
+    mids = midpoints(cb)
+    usable = dtype == torch.float32 and bool(torch.isfinite(mids).all()) and bool((mids[1:] > mids[:-1]).all())
+    if usable:
+        for log2 in range(4, _MAX_CELLS_LOG2 + 1):
+            cells = 1 << log2
+            cell = _cell_of(mids, cells, torch.empty_like(mids)).to(torch.int32)
+            if bool((cell[1:] > cell[:-1]).all()):
+                base = torch.searchsorted(cell, torch.arange(2 * cells + 2, dtype=torch.int32), right=False)
+                base[-1] = mids.numel()  # NaN: every midpoint counts as below it, like bucketize
+                mid_at = torch.full((2 * cells + 2,), math.inf)
+                mid_at[cell.long()] = mids
+                return _IndexTables(mids.to(device), cells, base.to(torch.uint8).to(device), mid_at.to(device))
+    return _IndexTables(mids.to(device), 0)
+
+
+def _tables_for(codebook: torch.Tensor, device: torch.device) -> _IndexTables:
+    return _index_tables(tuple(codebook.tolist()), codebook.dtype, torch.device(device))
+
+
+_PAIR_INT = {4: torch.int32, 8: torch.int64}
+
+
+@functools.lru_cache(maxsize=32)
+def _pair_table(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(256, 2) table: a packed byte's low- and high-nibble codebook values.
+
+    Returned as a 1-D integer view (one pair per entry) where the pair fits 4 or 8 bytes:
+    a 1-D gather is much faster than gathering rows of two, and an integer copy is bit-exact.
+    """
+    cb = torch.tensor(values, dtype=dtype)
+    byte = torch.arange(256)
+    pairs = torch.stack([cb[byte & 0x0F], cb[byte >> 4]], dim=1).contiguous()
+    as_int = _PAIR_INT.get(2 * pairs.element_size())
+    if as_int is not None:
+        pairs = pairs.view(as_int).view(256)
+    return pairs.to(device)
+
+
+# -- chunked work -------------------------------------------------------------------------------
+class _Work(NamedTuple):
+    """Reused buffers for one call (None where not needed); every chunk uses a prefix of each."""
+
+    f1: torch.Tensor
+    i32: torch.Tensor
+    f2: torch.Tensor | None = None
+    u8: torch.Tensor | None = None
+
+
+def _work(
+    numel: int,
+    device: torch.device,
+    float_dtype: torch.dtype = torch.float32,
+    *,
+    f2: bool = True,
+    u8: bool = True,
+    index_numel: int | None = None,
+) -> _Work:
+    numel += 2  # room for a half-used byte at either end when decoding
+    return _Work(
+        torch.empty(numel, dtype=float_dtype, device=device),
+        torch.empty(numel if index_numel is None else index_numel + 2, dtype=torch.int32, device=device),
+        torch.empty(numel, dtype=float_dtype, device=device) if f2 else None,
+        torch.empty(numel, dtype=torch.uint8, device=device) if u8 else None,
+    )
+
+
+def _chunk_elements(numel: int) -> int:
+    """Target elements per chunk for an input of ``numel`` elements."""
+    return min(_CHUNK, max(_CHUNK // 4, numel // 4, 1))
+
+
+def _chunks(rows: int, cols: int, block_size: int, target: int | None = None) -> list[tuple[int, int, int, int]]:
+    """(r0, r1, c0, c1) pieces in row-major order: whole rows, or runs of whole blocks of one long row."""
+    if rows == 0 or cols == 0:
+        return []
+    target = _chunk_elements(rows * cols) if target is None else target
+    if cols <= target:
+        step = max(1, target // cols)
+        return [(r0, min(rows, r0 + step), 0, cols) for r0 in range(0, rows, step)]
+    seg = max(1, target // block_size) * block_size
+    return [(r, r + 1, c0, min(cols, c0 + seg)) for r in range(rows) for c0 in range(0, cols, seg)]
+
+
+def _indices(v: torch.Tensor, tables: _IndexTables, out: torch.Tensor, ws: _Work) -> None:
+    """Codebook indices of the flat fp32 values ``v`` into uint8 ``out``."""
+    n = v.numel()
+    if tables.cells:
+        cell = _cell_of(v, tables.cells, ws.f2[:n])
+        idx = ws.i32[:n]
+        idx.copy_(cell)
+        torch.index_select(tables.base, 0, idx, out=out)
+        torch.index_select(tables.mid_at, 0, idx, out=ws.f2[:n])
+        above = ws.i32.view(torch.bool)[:n]  # the cell indices are no longer needed
+        torch.gt(v, ws.f2[:n], out=above)
+        out.add_(above)
+    else:
+        idx = ws.i32[:n]
+        torch.bucketize(v, tables.mids, out_int32=True, out=idx)
+        out.copy_(idx)
+
+
+def _round_scales_up(absmax: torch.Tensor, scale_dtype: torch.dtype) -> None:
+    """Replace fp32 ``absmax`` in place by the smallest ``scale_dtype`` value not below it."""
+    low = absmax.to(scale_dtype)
+    below = low.float() < absmax
+    bits = low.view(torch.int16)
+    bits.add_(below.to(torch.int16))  # positive finite values: the next one up is one ulp more
+    if bool((torch.isinf(low) & torch.isfinite(absmax)).any()):
+        raise ValueError(f"a block absmax exceeds the range of {scale_dtype} scales; use bf16 or fp32")
+    absmax.copy_(low)
+
+
+def _encode(
+    src: torch.Tensor,
+    absmax: torch.Tensor,
+    idx: torch.Tensor,
+    block_size: int,
+    tables: _IndexTables,
+    ws: _Work,
+    scale_dtype: torch.dtype = torch.float32,
+    diag_offset: int | None = None,
+) -> None:
+    """Quantize one (R, L) chunk: absmax of its blocks into ``absmax`` (R, ceil(L / block_size)),
+    indices of its elements, row-major, into flat uint8 ``idx``. ``diag_offset``: the chunk's
+    diagonal with that offset counts as zero (diag-real)."""
+    rows, cols = src.shape
+    n = rows * cols
+    v = ws.f1[:n].view(rows, cols)
+    if src.dtype != torch.float32 or src.stride(-1) != 1:
+        v.copy_(src)
+        src = v
+    mag = ws.f2[:n].view(rows, cols)
+    torch.abs(src, out=mag)
+    if diag_offset is not None:  # the diagonal neither sets a scale nor gets a code of its own
+        mag.diagonal(diag_offset).zero_()
+    nfull, tail = divmod(cols, block_size)
+    k = nfull * block_size
+    if nfull:
+        torch.amax(mag[:, :k].view(rows, nfull, block_size), dim=-1, out=absmax[:, :nfull])
+    if tail:
+        torch.amax(mag[:, k:], dim=-1, out=absmax[:, nfull])
+    if scale_dtype != torch.float32:
+        _round_scales_up(absmax, scale_dtype)
+    safe = torch.where(absmax > 0, absmax, 1.0)
+    if nfull:
+        torch.div(
+            src[:, :k].view(rows, nfull, block_size),
+            safe[:, :nfull, None],
+            out=v[:, :k].view(rows, nfull, block_size),
+        )
+    if tail:
+        torch.div(src[:, k:], safe[:, nfull:], out=v[:, k:])
+    if diag_offset is not None:
+        v.diagonal(diag_offset).zero_()
+    _indices(ws.f1[:n], tables, idx, ws)
+
+
+def _pack_at(codes: torch.Tensor, start: int, idx: torch.Tensor) -> None:
+    """Pack 4-bit indices ``idx`` of flat elements start, start + 1, ... into ``codes``.
+
+    A chunk that starts on a high nibble completes the byte its predecessor left half full.
+    """
+    if start % 2:
+        codes[start // 2 : start // 2 + 1].add_(idx[:1], alpha=16)
+        idx = idx[1:]
+        start += 1
+    pairs = idx.numel() // 2
+    b = start // 2
+    if pairs:
+        torch.add(idx[0 : 2 * pairs : 2], idx[1 : 2 * pairs : 2], alpha=16, out=codes[b : b + pairs])
+    if idx.numel() % 2:
+        codes[b + pairs : b + pairs + 1].copy_(idx[-1:])
+
+
+def _decode(codes: torch.Tensor, start: int, numel: int, bits: int, table: torch.Tensor, ws: _Work) -> torch.Tensor:
+    """Codebook values (unscaled) of flat elements start .. start + numel - 1, a view of ``ws.f1``."""
+    if bits == 4:
+        b0, b1 = start // 2, (start + numel + 1) // 2
+        idx = ws.i32[: b1 - b0]
+        idx.copy_(codes[b0:b1])
+        pairs = ws.f1[: 2 * (b1 - b0)]
+        target = pairs.view(-1, 2) if table.dim() == 2 else pairs.view(table.dtype)
+        torch.index_select(table, 0, idx, out=target)
+        first = start - 2 * b0
+        return pairs[first : first + numel]
+    idx = ws.i32[:numel]
+    idx.copy_(codes[start : start + numel])
+    vals = ws.f1[:numel]
+    torch.index_select(table, 0, idx, out=vals)
+    return vals
+
+
+def _scale_into(vals: torch.Tensor, absmax: torch.Tensor, dst: torch.Tensor, block_size: int) -> None:
+    """dst = vals * (each element's block absmax), blocks along the rows of (R, L) ``vals``."""
+    rows, cols = vals.shape
+    nfull, tail = divmod(cols, block_size)
+    k = nfull * block_size
+    if nfull:
+        torch.mul(
+            vals[:, :k].view(rows, nfull, block_size),
+            absmax[:, :nfull, None],
+            out=dst[:, :k].view(rows, nfull, block_size),
+        )
+    if tail:
+        torch.mul(vals[:, k:], absmax[:, nfull : nfull + 1], out=dst[:, k:])
+
+
+def _check_out(out: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+    if tuple(out.shape) != shape or out.dtype != dtype or out.device != device:
+        raise ValueError(
+            f"out must be a {dtype} tensor of shape {shape} on {device}, "
+            f"got {out.dtype} {tuple(out.shape)} on {out.device}"
+        )
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+
+
+# -- the public functions -----------------------------------------------------------------------
 def quantize(
     x: torch.Tensor,
     codebook: torch.Tensor,
@@ -76,12 +362,14 @@ def quantize(
     *,
     offdiag: bool = False,
     transpose: bool = False,
+    scale_dtype: torch.dtype = torch.float32,
 ) -> Quantized:
-    """Quantize ``x`` (any shape, fp32 / bf16 / fp16) block-wise; see the module docstring."""
-    _check_args(bits, block_size)
-    if codebook.numel() != 2**bits:
-        raise ValueError(f"a {bits}-bit codebook needs {2**bits} values, got {codebook.numel()}")
-    x = x.detach().float()
+    """Quantize ``x`` (any shape, fp32 / bf16 / fp16) block-wise; see the module docstring.
+
+    ``scale_dtype`` other than fp32 is a reference-only option (the Triton kernels store fp32).
+    """
+    _check_quantize_args(codebook, bits, block_size, scale_dtype)
+    x = x.detach()
     if transpose:
         if x.dim() != 2:
             raise ValueError(f"transpose=True needs a matrix, got shape {tuple(x.shape)}")
@@ -90,22 +378,27 @@ def quantize(
     if offdiag:
         if x.dim() != 2 or x.shape[0] != x.shape[1]:
             raise ValueError(f"offdiag=True needs a square matrix, got shape {tuple(x.shape)}")
-        diag = x.diagonal().clone()
-        x = x.clone()
-        x.diagonal().zero_()
+        diag = x.diagonal().to(torch.float32, copy=True)
     rows, cols = _as_rows(tuple(x.shape))
-    nblocks = -(-cols // block_size)
-    padded = torch.zeros(rows, nblocks * block_size, dtype=torch.float32, device=x.device)
-    padded[:, :cols] = x.reshape(rows, cols)
-    blocks = padded.view(rows, nblocks, block_size)
-    absmax = blocks.abs().amax(dim=-1)
-    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    normalized = blocks / safe.unsqueeze(-1)
-    mids = midpoints(codebook.to(x.device))
-    idx = torch.bucketize(normalized, mids, right=False).to(torch.uint8)
-    idx = idx.view(rows, nblocks * block_size)[:, :cols].reshape(-1)
-    codes = pack4(idx) if bits == 4 else idx.contiguous()
-    return Quantized(codes, absmax, diag)
+    x2 = x.reshape(rows, cols)
+    device = x.device
+    absmax = torch.empty(rows, -(-cols // block_size), dtype=torch.float32, device=device)
+    codes = torch.empty(packed_numel(rows * cols, bits), dtype=torch.uint8, device=device)
+    chunks = _chunks(rows, cols, block_size)
+    if chunks:
+        tables = _tables_for(codebook, device)
+        ws = _work(max((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in chunks), device, u8=bits == 4)
+        for r0, r1, c0, c1 in chunks:
+            start, numel = r0 * cols + c0, (r1 - r0) * (c1 - c0)
+            idx = ws.u8[:numel] if bits == 4 else codes[start : start + numel]
+            block_cols = slice(c0 // block_size, -(-c1 // block_size))
+            _encode(
+                x2[r0:r1, c0:c1], absmax[r0:r1, block_cols], idx, block_size, tables, ws, scale_dtype,
+                r0 - c0 if offdiag else None,
+            )
+            if bits == 4:
+                _pack_at(codes, start, idx)
+    return Quantized(codes, absmax.to(scale_dtype), diag)
 
 
 def dequantize(
@@ -117,20 +410,149 @@ def dequantize(
     *,
     transpose: bool = False,
     dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Rebuild the tensor of ``shape`` (the shape before any transpose) from its parts."""
+    """Rebuild the tensor of ``shape`` (the shape before any transpose) from its parts.
+
+    ``out``: a contiguous ``dtype`` tensor of ``shape`` to write into (a reusable workspace);
+    it is returned.
+    """
     _check_args(bits, block_size)
     codes, absmax, diag = Quantized(*q)
     shape = tuple(shape)
     stored = (shape[1], shape[0]) if transpose else shape
     rows, cols = _as_rows(stored)
-    numel = rows * cols
-    idx = unpack4(codes, numel) if bits == 4 else codes[:numel]
-    values = codebook.to(codes.device)[idx.long()].view(rows, cols)
-    scale = absmax.reshape(rows, -1).repeat_interleave(block_size, dim=-1)[:, :cols]
-    out = (values * scale).view(stored)
+    device = codes.device
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=device)
+    else:
+        _check_out(out, shape, dtype, device)
+    out2 = out.t() if transpose else out.view(rows, cols)
+    chunks = _chunks(rows, cols, block_size, _DEQUANT_CHUNK)
+    if chunks:
+        scales = absmax.reshape(rows, -1)
+        values = tuple(codebook.tolist())
+        table = _pair_table(values, codebook.dtype, device) if bits == 4 else codebook.to(device)
+        most = max((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in chunks)
+        ws = _work(most, device, codebook.dtype, f2=False, u8=False, index_numel=most // 2 + 1 if bits == 4 else most)
+        for r0, r1, c0, c1 in chunks:
+            vals = _decode(codes, r0 * cols + c0, (r1 - r0) * (c1 - c0), bits, table, ws)
+            _scale_into(vals.view(r1 - r0, c1 - c0), scales[r0:r1, c0 // block_size :], out2[r0:r1, c0:c1], block_size)
     if diag is not None:
         out.diagonal().copy_(diag)
-    if transpose:
-        out = out.t()
-    return out.to(dtype).contiguous()
+    return out
+
+
+# -- symmetric matrices: fp32 diagonal, quantized strict upper triangle --------------------------
+def _triangle_layout(n: int, block_size: int) -> tuple[list[int], list[int]]:
+    """First flat element and first block of every triangle row 0 .. n-1 (row n-1 is empty)."""
+    starts, blocks = [0], [0]
+    for i in range(n - 1):
+        length = n - 1 - i
+        starts.append(starts[-1] + length)
+        blocks.append(blocks[-1] + -(-length // block_size))
+    return starts, blocks
+
+
+def _triangle_masks(r0: int, r1: int, n: int, width: int, block_size: int, device: torch.device):
+    """For triangle rows r0 .. r1-1: (entries above the diagonal of those matrix rows (R, n),
+    valid entries of the left-aligned rows (R, width), valid blocks (R, ceil(width / block_size)))."""
+    row = torch.arange(r0, r1, device=device)[:, None]
+    length = n - 1 - row
+    upper = torch.arange(n, device=device)[None, :] > row
+    left = torch.arange(width, device=device)[None, :] < length
+    nblocks = -(-width // block_size)
+    blocks = torch.arange(nblocks, device=device)[None, :] < -(-length // block_size)
+    return upper, left, blocks
+
+
+def quantize_symmetric(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    bits: int = 4,
+    block_size: int = 64,
+    *,
+    scale_dtype: torch.dtype = torch.float32,
+) -> Quantized:
+    """Store symmetric ``x`` (n, n) as fp32 diagonal plus its quantized strict upper triangle.
+
+    Only the upper triangle is read. The layout is in the module docstring; ``absmax`` is flat.
+    """
+    _check_quantize_args(codebook, bits, block_size, scale_dtype)
+    if x.dim() != 2 or x.shape[0] != x.shape[1]:
+        raise ValueError(f"quantize_symmetric needs a square matrix, got shape {tuple(x.shape)}")
+    x = x.detach()
+    n, device = x.shape[0], x.device
+    diag = x.diagonal().to(torch.float32, copy=True)
+    starts, bstarts = _triangle_layout(n, block_size)
+    codes = torch.empty(packed_numel(starts[-1], bits), dtype=torch.uint8, device=device)
+    absmax = torch.empty(bstarts[-1], dtype=torch.float32, device=device)
+    if n > 1:
+        tables = _tables_for(codebook, device)
+        step = max(1, _chunk_elements(n * (n - 1) // 2) // (n - 1))
+        width = n - 1
+        ws = _work(min(step, n - 1) * width, device)
+        grid = torch.empty(min(step, n - 1) * width, dtype=torch.float32, device=device)
+        block_buf = torch.empty(min(step, n - 1) * -(-width // block_size), dtype=torch.float32, device=device)
+        for r0 in range(0, n - 1, step):
+            r1 = min(n - 1, r0 + step)
+            rows, width = r1 - r0, n - 1 - r0
+            upper, left, blocks = _triangle_masks(r0, r1, n, width, block_size, device)
+            src = grid[: rows * width].view(rows, width)
+            src.zero_()  # zero padding leaves every block's absmax unchanged
+            src.masked_scatter_(left, x[r0:r1].masked_select(upper).float())
+            nb = -(-width // block_size)
+            block_max = block_buf[: rows * nb].view(rows, nb)
+            idx = ws.u8[: rows * width]
+            _encode(src, block_max, idx, block_size, tables, ws, scale_dtype)
+            absmax[bstarts[r0] : bstarts[r1]] = block_max.masked_select(blocks)
+            idx = idx.view(rows, width).masked_select(left)
+            if bits == 4:
+                _pack_at(codes, starts[r0], idx)
+            else:
+                codes[starts[r0] : starts[r1]] = idx
+    return Quantized(codes, absmax.to(scale_dtype), diag)
+
+
+def dequantize_symmetric(
+    q: Quantized | tuple,
+    codebook: torch.Tensor,
+    n: int,
+    bits: int = 4,
+    block_size: int = 64,
+    *,
+    dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The symmetric (n, n) matrix stored by :func:`quantize_symmetric`; ``out`` as in :func:`dequantize`."""
+    _check_args(bits, block_size)
+    codes, absmax, diag = Quantized(*q)
+    device = codes.device
+    if out is None:
+        out = torch.empty(n, n, dtype=dtype, device=device)
+    else:
+        _check_out(out, (n, n), dtype, device)
+    if n > 1:
+        starts, bstarts = _triangle_layout(n, block_size)
+        step = max(1, _chunk_elements(n * (n - 1) // 2) // (n - 1))
+        nb_max = -(-(n - 1) // block_size)
+        values = tuple(codebook.tolist())
+        table = _pair_table(values, codebook.dtype, device) if bits == 4 else codebook.to(device)
+        ws = _work(min(step, n - 1) * nb_max * block_size, device, codebook.dtype, u8=False)
+        for r0 in range(0, n - 1, step):
+            r1 = min(n - 1, r0 + step)
+            rows, width = r1 - r0, n - 1 - r0
+            nb = -(-width // block_size)
+            upper, left, blocks = _triangle_masks(r0, r1, n, nb * block_size, block_size, device)
+            vals = _decode(codes, starts[r0], starts[r1] - starts[r0], bits, table, ws)
+            grid = ws.f2[: rows * nb * block_size].view(rows, nb * block_size)
+            grid.zero_()
+            grid.masked_scatter_(left, vals)
+            scale = absmax.new_zeros(rows, nb)
+            scale.masked_scatter_(blocks, absmax[bstarts[r0] : bstarts[r1]])
+            tri = (grid.view(rows, nb, block_size) * scale[:, :, None]).view(rows, -1).masked_select(left).to(dtype)
+            out[r0:r1].masked_scatter_(upper, tri)
+            out.t()[r0:r1].masked_scatter_(upper, tri)
+    if n > 0:
+        out.diagonal().copy_(diag)
+    return out
