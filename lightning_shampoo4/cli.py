@@ -20,19 +20,21 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from .module import ImageClassifier
-from .recipes import DEFAULT_RECIPE, OptimizerConfig, RecipeError, ScheduleConfig, get_recipe
+from .recipes import DEFAULT_RECIPE, OptimizerConfig, RecipeError, ScheduleConfig, get_recipe, list_recipes
 from .recipes.export import cli_config, recipe_table
+from .strategies import UnsupportedStrategyError
 
 try:  # registers the package callbacks so short names work: --trainer.callbacks+=QuantizedStateMonitor
     from . import callbacks as _callbacks  # noqa: F401
 except ImportError:  # pragma: no cover - the callbacks are optional for the CLI
     pass
 
-__all__ = ["ShampooCLI", "fit_summary", "main", "requested_recipe"]
+__all__ = ["ConfigError", "ShampooCLI", "fit_summary", "main", "requested_recipe"]
 
 PROG = "lightning-shampoo4"
 DESCRIPTION = (
@@ -114,14 +116,52 @@ class _ListRecipes(argparse.Action):
         super().__init__(option_strings, dest, **kwargs)
 
     def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
-        print_recipes(values)
-        parser.exit()
+        parser.exit(0 if print_recipes(values) else 2)
 
 
-def print_recipes(pattern: str | None = None) -> None:
+def print_recipes(pattern: str | None = None) -> bool:
+    """Print the recipes matching ``pattern`` (a substring, or a glob with ``*?[``); when none
+    does, say so on stderr and return False."""
+    if pattern and not list_recipes(pattern):
+        print(
+            f"{PROG}: error: no recipe matches {pattern!r}; the recipes are: {', '.join(list_recipes())}",
+            file=sys.stderr,
+        )
+        return False
     print(recipe_table(pattern))
     print(f"\nRun one: {PROG} fit --recipe NAME   (or --config recipes/NAME.yaml)")
     print("Override anything: --optimizer.variant {4bit,8bit,32bit,naive4bit,first_order} --trainer.max_epochs N ...")
+    return True
+
+
+class ConfigError(ValueError):
+    """A class given on the command line (model, data, callback, trainer) refused its arguments."""
+
+
+def _raising_class(err: BaseException) -> str | None:
+    """The class whose ``__init__`` raised ``err`` (the outermost such frame), if any."""
+    tb = err.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "__init__" and "self" in frame.f_locals:
+            return type(frame.f_locals["self"]).__name__
+        tb = tb.tb_next
+    return None
+
+
+def _one_line(err: BaseException) -> str:
+    """The root cause of an instantiation error as one line: ``Class: message``.
+
+    jsonargparse wraps a constructor's error in a multi-line "Does not validate against any of
+    the Union subtypes" report; the constructor's own message is at the end of ``__cause__``.
+    """
+    root = err
+    while root.__cause__ is not None:
+        root = root.__cause__
+    lines = [line.strip() for line in str(root).splitlines() if line.strip()]
+    message = lines[0] if lines else type(root).__name__
+    owner = _raising_class(root)
+    return f"{owner}: {message}" if owner and not message.startswith(owner) else message
 
 
 # -- the CLI ----------------------------------------------------------------------------------------
@@ -156,7 +196,9 @@ class ShampooCLI(LightningCLI):
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         parser = super().init_parser(**kwargs)
         parser.add_argument(
-            "--list-recipes", action=_ListRecipes, help="Print the recipes (optionally those matching PATTERN) and exit."
+            "--list-recipes",
+            action=_ListRecipes,
+            help="Print the recipes (optionally those whose name contains PATTERN or matches it as a glob) and exit.",
         )
         return parser
 
@@ -176,13 +218,22 @@ class ShampooCLI(LightningCLI):
         parser.link_arguments("data.image_shape", "model.img_size", compute_fn=_size, apply_on="instantiate")
         parser.set_defaults(_flat_defaults(cli_config(self.recipe)))
 
+    def instantiate_classes(self) -> None:
+        """Instantiate as LightningCLI does; a constructor refusing its arguments becomes a :class:`ConfigError`."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, MisconfigurationException) as err:
+            raise ConfigError(_one_line(err)) from err
+
     def before_fit(self) -> None:
         self._fit_started = time.perf_counter()
 
     def after_fit(self) -> None:
+        log_dir = self.trainer.log_dir  # a broadcast under DDP: every rank has to ask, not only rank 0
         if self.trainer.is_global_zero:
             name = self._get(self.config, "recipe") or self.recipe.name
-            print(fit_summary(self.trainer, self.model, name, time.perf_counter() - self._fit_started), flush=True)
+            seconds = time.perf_counter() - self._fit_started
+            print(fit_summary(self.trainer, self.model, name, seconds, log_dir=log_dir), flush=True)
 
 
 def _channels(image_shape: Sequence[int]) -> int:
@@ -230,8 +281,15 @@ def shampoo32_bytes(optimizer: Any) -> dict[str, int] | None:
         return None
 
 
-def fit_summary(trainer: Any, module: Any, recipe: str, seconds: float) -> str:
-    """What ``lightning-shampoo4 fit`` prints at the end: accuracy and optimizer memory."""
+_ASK_TRAINER: Any = object()
+
+
+def fit_summary(trainer: Any, module: Any, recipe: str, seconds: float, log_dir: Any = _ASK_TRAINER) -> str:
+    """What ``lightning-shampoo4 fit`` prints at the end: accuracy and optimizer memory.
+
+    ``log_dir``: the trainer's log folder when already known (``trainer.log_dir`` is a collective
+    call under DDP, so on one rank alone it must not be asked again).
+    """
     from .optim.memory import memory_report
 
     metrics = trainer.callback_metrics
@@ -267,22 +325,24 @@ def fit_summary(trainer: Any, module: Any, recipe: str, seconds: float) -> str:
             lines.append(
                 f"  32-bit Shampoo    {_bytes(ref['second_order'])} second-order; this run keeps {100 * saved:.1f} % less"
             )
-    if trainer.log_dir:
-        lines.append(f"  logs              {trainer.log_dir}")
+    if log_dir is _ASK_TRAINER:
+        log_dir = trainer.log_dir
+    if log_dir:
+        lines.append(f"  logs              {log_dir}")
     return "\n".join(lines)
 
 
 # -- entry point ------------------------------------------------------------------------------------
 def main(args: Sequence[str] | None = None) -> int:
-    """Run the command; returns the exit status. User errors (unknown recipe, missing data files)
-    end in one ``error:`` line instead of a traceback."""
+    """Run the command; returns the exit status. User errors (unknown recipe, a class refusing its
+    arguments, an unsupported strategy, missing data files) end in one ``error:`` line instead of
+    a traceback; anything else keeps its traceback."""
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in ("list-recipes", "list_recipes"):
-        print_recipes(argv[1] if len(argv) > 1 else None)
-        return 0
+        return 0 if print_recipes(argv[1] if len(argv) > 1 else None) else 2
     try:
         ShampooCLI(args=None if args is None else argv)
-    except RecipeError as err:
+    except (RecipeError, ConfigError, UnsupportedStrategyError, MisconfigurationException) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     except FileNotFoundError as err:

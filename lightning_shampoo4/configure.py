@@ -25,6 +25,8 @@ from __future__ import annotations
 import fnmatch
 import inspect
 import math
+import sys
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -34,7 +36,6 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from .optim import Shampoo4bit
 from .optim.blocking import matrix_shape
-from .strategies import check_strategy
 
 __all__ = [
     "DEFAULT_MAX_PRECONDITION_DIM",
@@ -42,6 +43,7 @@ __all__ = [
     "SCHEDULES",
     "GroupedShampoo4bit",
     "LRSchedule",
+    "ScheduleLR",
     "build_lr_scheduler",
     "configure_shampoo",
     "is_preconditioned",
@@ -110,6 +112,17 @@ def _check_patterns(name: str, value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _refuse_patterns_without_names(what: str, no_weight_decay: Sequence[str], no_precondition: Sequence[str]) -> None:
+    """Name patterns cannot match parameters that come without names: say so instead of ignoring them."""
+    given = [n for n, v in (("no_weight_decay", no_weight_decay), ("no_precondition", no_precondition)) if v]
+    if given:
+        raise ValueError(
+            f"{' and '.join(given)} match parameter names, but params are {what} without names, so the "
+            "patterns would be ignored; pass the module itself (self) or self.named_parameters() instead "
+            "of self.parameters()"
+        )
+
+
 def shampoo_param_groups(
     params: nn.Module | Iterable[Any],
     *,
@@ -128,6 +141,10 @@ def shampoo_param_groups(
         no_precondition: extra parameter names / glob patterns that get no Shampoo.
         precondition_embeddings: give embedding tables Shampoo too.
         max_precondition_dim: matrix views with a longer side get no Shampoo (None: no limit).
+
+    Raises:
+        ValueError: a bad value, or name patterns given with plain parameters or group dicts
+            (which carry no names to match).
 
     Returns:
         Group dicts for any torch optimizer: the weight-decay group sets nothing (so the
@@ -153,10 +170,12 @@ def shampoo_param_groups(
         if not items:
             raise ValueError("params is empty: there is nothing to optimize")
         if all(isinstance(item, Mapping) for item in items):
+            _refuse_patterns_without_names("parameter-group dicts", no_weight_decay, no_precondition)
             return [dict(item) for item in items]
         if all(isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) for item in items):
             named = items
         elif all(isinstance(item, torch.Tensor) for item in items):
+            _refuse_patterns_without_names("plain parameters", no_weight_decay, no_precondition)
             named = [("", p) for p in items]
         else:
             raise TypeError(
@@ -208,7 +227,8 @@ class GroupedShampoo4bit(Shampoo4bit):
     with the module's parameters; every argument of :class:`Shampoo4bit` stays settable, e.g.
     ``--model.optimizer.lr 0.01``. Called with the module itself (``self.optimizer(self)``) it
     applies the full rule of :func:`shampoo_param_groups`; with ``named_parameters()`` it also
-    matches names; with plain ``parameters()`` it decides by shape only (vectors: no weight decay).
+    matches names; with plain ``parameters()`` it decides by shape only (vectors: no weight decay)
+    and refuses ``no_weight_decay`` / ``no_precondition``, which need names.
 
     Args:
         params: a module, ``named_parameters()``, parameters, or parameter-group dicts.
@@ -316,9 +336,55 @@ class LRSchedule:
         return f"{type(self).__name__}({args})"
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, **schedule_args: Any) -> LambdaLR:
-    """A ``LambdaLR`` over :class:`LRSchedule` (same arguments); step it once per optimizer step."""
-    return LambdaLR(optimizer, LRSchedule(**schedule_args))
+def _warn(message: str) -> None:
+    """Warn from rank 0 only when Lightning is loaded (one message per run, not per process)."""
+    if "lightning.fabric" in sys.modules:
+        from lightning.fabric.utilities.rank_zero import rank_zero_warn
+
+        rank_zero_warn(message, category=UserWarning)
+    else:
+        warnings.warn(message, UserWarning, stacklevel=3)
+
+
+class ScheduleLR(LambdaLR):
+    """``LambdaLR`` over :class:`LRSchedule` whose schedule comes from the code, not the checkpoint.
+
+    ``LambdaLR.load_state_dict`` would put the saved schedule's attributes (its
+    ``total_steps``, warm-up and milestones) back in place. A run resumed with a longer
+    ``max_epochs`` / ``max_steps`` or on another number of devices would then keep the old
+    length, and a cosine schedule would run its extra steps at ``min_lr_ratio``. Here the
+    schedule built for the current run is kept, the step count is restored, and the learning
+    rates are set to the new schedule's value at that step (with a warning saying what changed).
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        current = [dict(vars(fn)) if isinstance(fn, LRSchedule) else None for fn in self.lr_lambdas]
+        super().load_state_dict(state_dict)
+        changed = []
+        for fn, mine in zip(self.lr_lambdas, current):
+            if mine is None:
+                continue
+            saved = dict(vars(fn))
+            fn.__dict__.clear()
+            fn.__dict__.update(mine)
+            if saved != mine:
+                changed.append((saved, mine))
+        if not changed:
+            return
+        for group, base_lr, fn in zip(self.optimizer.param_groups, self.base_lrs, self.lr_lambdas):
+            group["lr"] = base_lr * fn(self.last_epoch)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        saved, mine = changed[0]
+        diff = ", ".join(f"{k} {saved.get(k)!r} -> {v!r}" for k, v in mine.items() if saved.get(k) != v)
+        _warn(
+            f"Resumed learning-rate schedule changed ({diff}): it now follows this run's length and "
+            f"continues from optimizer step {self.last_epoch} (lr {self._last_lr[0]:.4g})"
+        )
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, **schedule_args: Any) -> ScheduleLR:
+    """A :class:`ScheduleLR` over :class:`LRSchedule` (same arguments); step it once per optimizer step."""
+    return ScheduleLR(optimizer, LRSchedule(**schedule_args))
 
 
 # -- the helper ----------------------------------------------------------------------------
@@ -385,8 +451,10 @@ def configure_shampoo(
         shampoo_kwargs: any other :class:`Shampoo4bit` argument (``bits``, ``stat_interval``, ...).
 
     Returns:
-        ``{"optimizer": Shampoo4bit}``, plus ``"lr_scheduler": {"scheduler": LambdaLR,
-        "interval": "step", "frequency": 1}`` when there is a schedule or a warm-up.
+        ``{"optimizer": Shampoo4bit}``, plus ``"lr_scheduler": {"scheduler": ScheduleLR,
+        "interval": "step", "frequency": 1}`` when there is a schedule or a warm-up. The
+        schedule is sized for the run being started: a run resumed from a checkpoint with
+        another length follows the new length from the restored step (see :class:`ScheduleLR`).
 
     Raises:
         TypeError: an argument Shampoo4bit does not have.
@@ -401,6 +469,8 @@ def configure_shampoo(
         raise TypeError(f"configure_shampoo got unknown argument(s) {unknown}; Shampoo4bit accepts {list(allowed)}")
     trainer = getattr(module, "_trainer", None)
     if trainer is not None:
+        from .strategies import check_strategy  # Lightning is loaded once there is a Trainer
+
         check_strategy(trainer.strategy, who="configure_shampoo")
     groups = shampoo_param_groups(
         module,
@@ -423,5 +493,5 @@ def configure_shampoo(
         gamma=gamma,
         min_lr_ratio=min_lr_ratio,
     )
-    scheduler = LambdaLR(optimizer, lr_schedule)
+    scheduler = ScheduleLR(optimizer, lr_schedule)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}

@@ -64,11 +64,14 @@ def _eigvals(factor: Factor) -> torch.Tensor:
 class QuantizedStateMonitor(ShampooCallback):
     """Every ``every_n_steps`` optimizer steps, log the state of each Shampoo4bit optimizer.
 
-    Logged through every logger of the trainer (``logger.log_metrics(..., step=global_step)``)
-    from global rank 0, under ``prefix`` (``"shampoo/"``; a second Shampoo optimizer gets
-    ``"shampoo_1/"``). Between logging steps it costs one integer comparison per batch. The
-    last values are also kept in :attr:`last_metrics`, and the worst factor of each ``*_max``
-    metric (``"layer.weight[block].L"``) in :attr:`worst`.
+    Logged with ``pl_module.log_dict`` (so they are in ``trainer.callback_metrics`` and
+    ``EarlyStopping`` / ``ModelCheckpoint`` can monitor them) and written to every logger of the
+    trainer at the step Lightning uses for the same batch's own metrics, under ``prefix``
+    (``"shampoo/"``; a second Shampoo optimizer gets ``"shampoo_1/"``). Every rank computes them,
+    so each rank's ``callback_metrics`` has them (a monitoring callback needs them on every DDP
+    rank); loggers write from rank 0. Between logging steps it costs one integer comparison per
+    batch. The last values are also kept in :attr:`last_metrics`, and the worst factor of each
+    ``*_max`` metric (``"layer.weight[block].L"``) in :attr:`worst`.
 
     Keys (all floats):
 
@@ -129,8 +132,15 @@ class QuantizedStateMonitor(ShampooCallback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if stage == "fit" and not trainer.loggers:
-            rank_zero_warn("QuantizedStateMonitor: the Trainer has no logger; metrics are kept in `last_metrics` only")
+        if stage != "fit":
+            return
+        # A new fit starts counting afresh (a resumed one gets its state back right after setup).
+        self._last_logged = []
+        if not trainer.loggers:
+            rank_zero_warn(
+                "QuantizedStateMonitor: the Trainer has no logger; metrics go to `trainer.callback_metrics` "
+                "and `last_metrics` only"
+            )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
@@ -145,13 +155,23 @@ class QuantizedStateMonitor(ShampooCallback):
             if steps % self.every_n_steps or steps == self._last_logged[i] or steps == 0:
                 continue
             self._last_logged[i] = steps
-            if not trainer.is_global_zero:
-                continue
             prefix = self.prefix if i == 0 else f"{self.prefix.rstrip('/')}_{i}/"
             metrics = self.collect(optimizer, param_names(pl_module), prefix)
             self.last_metrics.update(metrics)
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+            self._log(trainer, pl_module, metrics)
+
+    @staticmethod
+    def _log(trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, float]) -> None:
+        """Into ``trainer.callback_metrics`` (for EarlyStopping / ModelCheckpoint) and to the loggers.
+
+        The loggers get the step Lightning gives the batch's own ``self.log`` metrics, whatever
+        ``log_every_n_steps`` is (this callback has its own ``every_n_steps``).
+        """
+        values = {key: torch.tensor(value, dtype=torch.float64) for key, value in metrics.items()}  # exact byte counts
+        pl_module.log_dict(values, on_step=True, on_epoch=False, logger=False)
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
 
     # -- measuring -----------------------------------------------------------------------
     def collect(self, optimizer: Shampoo4bit, names: dict[int, str], prefix: str = "shampoo/") -> dict[str, float]:

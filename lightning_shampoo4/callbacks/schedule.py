@@ -66,7 +66,8 @@ class PreconditionerSchedule(ShampooCallback):
     except groups marked ``precondition=False`` by ``configure_shampoo``. PU / PIRU still happen
     when a parameter's own step count is a multiple of the interval then in force. Steps the
     AMP GradScaler skips do not count. The configured values are kept in the callback's state,
-    so a resumed run schedules exactly as the uninterrupted one.
+    so a resumed run schedules exactly as the uninterrupted one; each new ``fit`` reads them
+    afresh from its optimizers, so one instance can serve several runs.
 
     Args:
         schedule: the table (or None).
@@ -144,6 +145,13 @@ class PreconditionerSchedule(ShampooCallback):
         return out
 
     # -- hooks ---------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            # A new fit has new optimizers: their configured values are read again at the first step.
+            # Lightning restores a checkpoint's callback state after setup, so a resumed run keeps its own.
+            self._base = {}
+
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         optimizer = _unwrap(optimizer)
         if optimizer not in self._optimizers:

@@ -66,10 +66,18 @@ def _add(name: str, builder: RecipeBuilder) -> None:
     _RECIPES[name] = builder
 
 
+_GLOB_CHARS = frozenset("*?[")
+
+
 def list_recipes(pattern: str | None = None) -> list[str]:
-    """Sorted recipe names, optionally filtered by an fnmatch ``pattern`` such as ``"*_cifar100"``."""
+    """Sorted recipe names, optionally filtered by ``pattern``: an fnmatch pattern when it has a
+    wildcard (``"*_cifar100"``), else a case-insensitive substring (``"vit"``, ``"cifar10"``)."""
     names = sorted(_RECIPES)
-    return [n for n in names if fnmatch.fnmatchcase(n, pattern)] if pattern else names
+    if not pattern:
+        return names
+    if _GLOB_CHARS & set(pattern):
+        return [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+    return [n for n in names if pattern.lower() in n.lower()]
 
 
 def get_recipe(name: str = DEFAULT_RECIPE, overrides: Overrides = None, **kwargs: Any) -> Recipe:
