@@ -39,7 +39,9 @@ def factor_errors(factor: Factor, has_root: bool) -> dict[str, Any]:
         out["orth"] = linalg.orthogonality_error(v)
         out["orth_rectified"] = linalg.orthogonality_error(v_rect)
         codebook = get_codebook(cfg.codebook, cfg.bits, v.device)
-        q = kernels.quantize(v_rect, codebook, cfg.bits, cfg.block_size, transpose=True, backend=cfg.backend)
+        q = kernels.quantize(
+            v_rect, codebook, cfg.bits, cfg.block_size, transpose=True, scale_dtype=cfg.scale_dtype, backend=cfg.backend
+        )
         requantized = kernels.dequantize(
             q, codebook, tuple(v.shape), cfg.bits, cfg.block_size, transpose=True, backend=cfg.backend
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quant import Quantized, dequantize, quantize
+from ..quant import Quantized, dequantize, dequantize_symmetric, quantize
 from .types import QuantizedMatrix
 
 __all__ = ["dequantize", "materialize", "precondition", "quantize"]
@@ -21,6 +21,9 @@ def materialize(
     if isinstance(root, torch.Tensor):
         return root.to(dtype)
     n = root.order
+    if root.symmetric:
+        q = Quantized(root.codes, root.absmax, root.diag)
+        return dequantize_symmetric(q, root.codebook, n, root.bits, root.block_size, dtype=dtype, out=out)
     return dequantize(
         Quantized(root.codes, root.absmax, root.diag),
         root.codebook,

@@ -10,7 +10,8 @@ import torch
 class QuantizedMatrix(NamedTuple):
     """A square ``order x order`` matrix stored block-wise quantized (see ``quant.blockwise``).
 
-    ``diag`` is the fp32 diagonal of a diag-real matrix, or None.
+    ``diag`` is the fp32 diagonal of a diag-real matrix, or None. ``symmetric``: only the
+    strict upper triangle is stored (``quant.quantize_symmetric``; ``absmax`` flat).
     """
 
     codes: torch.Tensor
@@ -20,3 +21,4 @@ class QuantizedMatrix(NamedTuple):
     codebook: torch.Tensor
     bits: int
     block_size: int
+    symmetric: bool = False

@@ -8,35 +8,53 @@ moments are cast to the parameter's dtype as torch does, so a bf16 run resumes i
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 _MOMENTS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
+_NON_NEGATIVE = ("exp_avg_sq", "_absmax")  # key endings whose values are >= 0 in any valid state
 
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint that does not fit this optimizer and its parameters."""
 
 
-def _describe(index: int, p: torch.Tensor, group: dict) -> str:
+def _describe(index: int, position: int, p: torch.Tensor, group: dict) -> str:
+    """``parameter '<name>' (shape ...)``, or ``#<index>`` (over all groups) without names."""
     names = group.get("param_names")
-    where = f"'{names[group['params'].index(p)]}'" if names else f"#{index}"
+    where = f"'{names[position]}'" if names and position < len(names) else f"#{index}"
     return f"parameter {where} (shape {tuple(p.shape)})"
+
+
+def _count(name: str, value) -> int:
+    """A non-negative integer count from the checkpoint (a clock or a step number)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = value.item()
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise CheckpointMismatchError(f"{name} should be an integer >= 0, the checkpoint holds {value!r}")
+    return value
 
 
 def load_optimizer_state(optimizer, state_dict: dict[str, Any], torch_load: Callable[[dict], None]) -> None:
     """Check ``state_dict`` against ``optimizer``, then load it (``torch_load`` loads the groups)."""
-    if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+    if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
         raise CheckpointMismatchError("not an optimizer state dict: it needs 'state' and 'param_groups'")
     saved_groups = state_dict["param_groups"]
+    if not isinstance(state_dict["state"], Mapping) or not isinstance(saved_groups, (list, tuple)) or not all(
+        isinstance(g, Mapping) and isinstance(g.get("params"), (list, tuple)) for g in saved_groups
+    ):
+        raise CheckpointMismatchError(
+            "not an optimizer state dict: 'state' must map parameter ids to dicts and 'param_groups' be a list "
+            "of dicts with 'params'"
+        )
     if len(saved_groups) != len(optimizer.param_groups):
         raise CheckpointMismatchError(
             f"the checkpoint has {len(saved_groups)} parameter groups, this optimizer {len(optimizer.param_groups)}"
         )
     groups = []
-    by_id: dict[Any, tuple[int, torch.Tensor, dict, dict]] = {}
+    by_id: dict[Any, tuple[int, int, torch.Tensor, dict, dict]] = {}
     index = 0
     for gi, (group, saved) in enumerate(zip(optimizer.param_groups, saved_groups)):
         if len(saved["params"]) != len(group["params"]):
@@ -45,10 +63,13 @@ def load_optimizer_state(optimizer, state_dict: dict[str, Any], torch_load: Call
                 f"{len(group['params'])} here"
             )
         # keys a checkpoint of an older version lacks keep this optimizer's values
-        merged = {k: v for k, v in group.items() if k != "params"} | saved
+        merged = {k: v for k, v in group.items() if k != "params"} | dict(saved)
+        merged["clock"] = _count(f"the clock of parameter group {gi}", merged.get("clock", 0))
         groups.append(merged)
-        for pid, p in zip(saved["params"], group["params"]):
-            by_id[pid] = (index, p, group, merged)
+        for position, (pid, p) in enumerate(zip(saved["params"], group["params"])):
+            if pid in by_id:
+                raise CheckpointMismatchError(f"the checkpoint lists parameter id {pid!r} twice")
+            by_id[pid] = (index, position, p, group, merged)
             index += 1
     from .shampoo import HYPER_KEYS
     from .validation import validate_group
@@ -65,8 +86,11 @@ def load_optimizer_state(optimizer, state_dict: dict[str, Any], torch_load: Call
     for pid, saved_state in state_dict["state"].items():
         if pid not in by_id:
             raise CheckpointMismatchError(f"the checkpoint has state for parameter id {pid!r}, which no group lists")
-        index, p, _, merged = by_id[pid]
-        what = _describe(index, p, _owner(optimizer, p))
+        index, position, p, group, merged = by_id[pid]
+        what = _describe(index, position, p, group)
+        if not isinstance(saved_state, Mapping):
+            raise CheckpointMismatchError(f"the state of {what} should be a dict, the checkpoint holds "
+                                          f"{type(saved_state).__name__}")
         state = _upgrade(dict(saved_state), p, merged)
         expected = optimizer._new_state(p, merged, device="meta")
         missing = sorted(set(expected) - set(state))
@@ -79,11 +103,13 @@ def load_optimizer_state(optimizer, state_dict: dict[str, Any], torch_load: Call
         out: dict[str, Any] = {}
         for key, want in expected.items():
             got = state[key]
-            if not isinstance(want, torch.Tensor):
-                out[key] = got
+            if not isinstance(want, torch.Tensor):  # step numbers such as last_root_step
+                out[key] = _count(f"'{key}' of {what}", got)
                 continue
             if not isinstance(got, torch.Tensor):
                 raise CheckpointMismatchError(f"'{key}' of {what} should be a tensor, the checkpoint holds {type(got).__name__}")
+            if got.device.type == "meta":
+                raise CheckpointMismatchError(f"'{key}' of {what} is a meta tensor: the checkpoint has no data for it")
             if tuple(got.shape) != tuple(want.shape):
                 raise CheckpointMismatchError(
                     f"'{key}' of {what} has shape {tuple(got.shape)} in the checkpoint; this optimizer expects "
@@ -97,30 +123,27 @@ def load_optimizer_state(optimizer, state_dict: dict[str, Any], torch_load: Call
                 raise CheckpointMismatchError(f"'{key}' of {what} has dtype {got.dtype}; expected {want.dtype}")
             got = got.detach().to(p.device, copy=True)
             if got.is_floating_point():
-                flags.append((torch.isfinite(got).all(), key, what))
+                ok = torch.isfinite(got).all()
+                if key.endswith(_NON_NEGATIVE):
+                    ok = ok & (got >= 0).all()
+                flags.append((ok, key, what))
             out[key] = got
         loaded[p] = out
     if flags:
         ok = torch.stack([f.cpu() for f, _, _ in flags]).tolist()
         bad = [f"'{key}' of {what}" for good, (_, key, what) in zip(ok, flags) if not good]
         if bad:
-            raise CheckpointMismatchError(f"the checkpoint holds inf / NaN in {', '.join(bad[:5])}"
+            raise CheckpointMismatchError(f"the checkpoint holds inf / NaN (or a negative second moment or "
+                                          f"scale) in {', '.join(bad[:5])}"
                                           + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
 
-    clock = max([int(g.get("clock", 0)) for g in groups] or [0])
+    clock = max([g["clock"] for g in groups] or [0])
     torch_load({**state_dict, "state": {}, "param_groups": [g | {"params": s["params"]} for g, s in zip(groups, saved_groups)]})
     for group in optimizer.param_groups:
         group["clock"] = clock
     optimizer.state.clear()
     for p, st in loaded.items():
         optimizer.state[p] = st
-
-
-def _owner(optimizer, p: torch.Tensor) -> dict:
-    for group in optimizer.param_groups:
-        if any(q is p for q in group["params"]):
-            return group
-    return {}
 
 
 def _upgrade(state: dict[str, Any], p: torch.Tensor, group: dict) -> dict[str, Any]:

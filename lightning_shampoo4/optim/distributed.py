@@ -120,7 +120,7 @@ def _placement(p: torch.Tensor) -> str:
         return "shard0"
     if type(pl) is Replicate:
         return "replicate"
-    raise _refuse(f"DTensor parameters with placement {pl} (tensor parallel shards other than dim 0, partial values)")
+    raise _refuse(f"DTensor parameters with placement {pl!r} (tensor parallel shards other than dim 0, partial values)")
 
 
 def is_sharded(p: torch.Tensor) -> bool:
@@ -183,9 +183,9 @@ def check_replicated(
             s_g2 += gd.square().sum().to(device)
     head = torch.tensor([len(params), shapes, present], dtype=torch.float64, device=device)
     sig = torch.cat([head, torch.stack([s_p, s_g, s_g2])])
-    table = torch.empty(world, sig.numel(), dtype=sig.dtype, device=device)
+    table = torch.empty(world * sig.numel(), dtype=sig.dtype, device=device)
     dist.all_gather_into_tensor(table, sig, group=group)
-    table = table.cpu()
+    table = table.view(world, -1).cpu()
     if not torch.isfinite(table).all():
         return None
     if not torch.equal(table[:, :3], table[:1, :3].expand_as(table[:, :3])):

@@ -34,7 +34,8 @@ class Job(NamedTuple):
 def _fmt(root: torch.Tensor | QuantizedMatrix) -> tuple:
     if isinstance(root, torch.Tensor):
         return ("dense", root.shape[-1])
-    return ("q", root.order, root.bits, root.block_size, id(root.codebook), root.diag is not None)
+    return ("q", root.order, root.bits, root.block_size, id(root.codebook), root.diag is not None, root.symmetric,
+            root.absmax.dtype)
 
 
 def _stack(roots: list, dtype: torch.dtype) -> torch.Tensor:
@@ -43,8 +44,11 @@ def _stack(roots: list, dtype: torch.dtype) -> torch.Tensor:
     if isinstance(first, torch.Tensor):
         return torch.stack(roots).to(dtype)
     n, k = first.order, len(roots)
-    if first.bits == 4 and (n * n) % 2:  # odd element count: codes of two roots share a byte
-        return torch.stack([materialize(r, dtype) for r in roots])
+    if first.symmetric or (first.bits == 4 and (n * n) % 2):  # layouts that do not concatenate
+        out = torch.empty(k, n, n, dtype=torch.float32, device=first.codes.device)
+        for i, r in enumerate(roots):
+            materialize(r, torch.float32, out=out[i])
+        return out.to(dtype)
     codes = torch.cat([r.codes for r in roots])
     absmax = torch.cat([r.absmax for r in roots])
     out = dequantize(Quantized(codes, absmax, None), first.codebook, (k * n, n), first.bits, first.block_size)

@@ -48,7 +48,7 @@ TIMERS = ("time_stats_s", "time_roots_s")
 # every per-group hyper-parameter (the constructor's arguments after params)
 HYPER_KEYS = (
     "lr", "betas", "eps", "weight_decay", "momentum", "nesterov", "base", "bits", "moment_bits", "quantize",
-    "codebook", "block_size", "min_quant_numel", "max_order", "shampoo_beta", "matrix_eps", "stat_interval",
+    "codebook", "block_size", "root_block_size", "scale_dtype", "min_quant_numel", "max_order", "shampoo_beta", "matrix_eps", "stat_interval",
     "root_interval", "bjorck_steps", "root_method", "kernel_backend", "precondition_dtype",
     "start_preconditioning_step", "precondition",
 )
@@ -88,7 +88,11 @@ class Shampoo4bit(Optimizer):
         quantize: "eigenvectors" (the 4-bit Shampoo method) or "preconditioner" (the naive
             baseline that quantizes the factors and roots themselves).
         codebook: "linear2" (default), "dynamic" (dynamic tree) or "linear".
-        block_size: elements per quantization block (one fp32 absmax each).
+        block_size: elements per quantization block of the eigenvectors (one scale each).
+        root_block_size: elements per quantization block of a stored inverse root (and of the
+            naive baseline's statistic); these are symmetric, so only their strict upper
+            triangle is stored, beside an fp32 diagonal.
+        scale_dtype: dtype of the per-block scales ("bfloat16", "float16" or "float32").
         min_quant_numel: factors with fewer elements stay fp32.
         max_order: largest factor order; larger dims are split into blocks.
         shampoo_beta: EMA coefficient of the Kronecker statistics.
@@ -130,6 +134,8 @@ class Shampoo4bit(Optimizer):
         quantize: Literal["eigenvectors", "preconditioner"] = "eigenvectors",
         codebook: Literal["linear2", "dynamic", "linear"] = "linear2",
         block_size: int = 64,
+        root_block_size: int = 256,
+        scale_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16",
         min_quant_numel: int = 4096,
         max_order: int = 1200,
         shampoo_beta: float = 0.95,
@@ -156,6 +162,8 @@ class Shampoo4bit(Optimizer):
             quantize=quantize,
             codebook=codebook,
             block_size=block_size,
+            root_block_size=root_block_size,
+            scale_dtype=scale_dtype,
             min_quant_numel=min_quant_numel,
             max_order=max_order,
             shampoo_beta=shampoo_beta,

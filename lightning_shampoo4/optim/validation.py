@@ -21,8 +21,9 @@ PRECONDITION_DTYPES = ("float32", "bfloat16", "float16")
 DISTRIBUTED = ("auto", "off")
 
 # Settings that fix how the state is stored: frozen once a parameter has state.
-FORMAT_KEYS = ("base", "bits", "moment_bits", "quantize", "codebook", "block_size", "min_quant_numel", "max_order",
-               "precondition")
+FORMAT_KEYS = ("base", "bits", "moment_bits", "quantize", "codebook", "block_size", "root_block_size", "scale_dtype",
+               "min_quant_numel", "max_order", "precondition")
+SCALE_DTYPES = ("bfloat16", "float16", "float32")
 
 
 def _scalar(value):
@@ -34,11 +35,20 @@ def _scalar(value):
             value = value.item()
         except (TypeError, ValueError, RuntimeError):
             return value
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+    if isinstance(value, bool):  # a numpy / torch bool: not a number
+        return value
+    if isinstance(value, numbers.Integral):
         return int(value)
     if isinstance(value, numbers.Real):
         return float(value)
     return value
+
+
+def _flag(name: str, value) -> bool:
+    """A Python bool from a bool of any library (numpy, 0-dim torch)."""
+    value = _scalar(value)
+    _choice(name, value, (False, True))
+    return bool(value)
 
 
 def _choice(name: str, value, allowed) -> None:
@@ -83,7 +93,7 @@ def validate_group(g: dict) -> None:
     g["eps"] = _number("eps", g["eps"], 0.0)
     g["weight_decay"] = _number("weight_decay", g["weight_decay"], 0.0)
     g["momentum"] = _number("momentum", g["momentum"], 0.0, 1.0)
-    _choice("nesterov", g["nesterov"], (False, True))
+    g["nesterov"] = _flag("nesterov", g["nesterov"])
     _choice("base", g["base"], BASES)
     if g["nesterov"] and g["base"] == "sgd" and g["momentum"] <= 0:
         raise ValueError("nesterov=True needs momentum > 0")
@@ -94,6 +104,8 @@ def validate_group(g: dict) -> None:
     _choice("quantize", g["quantize"], QUANTIZE)
     _choice("codebook", g["codebook"], CODEBOOKS)
     g["block_size"] = _integer("block_size", g["block_size"], 1)
+    g["root_block_size"] = _integer("root_block_size", g["root_block_size"], 1)
+    _choice("scale_dtype", g["scale_dtype"], SCALE_DTYPES)
     g["min_quant_numel"] = _integer("min_quant_numel", g["min_quant_numel"], 0)
     g["max_order"] = _integer("max_order", g["max_order"], 1)
     g["shampoo_beta"] = _number("shampoo_beta", g["shampoo_beta"], 0.0, 1.0)
@@ -110,4 +122,4 @@ def validate_group(g: dict) -> None:
     _choice("kernel_backend", g["kernel_backend"], BACKENDS)
     _choice("precondition_dtype", g["precondition_dtype"], PRECONDITION_DTYPES)
     g["start_preconditioning_step"] = _integer("start_preconditioning_step", g["start_preconditioning_step"], 0)
-    _choice("precondition", g["precondition"], (False, True))
+    g["precondition"] = _flag("precondition", g["precondition"])

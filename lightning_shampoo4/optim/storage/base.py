@@ -9,9 +9,10 @@ import torch
 
 from ... import kernels
 from ...kernels import QuantizedMatrix
-from ...quant import Quantized, get_codebook, packed_numel
+from ...quant import Quantized, dequantize_symmetric, get_codebook, packed_numel, quantize_symmetric
 
 OK, RETRIED, FAILED = "ok", "retried", "failed"
+SCALE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 Entries = dict[str, torch.Tensor]
 
@@ -35,6 +36,8 @@ class FactorConfig(NamedTuple):
     bjorck_root: int
     root_method: str
     backend: str
+    scale_dtype: torch.dtype = torch.float32
+    root_block_size: int = 64
 
     @classmethod
     def from_group(cls, group: Mapping, order: int) -> FactorConfig:
@@ -57,6 +60,8 @@ class FactorConfig(NamedTuple):
             bjorck_root=group["bjorck_steps"][1],
             root_method=root_method,
             backend=group["kernel_backend"],
+            scale_dtype=SCALE_DTYPES[group["scale_dtype"]],
+            root_block_size=group["root_block_size"],
         )
 
 
@@ -95,7 +100,7 @@ class Storage:
     # -- shared by every mode ------------------------------------------------------------
     def root(self, st: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The stored inverse root as dense fp32."""
-        return self.load(st, "root", offdiag=True)
+        return self.load(st, "root", symmetric=True)
 
     def operand(self, st: Mapping[str, torch.Tensor]) -> torch.Tensor | QuantizedMatrix:
         """The root in the form the preconditioning kernel takes."""
@@ -103,47 +108,63 @@ class Storage:
             return st["root"]
         cfg = self.cfg
         codes, absmax, diag = st["root_codes"], st["root_absmax"], st["root_diag"]
-        return QuantizedMatrix(codes, absmax, diag, cfg.order, self.codebook(codes.device), cfg.bits, cfg.block_size)
+        return QuantizedMatrix(
+            codes, absmax, diag, cfg.order, self.codebook(codes.device), cfg.bits, cfg.root_block_size, symmetric=True
+        )
 
     def codebook(self, device: torch.device) -> torch.Tensor:
         return get_codebook(self.cfg.codebook, self.cfg.bits, device)
 
-    def store(self, name: str, x: torch.Tensor, *, offdiag: bool = False, transpose: bool = False) -> Entries:
-        """Entries holding matrix ``x`` as ``name``: fp32, or quantized when the factor is."""
+    def store(self, name: str, x: torch.Tensor, *, symmetric: bool = False, transpose: bool = False) -> Entries:
+        """Entries holding matrix ``x`` as ``name``: fp32, or quantized when the factor is.
+
+        ``symmetric``: a symmetric matrix (a statistic or a root), stored as its fp32 diagonal
+        plus the quantized strict upper triangle in blocks of ``root_block_size``; otherwise
+        every row (of ``x^T`` with ``transpose``: every eigenvector) in blocks of ``block_size``.
+        """
         cfg = self.cfg
         if not cfg.quantized:
             return {name: x.float().contiguous()}
         if x.device.type == "meta":  # shapes only (checkpoint checks, memory estimates)
-            return self._describe(name, offdiag)
+            return self._describe(name, symmetric)
+        codebook = self.codebook(x.device)
+        if symmetric:
+            q = quantize_symmetric(x, codebook, cfg.bits, cfg.root_block_size, scale_dtype=cfg.scale_dtype)
+            return {f"{name}_codes": q.codes, f"{name}_absmax": q.absmax, f"{name}_diag": q.diag}
         q = kernels.quantize(
-            x, self.codebook(x.device), cfg.bits, cfg.block_size, offdiag=offdiag, transpose=transpose, backend=cfg.backend
+            x, codebook, cfg.bits, cfg.block_size, transpose=transpose, scale_dtype=cfg.scale_dtype, backend=cfg.backend
         )
-        out = {f"{name}_codes": q.codes, f"{name}_absmax": q.absmax}
-        if offdiag:
-            out[f"{name}_diag"] = q.diag
-        return out
+        return {f"{name}_codes": q.codes, f"{name}_absmax": q.absmax}
 
-    def _describe(self, name: str, offdiag: bool) -> Entries:
+    def _describe(self, name: str, symmetric: bool) -> Entries:
         cfg, n = self.cfg, self.cfg.order
         meta = dict(device="meta")
-        out = {
+        if symmetric:
+            numel, nblocks = n * (n - 1) // 2, sum(-(-(n - 1 - i) // cfg.root_block_size) for i in range(n - 1))
+            return {
+                f"{name}_codes": torch.empty(packed_numel(numel, cfg.bits), dtype=torch.uint8, **meta),
+                f"{name}_absmax": torch.empty(nblocks, dtype=cfg.scale_dtype, **meta),
+                f"{name}_diag": torch.empty(n, dtype=torch.float32, **meta),
+            }
+        return {
             f"{name}_codes": torch.empty(packed_numel(n * n, cfg.bits), dtype=torch.uint8, **meta),
-            f"{name}_absmax": torch.empty(n, -(-n // cfg.block_size), dtype=torch.float32, **meta),
+            f"{name}_absmax": torch.empty(n, -(-n // cfg.block_size), dtype=cfg.scale_dtype, **meta),
         }
-        if offdiag:
-            out[f"{name}_diag"] = torch.empty(n, dtype=torch.float32, **meta)
-        return out
 
-    def load(self, st: Mapping[str, torch.Tensor], name: str, *, offdiag: bool = False, transpose: bool = False) -> torch.Tensor:
+    def load(
+        self, st: Mapping[str, torch.Tensor], name: str, *, symmetric: bool = False, transpose: bool = False
+    ) -> torch.Tensor:
         """Matrix ``name`` as dense fp32."""
         cfg = self.cfg
         if not cfg.quantized:
             return st[name]
-        q = Quantized(st[f"{name}_codes"], st[f"{name}_absmax"], st[f"{name}_diag"] if offdiag else None)
         n = cfg.order
-        return kernels.dequantize(
-            q, self.codebook(q.codes.device), (n, n), cfg.bits, cfg.block_size, transpose=transpose, backend=cfg.backend
-        )
+        codebook = self.codebook(st[f"{name}_codes"].device)
+        if symmetric:
+            q = Quantized(st[f"{name}_codes"], st[f"{name}_absmax"], st[f"{name}_diag"])
+            return dequantize_symmetric(q, codebook, n, cfg.bits, cfg.root_block_size)
+        q = Quantized(st[f"{name}_codes"], st[f"{name}_absmax"], None)
+        return kernels.dequantize(q, codebook, (n, n), cfg.bits, cfg.block_size, transpose=transpose, backend=cfg.backend)
 
     def eye(self, device: torch.device) -> torch.Tensor:
         return torch.eye(self.cfg.order, dtype=torch.float32, device=device)

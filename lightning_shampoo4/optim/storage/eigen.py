@@ -25,7 +25,7 @@ class EigenStorage(Storage):
     def init(self, device: torch.device) -> Entries:
         eye = self.eye(device)
         eigvals = torch.full((self.cfg.order,), self.cfg.eps, dtype=torch.float32, device=device)
-        return {"eigvals": eigvals, **self.store("eigvecs", eye, transpose=True), **self.store("root", eye, offdiag=True)}
+        return {"eigvals": eigvals, **self.store("eigvecs", eye, transpose=True), **self.store("root", eye, symmetric=True)}
 
     def eigvecs(self, st: Mapping[str, torch.Tensor], bjorck_steps: int = 0) -> torch.Tensor:
         """The stored eigenvectors (columns), dequantized and Björck-rectified."""
@@ -61,5 +61,5 @@ class EigenStorage(Storage):
             root = linalg.eigen_inverse_root(eigvals.to(dtype), v.to(dtype), 4, cfg.eps)
             if all_finite(root):
                 status = OK if dtype == torch.float32 else RETRIED
-                return Update(self.store("root", root.float(), offdiag=True), status)
+                return Update(self.store("root", root.float(), symmetric=True), status)
         return Update({}, FAILED)

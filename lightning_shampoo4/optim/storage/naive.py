@@ -20,16 +20,16 @@ from .base import FAILED, OK, RETRIED, Entries, Storage, Update, all_finite
 class NaiveStorage(Storage):
     def init(self, device: torch.device) -> Entries:
         eye = self.eye(device)
-        return {**self.store("factor", self.cfg.eps * eye, offdiag=True), **self.store("root", eye, offdiag=True)}
+        return {**self.store("factor", self.cfg.eps * eye, symmetric=True), **self.store("root", eye, symmetric=True)}
 
     def statistic(self, st: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return self.load(st, "factor", offdiag=True)
+        return self.load(st, "factor", symmetric=True)
 
     def update_stats(self, st: Mapping[str, torch.Tensor], m: torch.Tensor) -> Update:
         a = torch.lerp(m, self.statistic(st), self.cfg.beta)
         if not all_finite(a):
             return Update({}, FAILED)
-        return Update(self.store("factor", a, offdiag=True), OK)
+        return Update(self.store("factor", a, symmetric=True), OK)
 
     def update_root(self, st: Mapping[str, torch.Tensor], fresh: Entries | None = None) -> Update:
         a = self.statistic(st)
@@ -39,4 +39,4 @@ class NaiveStorage(Storage):
             result = linalg.coupled_newton_inverse_root(a, 4, self.cfg.eps)
         if result is None:
             return Update({}, FAILED)
-        return Update(self.store("root", result.root, offdiag=True), RETRIED if result.retried else OK)
+        return Update(self.store("root", result.root, symmetric=True), RETRIED if result.retried else OK)
