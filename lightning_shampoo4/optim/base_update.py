@@ -34,9 +34,9 @@ def apply(optimizer, work: list, directions: list[torch.Tensor], found_inf: dict
         params = [p for p, _ in items]
         grads = [d for _, d in items]
         states = [optimizer.state[p] for p in params]
-        steps = [s["step"] for s in states]
         flag = found_inf[device]
-        torch._foreach_add_(steps, [1.0 - flag] * len(steps))  # no advance on a flagged step
+        # the new counts are stored only once the kernel has run (no advance on a flagged step)
+        steps = torch._foreach_add([s["step"] for s in states], [1.0 - flag] * len(states))
         if group["base"] == "adamw":
             beta1, beta2 = group["betas"]
             torch._fused_adamw_(
@@ -51,3 +51,5 @@ def apply(optimizer, work: list, directions: list[torch.Tensor], found_inf: dict
                 dampening=0.0, nesterov=group["nesterov"], maximize=False, is_first_step=False, grad_scale=None,
                 found_inf=flag,
             )
+        for s, step in zip(states, steps):
+            s["step"] = step

@@ -18,6 +18,7 @@ synchronizes anyway.
 from __future__ import annotations
 
 import time
+import warnings
 from collections import ChainMap
 from collections.abc import Callable, Iterable
 from typing import Any, Literal, NamedTuple
@@ -44,6 +45,7 @@ COUNTERS = (
     "failed_updates",  # updates that failed (non-finite result, linear-algebra error); previous kept
 )
 TIMERS = ("time_stats_s", "time_roots_s")
+SKIP_WARN_AFTER = 50  # consecutive skipped steps after which the optimizer warns, once
 
 # every per-group hyper-parameter (the constructor's arguments after params)
 HYPER_KEYS = (
@@ -185,6 +187,9 @@ class Shampoo4bit(Optimizer):
         """Counters and caches: everything here besides the counts is derived and rebuilt."""
         self._counts: dict[str, float] = {k: 0 for k in COUNTERS} | {k: 0.0 for k in TIMERS}
         self._skips: dict[torch.device, torch.Tensor] = {}  # device-side skipped-step counts
+        self._skip_mark = (0, 0)  # (clock, skipped steps) when the host last looked
+        self._skip_run = 0  # consecutive skipped steps seen so far
+        self._skip_warned = False
         self._plans: dict[int, _Plan] = {}
         self._group_cache: dict[int, tuple[tuple, dict[int, Storage]]] = {}
         self.sync_timers = False  # synchronize CUDA around PU / PIRU so the timers are exact
@@ -193,10 +198,30 @@ class Shampoo4bit(Optimizer):
     @property
     def counters(self) -> dict[str, float]:
         """Event counts and timers (see ``COUNTERS``); reading it waits for pending skips."""
-        out = dict(self._counts)
+        self._fold_skips()
+        return dict(self._counts)
+
+    def _fold_skips(self) -> None:
+        """Add the device-side skip counts to the host counts (waits for them: call it only
+        where the host synchronizes anyway), then warn once if every recent step was skipped."""
         for flag in self._skips.values():
-            out["skipped_nonfinite"] += int(flag.item())
-        return out
+            self._counts["skipped_nonfinite"] += int(flag.item())
+        self._skips.clear()
+        clock, skipped = self._counts["steps"], self._counts["skipped_nonfinite"]
+        last_clock, last_skipped = self._skip_mark
+        self._skip_mark = (clock, skipped)
+        if clock == last_clock:
+            return
+        self._skip_run = self._skip_run + clock - last_clock if skipped - last_skipped == clock - last_clock else 0
+        if self._skip_run >= SKIP_WARN_AFTER and not self._skip_warned:
+            self._skip_warned = True
+            warnings.warn(
+                f"Shampoo4bit skipped each of the last {self._skip_run} steps because a gradient or a preconditioned "
+                f"direction held inf / NaN (counters['skipped_nonfinite'] = {skipped}): nothing is being trained. "
+                "Check the loss and the parameters for inf / NaN.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     # -- groups and state ----------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -306,6 +331,7 @@ class Shampoo4bit(Optimizer):
         self._skips.clear()
         self._counts = {k: 0 for k in COUNTERS} | {k: 0.0 for k in TIMERS}
         self._counts.update({k: v for k, v in state_dict.get("counters", {}).items() if k in self._counts})
+        self._skip_mark, self._skip_run = (self._counts["steps"], self._counts["skipped_nonfinite"]), 0
         for group in self.param_groups:
             group.setdefault("clock", 0)
 
@@ -318,6 +344,7 @@ class Shampoo4bit(Optimizer):
         self._init_bookkeeping()
         if counts:
             self._counts.update(counts)
+            self._skip_mark = (self._counts["steps"], self._counts["skipped_nonfinite"])
         self.sync_timers = sync_timers
 
     # -- the step ------------------------------------------------------------------------
@@ -347,6 +374,7 @@ class Shampoo4bit(Optimizer):
         if updates_due and not _all_finite([p.grad for p, _, _ in work]):
             self._commit_clock(clock)
             self._counts["skipped_nonfinite"] += 1
+            self._fold_skips()
             return loss
 
         # 1. compute
@@ -398,23 +426,32 @@ class Shampoo4bit(Optimizer):
         if updates_due and any(bool(f) for f in found_inf.values()):
             self._commit_clock(clock)
             self._counts["skipped_nonfinite"] += 1
+            self._fold_skips()
             return loss
 
-        # 3. commit
+        # 3. commit: the base update first, the one part left that can raise (out of memory);
+        # it changes nothing when it does, and the new states it needed are taken back
+        for p, state in new_states.items():
+            self.state[p] = state
+        try:
+            base_update.apply(self, work, directions, found_inf)
+        except BaseException:
+            for p in new_states:
+                del self.state[p]
+            raise
         for state, prefix, entries in pending:
             for name, t in entries.items():
                 state[f"{prefix}.{name}" if prefix else name] = t
-        for p, state in new_states.items():
-            self.state[p] = state
         for k, v in counts.items():
             self._counts[k] += v
         for k, v in timers.items():
             self._counts[k] += v
         self._commit_clock(clock)
-        if not updates_due:
+        if updates_due:
+            self._fold_skips()  # the flags were read above: no extra wait
+        else:
             for dev, flag in found_inf.items():
                 self._skips[dev] = self._skips[dev] + flag if dev in self._skips else flag.clone()
-        base_update.apply(self, work, directions, found_inf)
         return loss
 
     def _commit_clock(self, clock: int) -> None:
