@@ -366,3 +366,32 @@ def test_optimizer_trajectory_is_the_same_with_triton_kernels():
     got, want = run("triton"), run("torch")
     assert torch.isfinite(got).all()
     assert _rel_err(got, want) < 1e-5
+
+
+def test_triton_failure_falls_back_once_with_a_warning(monkeypatch):
+    """Under "auto", a Triton kernel that fails to compile or launch is reported once and the
+    torch reference takes over; a forced "triton" backend raises instead."""
+    import warnings
+
+    import lightning_shampoo4.kernels as k
+    from lightning_shampoo4.kernels import reference, triton_quant
+    from lightning_shampoo4.quant import get_codebook
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PTX compile failed")
+
+    monkeypatch.setattr(k, "resolve_backend", lambda backend, device: "triton")
+    monkeypatch.setattr(triton_quant, "quantize", broken)
+    monkeypatch.setattr(k, "_BROKEN", set())
+    monkeypatch.delenv(k.ENV_VAR, raising=False)
+    x = torch.randn(8, 70)
+    cb = get_codebook("linear2", 4)
+    want = reference.quantize(x, cb, 4, 64)
+    with pytest.warns(RuntimeWarning, match="quantize"):
+        got = k.quantize(x, cb, 4, 64, backend="auto")
+    assert torch.equal(got.codes, want.codes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        assert torch.equal(k.quantize(x, cb, 4, 64, backend="auto").codes, want.codes)
+    with pytest.raises(RuntimeError, match="PTX"):
+        k.quantize(x, cb, 4, 64, backend="triton")

@@ -13,7 +13,9 @@ otherwise.
 
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 
 import torch
 
@@ -38,13 +40,44 @@ __all__ = [
 ]
 
 
+@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
-    """Whether ``triton`` imports (it is optional off Linux)."""
+    """Whether ``triton`` imports (it is optional off Linux); tried once per process."""
     try:
         import triton  # noqa: F401
-    except ImportError:
+    except Exception:  # noqa: BLE001 - a broken install raises more than ImportError
         return False
     return True
+
+
+_BROKEN: set[str] = set()  # kernels that failed to compile or launch in this process
+
+
+def _run(name: str, backend: str, device: torch.device, triton_call, torch_call):
+    """Run ``name`` on Triton when ``backend`` resolves to it, else the torch reference.
+
+    Under ``"auto"`` a Triton failure (compilation, launch, a missing driver) is reported
+    once with a warning and that kernel falls back to the reference for the rest of the
+    process; a backend forced to ``"triton"`` raises instead.
+    """
+    if name in _BROKEN and backend == "auto":
+        return torch_call()
+    if resolve_backend(backend, device) != "triton":
+        return torch_call()
+    forced = backend == "triton" or os.environ.get(ENV_VAR, "").strip().lower() == "triton"
+    try:
+        return triton_call()
+    except Exception as err:  # noqa: BLE001
+        if forced:
+            raise
+        _BROKEN.add(name)
+        warnings.warn(
+            f"lightning_shampoo4: the Triton kernel '{name}' failed ({type(err).__name__}: {err}); using the "
+            f"torch reference for it from now on. Set {ENV_VAR}=torch to silence this.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return torch_call()
 
 
 def triton_interpreted() -> bool:
@@ -94,14 +127,24 @@ def quantize(
     *,
     offdiag: bool = False,
     transpose: bool = False,
+    scale_dtype: torch.dtype = torch.float32,
     backend: str = "auto",
 ) -> Quantized:
-    """Block-wise quantize ``x``; see :func:`lightning_shampoo4.quant.quantize`."""
-    if resolve_backend(backend, x.device) == "triton":
+    """Block-wise quantize ``x``; see :func:`lightning_shampoo4.quant.quantize`.
+
+    The Triton kernel stores fp32 scales; other ``scale_dtype`` run the reference."""
+    def on_triton():
         from . import triton_quant
 
         return triton_quant.quantize(x, codebook, bits, block_size, offdiag=offdiag, transpose=transpose)
-    return reference.quantize(x, codebook, bits, block_size, offdiag=offdiag, transpose=transpose)
+
+    def on_torch():
+        return reference.quantize(x, codebook, bits, block_size, offdiag=offdiag, transpose=transpose,
+                                  scale_dtype=scale_dtype)
+
+    if scale_dtype != torch.float32:
+        return on_torch()
+    return _run("quantize", backend, x.device, on_triton, on_torch)
 
 
 def dequantize(
@@ -116,11 +159,21 @@ def dequantize(
     backend: str = "auto",
 ) -> torch.Tensor:
     """Rebuild a tensor from its quantized parts; see :func:`lightning_shampoo4.quant.dequantize`."""
-    if resolve_backend(backend, q[0].device) == "triton":
+    def on_triton():
         from . import triton_quant
 
         return triton_quant.dequantize(q, codebook, shape, bits, block_size, transpose=transpose, dtype=dtype)
-    return reference.dequantize(q, codebook, shape, bits, block_size, transpose=transpose, dtype=dtype)
+
+    if q[1].dtype != torch.float32:  # 16-bit scales: reference only
+        return reference.dequantize(q, codebook, shape, bits, block_size, transpose=transpose, dtype=dtype)
+
+    return _run("dequantize", backend, q[0].device, on_triton,
+                lambda: reference.dequantize(q, codebook, shape, bits, block_size, transpose=transpose, dtype=dtype))
+
+
+def _triton_layout(root: torch.Tensor | QuantizedMatrix) -> bool:
+    """Whether the fused kernel reads this root: dense, or full diag-real with fp32 scales."""
+    return isinstance(root, torch.Tensor) or (not root.symmetric and root.absmax.dtype == torch.float32)
 
 
 def precondition(
@@ -132,8 +185,39 @@ def precondition(
     backend: str = "auto",
 ) -> torch.Tensor:
     """``left @ grad @ right`` (fp32 result) where each root is dense or quantized."""
-    if resolve_backend(backend, grad.device) == "triton":
+    def on_triton():
         from . import triton_precond
 
         return triton_precond.precondition(grad, left, right, dtype=dtype)
-    return reference.precondition(grad, left, right, dtype=dtype)
+
+    if not (_triton_layout(left) and _triton_layout(right)):
+        return reference.precondition(grad, left, right, dtype=dtype)
+
+    return _run("precondition", backend, grad.device, on_triton,
+                lambda: reference.precondition(grad, left, right, dtype=dtype))
+
+
+def moment_update(
+    base: str,
+    p: torch.Tensor,
+    grad: torch.Tensor,
+    moments: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    *,
+    bits: int,
+    block_size: int,
+    hyper: dict,
+    backend: str = "auto",
+) -> None:
+    """One fused ``"adamw"`` / ``"sgd"`` step with quantized moments, in place on ``p`` and the
+    ``(codes, absmax, codebook)`` of each moment; see :mod:`lightning_shampoo4.quant.moments`."""
+    def on_triton():
+        from . import triton_moments
+
+        return triton_moments.moment_update(base, p, grad, moments, bits=bits, block_size=block_size, hyper=hyper)
+
+    def on_torch():
+        from ..quant import moments as _moments
+
+        return _moments.reference_update(base, p, grad, moments, bits=bits, block_size=block_size, hyper=hyper)
+
+    return _run("moment_update", backend, p.device, on_triton, on_torch)
