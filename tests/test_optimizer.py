@@ -424,3 +424,63 @@ def test_batched_preconditioning_matches_each_block_alone(dtype):
         want = reference.precondition(job.grad, job.left, job.right, dtype=dtype)
         tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(out, want, **tol)
+
+
+# -- quantized moments inside Shampoo4bit ----------------------------------------------------
+
+
+@pytest.mark.parametrize("base", ["adamw", "sgd"])
+def test_quantized_moments_train_resume_bit_identically_and_skip_non_finite(base):
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(64, 96), nn.Tanh(), nn.Linear(96, 5))  # 6144 >= 4096: quantized
+
+    kw = dict(lr=3e-3 if base == "adamw" else 0.05, base=base, moment_bits=4, stat_interval=1, root_interval=2)
+    x, y = torch.randn(32, 64), torch.randint(0, 5, (32,))
+
+    def train(m, opt, steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+
+    full = model()
+    opt_full = Shampoo4bit(full.parameters(), **kw)
+    train(full, opt_full, 6)
+    st = opt_full.state[full[0].weight]
+    moment_keys = {k for k in st if k.startswith(("exp_avg", "momentum_buffer"))}
+    assert moment_keys and all(k.endswith(("_codes", "_absmax")) for k in moment_keys)
+    assert all(st[k].dtype == torch.uint8 for k in moment_keys if k.endswith("_codes"))
+
+    half = model()
+    opt_half = Shampoo4bit(half.parameters(), **kw)
+    train(half, opt_half, 3)
+    buf = io.BytesIO()
+    torch.save(opt_half.state_dict(), buf)
+    buf.seek(0)
+    opt_resumed = Shampoo4bit(half.parameters(), **kw)
+    opt_resumed.load_state_dict(torch.load(buf, weights_only=True))
+    train(half, opt_resumed, 3)
+    for p, q in zip(full.parameters(), half.parameters()):
+        assert torch.equal(p, q)
+
+    before = copy.deepcopy(opt_resumed.state[half[0].weight])
+    w = half[0].weight.detach().clone()
+    opt_resumed.zero_grad()
+    nn.functional.cross_entropy(half(x), y).backward()
+    half[0].weight.grad[0, 0] = float("nan")
+    opt_resumed.step()
+    _state_equal(before, opt_resumed.state[half[0].weight])
+    assert torch.equal(w, half[0].weight) and opt_resumed.counters["skipped_nonfinite"] == 1
+
+
+def test_moment_bits_is_checked_and_frozen_once_state_exists():
+    m = nn.Linear(80, 80)
+    with pytest.raises(ValueError, match="moment_bits"):
+        Shampoo4bit(m.parameters(), moment_bits=2)
+    opt = Shampoo4bit(m.parameters(), moment_bits=4)
+    m(torch.randn(2, 80)).sum().backward()
+    opt.step()
+    opt.param_groups[0]["moment_bits"] = 8
+    with pytest.raises(ValueError, match="moment_bits 4 -> 8"):
+        opt.step()

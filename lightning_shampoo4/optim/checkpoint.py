@@ -91,8 +91,8 @@ def load_optimizer_state(optimizer, state_dict: dict[str, Any], torch_load: Call
         if not isinstance(saved_state, Mapping):
             raise CheckpointMismatchError(f"the state of {what} should be a dict, the checkpoint holds "
                                           f"{type(saved_state).__name__}")
-        state = _upgrade(dict(saved_state), p, merged)
         expected = optimizer._new_state(p, merged, device="meta")
+        state = _upgrade(dict(saved_state), p, merged, expected)
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         if missing or unexpected:
@@ -146,7 +146,7 @@ def load_optimizer_state(optimizer, state_dict: dict[str, Any], torch_load: Call
         optimizer.state[p] = st
 
 
-def _upgrade(state: dict[str, Any], p: torch.Tensor, group: dict) -> dict[str, Any]:
+def _upgrade(state: dict[str, Any], p: torch.Tensor, group: dict, expected: dict[str, Any]) -> dict[str, Any]:
     """Fill in what checkpoints of version 0.1 stored differently (Python step counts, a
     momentum buffer created lazily) and the per-optimizer clock they lacked."""
     step = state.get("step")
@@ -154,6 +154,6 @@ def _upgrade(state: dict[str, Any], p: torch.Tensor, group: dict) -> dict[str, A
         state["step"] = torch.tensor(float(step), dtype=torch.float32)
         group.setdefault("clock", int(step))
         group["clock"] = max(group["clock"], int(step))
-    if group["base"] == "sgd" and group["momentum"] and "momentum_buffer" not in state:
+    if "momentum_buffer" in expected and "momentum_buffer" not in state:
         state["momentum_buffer"] = torch.zeros_like(p)
     return state
