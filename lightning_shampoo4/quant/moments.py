@@ -68,8 +68,8 @@ from typing import NamedTuple
 
 import torch
 
-from .blockwise import pack4, packed_numel, unpack4
-from .codebooks import get_codebook, midpoints
+from .blockwise import Quantized, dequantize, packed_numel, quantize
+from .codebooks import get_codebook
 
 __all__ = [
     "BASES",
@@ -193,27 +193,19 @@ def moment_codebook(name: str, bits: int, device: torch.device | str | None = No
 
 
 def quantize_moment(x: torch.Tensor, codebook: torch.Tensor, bits: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes, absmax) of ``x`` in flat blocks (the layout of the module docstring)."""
-    flat = x.detach().reshape(-1).float()
-    numel = flat.numel()
-    nblocks = -(-numel // block_size)
-    padded = flat.new_zeros(nblocks * block_size)
-    padded[:numel] = flat
-    blocks = padded.view(nblocks, block_size)
-    absmax = blocks.abs().amax(dim=1)
-    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    normalized = (blocks / safe[:, None]).view(-1)[:numel]
-    idx = torch.bucketize(normalized, midpoints(codebook.to(flat.device)), right=False).to(torch.uint8)
-    return (pack4(idx) if bits == 4 else idx), absmax
+    """(codes, absmax) of ``x`` in flat blocks (the layout of the module docstring).
+
+    The flat layout is the block-wise quantizer's layout of one long row, so that runs here.
+    """
+    q = quantize(x.detach().reshape(-1), codebook, bits, block_size)
+    return q.codes, q.absmax.view(-1)
 
 
 def dequantize_moment(
     codes: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor, numel: int, bits: int, block_size: int
 ) -> torch.Tensor:
     """The flat fp32 moment of ``numel`` elements stored as ``codes`` / ``absmax``."""
-    idx = unpack4(codes, numel) if bits == 4 else codes[:numel]
-    scale = absmax.repeat_interleave(block_size)[:numel]
-    return codebook.to(codes.device)[idx.long()] * scale
+    return dequantize(Quantized(codes, absmax.view(1, -1)), codebook, (numel,), bits, block_size)
 
 
 # ----------------------------------------------------------------------------- state
