@@ -47,6 +47,7 @@ __all__ = [
     "all_true",
     "block_cost",
     "block_index",
+    "check_comm_dtype",
     "check_mode",
     "check_replicated",
     "detect",
@@ -56,6 +57,7 @@ __all__ = [
     "import_state",
     "is_sharded",
     "local_view",
+    "max_across",
     "plan_for",
     "prune_state",
     "shard_layout",
@@ -114,7 +116,7 @@ def _placement(p: torch.Tensor) -> str:
 
     mesh, placements = p.device_mesh, tuple(p.placements)
     if mesh.ndim != 1 or len(placements) != 1:
-        raise _refuse(f"DTensor parameters on a {mesh.ndim}-D device mesh with placements {placements} (HSDP, 2-D parallelism)")
+        raise _refuse(f"DTensor parameters on a {mesh.ndim}-D device mesh with placements {placements} (HSDP, 2-D)")
     pl = placements[0]
     if type(pl) is Shard and pl.dim in (0, -p.ndim):
         return "shard0"
@@ -205,8 +207,18 @@ def all_true(flag: torch.Tensor, group: Any = None) -> bool:
 def sum_across(t: torch.Tensor, group: Any = None) -> torch.Tensor:
     """Sum ``t`` over the ranks of ``group`` (e.g. squared norms of local shards, for grafting on
     the whole parameter's norm): one all_reduce, no host sync on NCCL."""
-    buf = t.to(_comm_device(t.device, group))
-    dist.all_reduce(buf, group=group)
+    return _reduce(t, dist.ReduceOp.SUM, group)
+
+
+def max_across(t: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """Elementwise maximum of ``t`` over the ranks (e.g. a device-side "found inf" flag that must
+    skip the step on every rank): one all_reduce, no host sync on NCCL."""
+    return _reduce(t, dist.ReduceOp.MAX, group)
+
+
+def _reduce(t: torch.Tensor, op: Any, group: Any) -> torch.Tensor:
+    buf = t.to(_comm_device(t.device, group), copy=True)
+    dist.all_reduce(buf, op=op, group=group)
     return buf.to(t.device)
 
 
@@ -220,7 +232,8 @@ def local_view(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     if grad is not None:
         if _is_dtensor(grad):
             if tuple(grad.placements) != tuple(p.placements):
-                raise _refuse(f"a gradient with placements {tuple(grad.placements)} for a parameter with {tuple(p.placements)}")
+                got, want = tuple(grad.placements), tuple(p.placements)
+                raise _refuse(f"a gradient with placements {got} for a parameter with placements {want}")
             grad = grad.to_local()
         elif grad.shape != p.to_local().shape:
             raise _refuse("a plain gradient that is not the parameter's local shard")
@@ -440,12 +453,21 @@ def export_state(p: torch.Tensor, state: Mapping[str, Any]) -> dict[str, Any]:
     from torch.distributed.tensor import DTensor
 
     local_shape = p.to_local().shape
+    uneven = p.shape[0] % p.device_mesh.size() != 0  # the same answer on every rank
     out: dict[str, Any] = {}
     for key, v in state.items():
         if not isinstance(v, torch.Tensor) or _is_dtensor(v):
             out[key] = v
         elif kind_of(key) == "moments" and v.shape == local_shape:
-            out[key] = DTensor.from_local(v, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+            out[key] = DTensor.from_local(
+                v, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+            )
+        elif kind_of(key) == "moments" and uneven:  # e.g. quantized moments: sized by the local rows
+            raise NotImplementedError(
+                f"state {key!r} of a parameter of shape {tuple(p.shape)} sharded unevenly over "
+                f"{p.device_mesh.size()} ranks has a rank-dependent size, which torch.distributed.checkpoint "
+                "cannot store as one row per rank; keep such moments in the shape of the local shard"
+            )
         else:
             out[key] = _stacked(v, p)
     return out
