@@ -16,15 +16,17 @@ Optimizers (all share one warm-up + cosine schedule, gradient clipping at norm 1
 ------------------------------------------------------------------------------------------------
 ``adamw``       torch.optim.AdamW.
 ``shampoo32``   Shampoo4bit(bits=32) grafted on AdamW.
-``naive4``      Shampoo4bit(bits=4, quantize="preconditioner", root_method="eigen"): the factors
-                and roots themselves quantized, the root taken by an exact eigendecomposition of
-                the quantized factor. (Its default coupled Schur-Newton root diverges on indefinite
-                quantized factors and then falls back to that same eigh root; using eigh directly
-                keeps the comparison about quantization, not about the accuracy of the root.)
+``naive4``      Shampoo4bit(bits=4, quantize="preconditioner"): the factors and roots themselves
+                quantized, the root taken by the paper's naive baseline (coupled Newton, at most
+                10 iterations, early stop).
 ``shampoo4``    Shampoo4bit(bits=4): 4-bit eigenvectors, the paper's method.
+``shampoo4_m4`` Shampoo4bit(bits=4, moment_bits=4): the same with AdamW's moments at 4 bits.
 ``muon``        torch.optim.Muon (Newton-Schulz orthogonalised momentum, ``adjust_lr_fn=
                 "match_rms_adamw"`` so it shares AdamW's learning-rate scale) on the hidden 2-D
                 weight matrices; AdamW on embeddings, the output head, biases and norms, same lr.
+
+``--reuse NAME ...`` takes those optimizers' records from an earlier results file (``--reuse-from``)
+when its task settings are identical, e.g. torch's AdamW and Muon, which no change here affects.
 
 Protocol: a learning-rate sweep on seed 0 for every optimizer, the best lr chosen by final
 validation loss (a best lr on the edge of the grid extends the grid that way, by the grid's
@@ -57,11 +59,13 @@ from _common import LABELS, base_parser, setup_run, table, write_result
 from lightning_shampoo4 import Shampoo4bit
 
 NAME = "quality"
-OPTIMIZERS = ("adamw", "shampoo32", "naive4", "shampoo4", "muon")
+OPTIMIZERS = ("adamw", "shampoo32", "naive4", "shampoo4", "shampoo4_m4", "muon")
+LABELS = {**LABELS, "shampoo4_m4": "4-bit Shampoo + 4-bit moments"}
 SHAMPOO_KW = {
     "shampoo32": dict(bits=32),
-    "naive4": dict(bits=4, quantize="preconditioner", root_method="eigen"),
+    "naive4": dict(bits=4, quantize="preconditioner"),
     "shampoo4": dict(bits=4),
+    "shampoo4_m4": dict(bits=4, moment_bits=4),
 }
 
 # -- task configurations -------------------------------------------------------------------
@@ -355,7 +359,10 @@ def summarize(values: list[float]) -> dict[str, float]:
     }
 
 
-def run_task(task: str, cfg: dict[str, Any], optimizers: list[str], seeds: int, log) -> dict[str, Any]:
+def run_task(task: str, cfg: dict[str, Any], optimizers: list[str], seeds: int, log,
+             reused: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Sweep and final runs of every optimizer; ``reused`` (an earlier run of this task with the
+    same settings) supplies the records of the optimizers it holds."""
     if task == "digits":
         data = load_digits_split()
         data_info = {"source": "sklearn.datasets.load_digits", "train": int(data["y_train"].numel()),
@@ -377,7 +384,12 @@ def run_task(task: str, cfg: dict[str, Any], optimizers: list[str], seeds: int, 
         ok = [k for k, r in runs.items() if not r["diverged"]]
         return float(min(ok or runs, key=lambda k: runs[k]["val_loss"]))
 
+    reused = reused or {"sweep": {}, "best_lr": {}, "final": {}}
     for name in optimizers:
+        if name in reused["final"]:
+            sweep[name], best[name] = reused["sweep"][name], reused["best_lr"][name]
+            log(f"[{task}] {name}: reused from the earlier results (lr {best[name]:g})")
+            continue
         sweep[name] = {}
         for lr in lrs:
             try_lr(name, lr)
@@ -403,6 +415,9 @@ def run_task(task: str, cfg: dict[str, Any], optimizers: list[str], seeds: int, 
         best[name] = pick(name)
     finals: dict[str, Any] = {}
     for name in optimizers:
+        if name in reused["final"]:
+            finals[name] = reused["final"][name]
+            continue
         lr = best[name]
         runs = [sweep[name][repr(lr)]]
         for seed in range(1, seeds):
@@ -483,6 +498,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=None, help="override the training steps of every task")
     parser.add_argument("--lrs", type=float, nargs="+", default=None, help="override the learning-rate grid")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--reuse", nargs="+", default=[], choices=OPTIMIZERS,
+                        help="take these optimizers' records from --reuse-from (same task settings only)")
+    parser.add_argument("--reuse-from", type=Path, default=Path(__file__).resolve().parent / "results" / "quality.json",
+                        help="the earlier results file for --reuse")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     run = setup_run(args)
@@ -500,8 +519,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             cfg["eval_every"] = max(1, min(cfg["eval_every"], args.steps // 4 or 1))
         if args.lrs:
             cfg["lrs"] = list(args.lrs)
+        reused = None
+        if args.reuse:
+            import json
+
+            earlier = json.loads(args.reuse_from.read_text())["tasks"].get(task)
+            if earlier is None or earlier["config"] != cfg:
+                parser.error(f"--reuse: {args.reuse_from} has no {task} run with these settings")
+            reused = {k: {n: earlier[k][n] for n in args.reuse if n in earlier["final"]}
+                      for k in ("sweep", "best_lr", "final")}
+            missing = [n for n in args.reuse if n not in earlier["final"]]
+            if missing:
+                parser.error(f"--reuse: {args.reuse_from} has no {task} records for {missing}")
         t0 = time.perf_counter()
-        results[task] = run_task(task, cfg, list(args.optimizers), seeds, log)
+        results[task] = run_task(task, cfg, list(args.optimizers), seeds, log, reused)
         results[task]["wall_s"] = round(time.perf_counter() - t0, 1)
         if not args.no_plots:
             results[task]["plots"] = plot_task(task, results[task], args.out)
