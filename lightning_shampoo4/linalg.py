@@ -19,6 +19,7 @@ __all__ = [
     "eigh_inverse_root",
     "eigen_inverse_root",
     "is_finite",
+    "newton_inverse_root_early_stop",
     "orthogonality_error",
     "subspace_iteration",
 ]
@@ -80,7 +81,7 @@ def eigen_inverse_root(
 def _eigh_root(a: torch.Tensor, p: int, eps: float) -> torch.Tensor | None:
     try:
         eigvals, eigvecs = torch.linalg.eigh(a)
-    except RuntimeError:  # torch.linalg.LinAlgError derives from RuntimeError
+    except torch.linalg.LinAlgError:  # other RuntimeErrors (out of memory) propagate
         return None
     root = eigen_inverse_root(eigvals, eigvecs, p, eps)
     return root if is_finite(root) else None
@@ -156,3 +157,56 @@ def coupled_newton_inverse_root(
         return RootResult(root, False)
     fallback = eigh_inverse_root(a, p, eps)
     return None if fallback is None else RootResult(fallback.root, True)
+
+
+def newton_inverse_root_early_stop(
+    a: torch.Tensor,
+    p: int = 4,
+    eps: float = 1e-6,
+    max_iters: int = 10,
+    tol: float = 1e-6,
+    growth: float = 1.2,
+    power_iters: int = 100,
+    stats: dict | None = None,
+) -> RootResult | None:
+    """The naive baseline's inverse p-th root (SPEC.md section 4, "Baselines"): coupled
+    Newton with the baseline's early stop, kept apart from :func:`coupled_newton_inverse_root`.
+
+    ``rho = eps * lambda_max`` (power iteration), ``z = (p + 1) / (2 ||A + rho I||_F)``,
+    ``X0 = z^(1/p) I``, ``M0 = z (A + rho I)``; then ``T = ((p + 1) I - M) / p``,
+    ``X <- X T``, ``M <- T^p M``, at most ``max_iters`` times; it stops once
+    ``max|M - I| < tol``, and keeps the previous X as soon as that error grows more than
+    ``growth`` times. No eigh fallback, no clamping: on an indefinite (quantized) factor it
+    stops early and returns the X it has, which is part of what the baseline measures. Runs in
+    ``a``'s dtype; ``None`` only for non-finite input or X. ``stats``, if given, receives
+    ``iterations``, ``error`` and ``stop`` ("converged", "error_grew" or "max_iters").
+    """
+    if not is_finite(a):
+        return None
+    n = a.shape[-1]
+    eye = torch.eye(n, dtype=a.dtype, device=a.device)
+    # lambda_max floored at 1e-16 so that an all-zero factor still gives a finite z
+    lam_max = _spectral_norm_estimate(a, power_iters).clamp(min=1e-16)
+    damped = a + eps * lam_max * eye
+    z = (p + 1) / (2 * torch.linalg.matrix_norm(damped))
+    m = z * damped
+    x = z.pow(1.0 / p) * eye
+    err = float((m - eye).abs().max())
+    done, stop = 0, "max_iters"
+    while True:
+        if err < tol:
+            stop = "converged"
+            break
+        if done == max_iters:
+            break
+        t = ((p + 1) * eye - m) / p
+        m_next = torch.linalg.matrix_power(t, p) @ m
+        err_next = float((m_next - eye).abs().max())
+        if not math.isfinite(err_next) or err_next > growth * err:
+            stop = "error_grew"  # keep the previous X
+            break
+        x, m, err = x @ t, m_next, err_next
+        done += 1
+    if stats is not None:
+        stats.update(iterations=done, error=err, stop=stop)
+    return RootResult(x, False) if is_finite(x) else None

@@ -176,3 +176,66 @@ def test_newton_on_an_indefinite_matrix_falls_back_to_eigh():
     assert result is not None and result.retried
     expected = linalg.eigh_inverse_root(a, 4, 1e-6).root
     assert torch.allclose(result.root, expected)
+
+
+# -- the naive baseline's Newton root (SPEC.md section 4, "Baselines") ----------------------------
+
+
+@pytest.mark.parametrize("n, rank", [(10, 12), (40, 60), (64, 640)])
+def test_newton_early_stop_matches_float64_on_well_conditioned(n, rank):
+    a = _random_psd(n, rank=rank, seed=n).float()
+    stats = {}
+    result = linalg.newton_inverse_root_early_stop(a, 4, 1e-6, stats=stats)
+    assert result is not None and not result.retried and result.root.dtype == torch.float32
+    ref = _ref_root(a, 4, 1e-6)
+    assert (result.root.double() - ref).norm() / ref.norm() < 1e-3
+    assert stats["stop"] == "converged" and stats["iterations"] <= 10 and stats["error"] < 1e-6
+
+
+def test_newton_early_stop_starts_from_the_spec_scaling():
+    """With no iteration, X0 = z^(1/p) I, z = (p + 1) / (2 ||A + rho I||_F), rho = eps lambda_max."""
+    a = _random_psd(20, seed=3)
+    eps = 1e-3
+    lam_max = torch.linalg.eigvalsh(a).max()
+    z = 5 / (2 * torch.linalg.matrix_norm(a + eps * lam_max * torch.eye(20, dtype=a.dtype)))
+    result = linalg.newton_inverse_root_early_stop(a, 4, eps, max_iters=0)
+    assert torch.allclose(result.root, z**0.25 * torch.eye(20, dtype=a.dtype), rtol=1e-6)
+
+
+def test_newton_early_stop_caps_the_iterations():
+    """An ill-conditioned factor does not converge in 10 iterations: the 10th X is returned."""
+    a = _random_psd(50, rank=50, seed=1).float()  # condition ~ 1e5
+    stats = {}
+    result = linalg.newton_inverse_root_early_stop(a, 4, 1e-6, stats=stats)
+    assert result is not None and linalg.is_finite(result.root)
+    assert stats == {"iterations": 10, "error": stats["error"], "stop": "max_iters"} and stats["error"] > 1e-6
+    more = linalg.newton_inverse_root_early_stop(a, 4, 1e-6, max_iters=30)
+    ref = _ref_root(a, 4, 1e-6)
+    assert (more.root.double() - ref).norm() < (result.root.double() - ref).norm()
+
+
+def test_newton_early_stop_on_an_indefinite_matrix_keeps_the_last_good_x():
+    """A quantized factor can be indefinite: the error grows, the previous X is kept, no eigh
+    fallback, no exception, a finite result that is not the clamped eigh root."""
+    w = torch.tensor([1.0, 0.5, 0.1, -0.05], dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    a = ((q * w) @ q.T).float()
+    stats = {}
+    result = linalg.newton_inverse_root_early_stop(a, 4, 1e-6, stats=stats)
+    assert result is not None and not result.retried and linalg.is_finite(result.root)
+    assert stats["stop"] == "error_grew" and stats["iterations"] < 10 and stats["error"] > 1e-6
+    # the kept X is the last iterate before the error grew: rerunning with that many iterations gives it
+    capped = linalg.newton_inverse_root_early_stop(a, 4, 1e-6, max_iters=stats["iterations"])
+    assert torch.equal(capped.root, result.root)
+    clamped = linalg.eigh_inverse_root(a, 4, 1e-6).root
+    assert not torch.allclose(result.root, clamped, atol=1e-2)
+
+
+def test_newton_early_stop_edge_inputs():
+    nan = torch.eye(4)
+    nan[1, 2] = float("nan")
+    assert linalg.newton_inverse_root_early_stop(nan) is None
+    zero = linalg.newton_inverse_root_early_stop(torch.zeros(6, 6))
+    assert zero is not None and linalg.is_finite(zero.root)
+    # the kept coupled Newton (iterate to convergence, eigh fallback) is still there
+    assert linalg.coupled_newton_inverse_root is not linalg.newton_inverse_root_early_stop

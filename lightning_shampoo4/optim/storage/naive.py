@@ -36,7 +36,7 @@ class NaiveStorage(Storage):
         if self.cfg.root_method == "eigen":
             result = linalg.eigh_inverse_root(a, 4, self.cfg.eps)
         else:
-            result = linalg.coupled_newton_inverse_root(a, 4, self.cfg.eps)
+            result = linalg.newton_inverse_root_early_stop(a, 4, self.cfg.eps)
         if result is None:
             return Update({}, FAILED)
         return Update(self.store("root", result.root, symmetric=True), RETRIED if result.retried else OK)
