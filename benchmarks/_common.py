@@ -115,13 +115,24 @@ def setup_run(args: argparse.Namespace, device: str = "cpu") -> dict[str, Any]:
     }
 
 
-def write_result(out: Path, name: str, payload: dict[str, Any], run: dict[str, Any], argv: Sequence[str]) -> Path:
-    """Write ``out/name.json``: ``payload`` plus machine and run information."""
+def write_result(
+    out: Path,
+    name: str,
+    payload: dict[str, Any],
+    run: dict[str, Any],
+    argv: Sequence[str],
+    script: str | None = None,
+) -> Path:
+    """Write ``out/name.json``: ``payload`` plus machine and run information.
+
+    ``script`` names the script that ran when it is not ``benchmarks/<name>.py`` (a script that
+    writes more than one result file); the recorded command starts with it.
+    """
     record = {
         "benchmark": name,
         "machine": run["machine"],
         "run": {
-            "command": " ".join([f"python benchmarks/{name}.py", *argv]),
+            "command": " ".join([f"python benchmarks/{script or name}.py", *argv]),
             "started": run["started"],
             "wall_s": round(time.perf_counter() - run["t0"], 2),
         },
