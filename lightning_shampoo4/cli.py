@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule
@@ -257,8 +258,22 @@ def _bytes(n: float) -> str:
     return f"{int(n):,} B ({value:.2f} {unit})"
 
 
-def _param_bytes(optimizer: Any) -> int:
-    return sum(p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"])
+def _param_numel(optimizer: Any) -> int:
+    return sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+
+
+def adamw_bytes(optimizer: Any) -> int:
+    """State bytes fp32 AdamW keeps for ``optimizer``'s parameters: two fp32 moments, 8 bytes per
+    element whatever the parameters' dtype."""
+    return 8 * _param_numel(optimizer)
+
+
+def _moment_storage(optimizer: Any) -> str:
+    """``"fp32"``, ``"4-bit codes + scales"``, ... from the groups' ``moment_bits``."""
+    bits = sorted({g.get("moment_bits", 32) for g in optimizer.param_groups}, reverse=True)
+    if bits == [32]:
+        return "fp32" if all(p.dtype == torch.float32 for g in optimizer.param_groups for p in g["params"]) else "param dtype"
+    return "/".join(f"{b}-bit" for b in bits if b != 32) + " codes + scales; small tensors dense"
 
 
 def shampoo32_bytes(optimizer: Any) -> dict[str, int] | None:
@@ -271,7 +286,7 @@ def shampoo32_bytes(optimizer: Any) -> dict[str, int] | None:
     try:
         groups = [
             {**{k: v for k, v in g.items() if k != "params"}, "bits": 32, "quantize": "eigenvectors", "root_method": None,
-             "params": [p.detach().to("meta") for p in g["params"]]}
+             "moment_bits": 32, "params": [p.detach().to("meta") for p in g["params"]]}
             for g in optimizer.param_groups
         ]
         shadow = Shampoo4bit(groups)
@@ -310,20 +325,21 @@ def fit_summary(trainer: Any, module: Any, recipe: str, seconds: float, log_dir:
     ]
     if optimizer is not None:
         report = optimizer.memory_report() if hasattr(optimizer, "memory_report") else memory_report(optimizer.state.values())
-        params = _param_bytes(optimizer)
-        adamw = 2 * params
+        numel = _param_numel(optimizer)
+        adamw = adamw_bytes(optimizer)
+        versus = f"; this run: {report['total'] / adamw:.2f}x AdamW" if adamw else ""
         lines += [
             f"  optimizer state   {_bytes(report['total'])} total",
             f"    second-order    {_bytes(report['second_order'])}",
-            f"    moments         {_bytes(report['moments'])}",
-            f"  AdamW would keep  {_bytes(adamw)} (2 moments x {params:,} B of parameters)"
-            f"; this run: {report['total'] / adamw:.2f}x AdamW",
+            f"    moments         {_bytes(report['moments'])} ({_moment_storage(optimizer)})",
+            f"  AdamW would keep  {_bytes(adamw)} (2 fp32 moments x {numel:,} parameters){versus}",
         ]
         ref = shampoo32_bytes(optimizer) if cfg is not None and cfg.is_shampoo else None
-        if ref is not None and cfg.shampoo_kwargs()["bits"] != 32 and ref["second_order"]:
+        if ref is not None and cfg.shampoo_kwargs()["bits"] != 32 and ref["second_order"] and report["second_order"]:
             saved = 1 - report["second_order"] / ref["second_order"]
             lines.append(
                 f"  32-bit Shampoo    {_bytes(ref['second_order'])} second-order; this run keeps {100 * saved:.1f} % less"
+                f" ({ref['second_order'] / report['second_order']:.1f}x smaller)"
             )
     if log_dir is _ASK_TRAINER:
         log_dir = trainer.log_dir

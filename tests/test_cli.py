@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -62,6 +63,20 @@ def test_console_script_runs_the_default_recipe(tmp_path):
 def test_recipe_flag_picks_the_recipe(capsys, tmp_path):
     assert main(["fit", "--recipe", "digits_mlp", *SHORT, "--trainer.default_root_dir", str(tmp_path)]) == 0
     assert "digits_mlp: mlp on DigitsDataModule" in capsys.readouterr().out
+
+
+def test_quantized_moments_run_reports_less_than_adamw(capsys, tmp_path):
+    args = ["fit", "--optimizer.moment_bits", "4", *SHORT, "--trainer.default_root_dir", str(tmp_path)]
+    assert main(args) == 0
+    summary = capsys.readouterr().out.split("lightning-shampoo4 fit summary")[-1]
+    assert "optimizer         4-bit Shampoo + 4-bit AdamW" in summary
+    assert "(4-bit codes + scales; small tensors dense)" in summary
+    total = int(re.search(r"optimizer state   ([\d,]+) B", summary).group(1).replace(",", ""))
+    moments = int(re.search(r"moments         ([\d,]+) B", summary).group(1).replace(",", ""))
+    numel = sum(p.numel() for p in get_recipe().build_module().parameters())
+    ratio = float(re.search(r"this run: ([\d.]+)x AdamW", summary).group(1))
+    assert moments < 2 * 4 * numel / 4  # codes + scales of two moments: far below fp32 AdamW's
+    assert ratio == pytest.approx(total / (8 * numel), abs=0.005) and ratio < 1.0
 
 
 def test_first_order_run_reports_its_state(capsys, tmp_path):

@@ -183,6 +183,32 @@ def test_variants_resolve_to_shampoo_settings(variant, bits, quantize):
         OptimizerConfig(variant="first_order").shampoo_kwargs()
 
 
+def test_moment_bits_reach_the_optimizer_and_its_name():
+    r = get_recipe("vit_small_cifar100", overrides=["optimizer.moment_bits=4"])
+    assert r.optimizer.shampoo_kwargs()["moment_bits"] == 4 and r.optimizer.describe() == "4-bit Shampoo + 4-bit AdamW"
+    assert get_recipe("resnet34_cifar100").optimizer.moment_bits == 32  # the paper's fp32 moments by default
+    assert get_recipe("resnet34_cifar100", **{"optimizer.moment_bits": 8}).optimizer.describe() == "4-bit Shampoo + 8-bit SGDM"
+    with pytest.raises(RecipeError, match=r"optimizer\.moment_bits.*expected one of \[4, 8, 32\]"):
+        get_recipe("vit_small_cifar100", overrides=["optimizer.moment_bits=2"])
+    with pytest.raises(RecipeError, match="moment_bits=4 needs a Shampoo variant"):
+        get_recipe("vit_small_cifar100", overrides=["optimizer.variant=first_order", "optimizer.moment_bits=4"])
+
+
+@pytest.mark.parametrize("name", ["digits_mlp", "digits_resnet18"])  # AdamW and SGDM bases
+def test_quantized_moments_recipe_trains_and_keeps_less_than_adamw(name):
+    trainer, _ = fit(tiny(name, "optimizer.moment_bits=4"))
+    optimizer = trainer.optimizers[0]
+    assert {g["moment_bits"] for g in optimizer.param_groups} == {4}
+    assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
+    keys = {k for st in optimizer.state.values() for k in st}
+    big = [p for g in optimizer.param_groups for p in g["params"] if p.numel() >= 4096]
+    if big:  # tensors of >= 4096 elements keep codes + scales, still counted as moments
+        moment = "exp_avg" if optimizer.param_groups[0]["base"] == "adamw" else "momentum_buffer"
+        assert {f"{moment}_codes", f"{moment}_absmax"} <= keys
+        fp32 = sum(p.numel() * 4 * (2 if moment == "exp_avg" else 1) for g in optimizer.param_groups for p in g["params"])
+        assert optimizer.memory_report()["moments"] < fp32 / 2
+
+
 def test_milestones_stay_increasing_in_tiny_runs():
     assert milestone_steps([0.3, 0.6, 0.9], 1000) == (300, 600, 900)
     assert milestone_steps([0.3, 0.6, 0.9], 2) == (1, 2, 3)

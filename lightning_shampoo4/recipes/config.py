@@ -108,6 +108,9 @@ class OptimizerConfig:
         eps: AdamW denominator epsilon.
         bits: override the variant's bits (4, 8 or 32); null = from the variant.
         quantize: override what is quantized (eigenvectors or preconditioner); null = from the variant.
+        moment_bits: storage of the base optimizer's moments (AdamW's two, SGD's momentum): 32
+            (fp32), 8 or 4 (block-quantized codes; 4-bit Shampoo + 4-bit moments keeps less
+            state than fp32 AdamW). Shampoo variants only.
         codebook: quantization codebook: linear2 (paper default), dynamic or linear.
         block_size: elements per quantization block (one fp32 scale each).
         min_quant_numel: factors with fewer elements stay fp32 (4096: order >= 64 is quantized).
@@ -133,6 +136,7 @@ class OptimizerConfig:
     eps: float = 1e-8
     bits: Optional[Literal[4, 8, 32]] = None
     quantize: Optional[Literal["eigenvectors", "preconditioner"]] = None
+    moment_bits: Literal[4, 8, 32] = 32
     codebook: Literal["linear2", "dynamic", "linear"] = "linear2"
     block_size: int = 64
     min_quant_numel: int = 4096
@@ -163,6 +167,11 @@ class OptimizerConfig:
                         f"optimizer.{key}={getattr(self, key)!r} has no effect with variant='first_order'; "
                         "pick a Shampoo variant (4bit, 8bit, 32bit, naive4bit) or leave it null"
                     )
+            if self.moment_bits != 32:
+                raise RecipeError(
+                    f"optimizer.moment_bits={self.moment_bits!r} needs a Shampoo variant (4bit, 8bit, 32bit, naive4bit): "
+                    "variant='first_order' is plain torch SGD / AdamW with fp32 moments"
+                )
         elif self.stat_interval < 1 or self.root_interval < 1 or self.root_interval % self.stat_interval:
             raise RecipeError(
                 "optimizer.root_interval must be a positive multiple of optimizer.stat_interval, got "
@@ -184,7 +193,7 @@ class OptimizerConfig:
         return kwargs
 
     def describe(self) -> str:
-        """Short human name, e.g. ``4-bit Shampoo + SGD`` or ``AdamW``."""
+        """Short human name, e.g. ``4-bit Shampoo + SGDM``, ``4-bit Shampoo + 4-bit AdamW`` or ``AdamW``."""
         base = "AdamW" if self.base == "adamw" else ("SGDM" if self.momentum else "SGD")
         if not self.is_shampoo:
             return base
@@ -192,6 +201,8 @@ class OptimizerConfig:
         kind = f"{kw['bits']}-bit"
         if kw["bits"] < 32 and kw["quantize"] == "preconditioner":
             kind = f"naive {kind}"
+        if kw["moment_bits"] != 32:
+            base = f"{kw['moment_bits']}-bit {base}"
         return f"{kind} Shampoo + {base}"
 
 

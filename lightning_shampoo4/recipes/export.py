@@ -64,7 +64,8 @@ def recipe_yaml(recipe: Recipe) -> str:
         lines.append(f"# Paper test accuracy (%): {_paper_line(recipe)}")
     lines += [
         f"# Run: lightning-shampoo4 fit --config recipes/{recipe.name}.yaml   (same as: --recipe {recipe.name})",
-        "# Switch optimizer with --optimizer.variant {4bit,8bit,32bit,naive4bit,first_order}.",
+        "# Switch optimizer with --optimizer.variant {4bit,8bit,32bit,naive4bit,first_order};",
+        "# --optimizer.moment_bits {8,4} quantizes the base optimizer's moments too (Shampoo variants).",
     ]
     body = yaml.safe_dump(cli_config(recipe), sort_keys=False, default_flow_style=False, width=100)
     return "\n".join(lines) + "\n" + body
