@@ -469,3 +469,16 @@ def test_scale_dtype_on_plain_quantize():
     assert (y16 - u).norm() < 1.05 * (y32 - u).norm()
     with pytest.raises(ValueError, match="scale_dtype"):
         quantize(u, cb, 4, 64, scale_dtype=torch.int8)
+
+
+@pytest.mark.parametrize("n, bs, scale_dtype", [(2, 1, torch.float32), (65, 7, torch.bfloat16), (300, 256, torch.bfloat16),
+                                                (129, 64, torch.float16)])
+def test_symmetric_one_pass_equals_chunked(n, bs, scale_dtype, monkeypatch):
+    """Roots up to the one-pass size are rebuilt in a few calls; the result is the chunked one, bit for bit."""
+    cb = get_codebook()
+    a = torch.randn(n, n)
+    q = quantize_symmetric(a + a.T, cb, 4, bs, scale_dtype=scale_dtype)
+    one_pass = dequantize_symmetric(q, cb, n, 4, bs)
+    monkeypatch.setattr(blockwise, "_DEQUANT_CHUNK", 0)
+    monkeypatch.setattr(blockwise, "_CHUNK", 300)
+    _same_bits(one_pass, dequantize_symmetric(q, cb, n, 4, bs), "symmetric")

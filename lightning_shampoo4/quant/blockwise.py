@@ -152,7 +152,23 @@ def _index_tables(values: tuple[float, ...], dtype: torch.dtype, device: torch.d
 
 
 def _tables_for(codebook: torch.Tensor, device: torch.device) -> _IndexTables:
-    return _index_tables(tuple(codebook.tolist()), codebook.dtype, torch.device(device))
+    return _index_tables(_values(codebook), codebook.dtype, torch.device(device))
+
+
+_VALUES: dict[int, tuple[torch.Tensor, tuple[float, ...]]] = {}
+
+
+def _values(codebook: torch.Tensor) -> tuple[float, ...]:
+    """The codebook's values as Python floats, read from the device once per codebook tensor
+    (the package's codebooks are cached tensors), so a step does not wait on the device."""
+    hit = _VALUES.get(id(codebook))
+    if hit is not None and hit[0] is codebook:
+        return hit[1]
+    values = tuple(codebook.tolist())
+    if len(_VALUES) > 64:
+        _VALUES.clear()
+    _VALUES[id(codebook)] = (codebook, values)  # the reference keeps the id from being reused
+    return values
 
 
 _PAIR_INT = {4: torch.int32, 8: torch.int64}
@@ -431,7 +447,7 @@ def dequantize(
     chunks = _chunks(rows, cols, block_size, _DEQUANT_CHUNK)
     if chunks:
         scales = absmax.reshape(rows, -1)
-        values = tuple(codebook.tolist())
+        values = _values(codebook)
         table = _pair_table(values, codebook.dtype, device) if bits == 4 else codebook.to(device)
         most = max((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in chunks)
         ws = _work(most, device, codebook.dtype, f2=False, u8=False, index_numel=most // 2 + 1 if bits == 4 else most)
@@ -452,6 +468,19 @@ def _triangle_layout(n: int, block_size: int) -> tuple[list[int], list[int]]:
         starts.append(starts[-1] + length)
         blocks.append(blocks[-1] + -(-length // block_size))
     return starts, blocks
+
+
+@functools.lru_cache(maxsize=16)
+def _triangle_index(n: int, block_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(strict-upper-triangle mask (n, n), block of every triangle element (int32)), cached per
+    order: the lookups that let a stored root be rebuilt in a handful of calls per step."""
+    starts, bstarts = _triangle_layout(n, block_size)
+    upper = torch.ones(n, n, dtype=torch.bool, device=device).triu_(1)
+    lengths = torch.arange(n - 1, 0, -1, device=device)
+    row = torch.repeat_interleave(torch.arange(n - 1, device=device), lengths)
+    pos = torch.arange(n * (n - 1) // 2, device=device) - torch.tensor(starts[:-1], device=device)[row]
+    block_of = (torch.tensor(bstarts[:-1], device=device)[row] + pos // block_size).to(torch.int32)
+    return upper, block_of
 
 
 def _triangle_masks(r0: int, r1: int, n: int, width: int, block_size: int, device: torch.device):
@@ -532,11 +561,25 @@ def dequantize_symmetric(
         out = torch.empty(n, n, dtype=dtype, device=device)
     else:
         _check_out(out, (n, n), dtype, device)
-    if n > 1:
+    if 1 < n and n * (n - 1) // 2 <= _DEQUANT_CHUNK:
+        # one pass: decode the whole triangle, scale it through a cached element -> block index,
+        # then scatter it above and (through the transposed view) below the diagonal
+        upper, block_of = _triangle_index(n, block_size, device)
+        numel = n * (n - 1) // 2
+        values = _values(codebook)
+        table = _pair_table(values, codebook.dtype, device) if bits == 4 else codebook.to(device)
+        ws = _work(numel, device, codebook.dtype, f2=False, u8=False)
+        vals = _decode(codes, 0, numel, bits, table, ws)
+        tri = vals.mul_(absmax.index_select(0, block_of))
+        if tri.dtype != dtype:
+            tri = tri.to(dtype)
+        out.masked_scatter_(upper, tri)
+        out.t().masked_scatter_(upper, tri)
+    elif n > 1:
         starts, bstarts = _triangle_layout(n, block_size)
         step = max(1, _chunk_elements(n * (n - 1) // 2) // (n - 1))
         nb_max = -(-(n - 1) // block_size)
-        values = tuple(codebook.tolist())
+        values = _values(codebook)
         table = _pair_table(values, codebook.dtype, device) if bits == 4 else codebook.to(device)
         ws = _work(min(step, n - 1) * nb_max * block_size, device, codebook.dtype, u8=False)
         for r0 in range(0, n - 1, step):
