@@ -471,16 +471,16 @@ def _triangle_layout(n: int, block_size: int) -> tuple[list[int], list[int]]:
 
 
 @functools.lru_cache(maxsize=16)
-def _triangle_index(n: int, block_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(strict-upper-triangle mask (n, n), block of every triangle element (int32)), cached per
-    order: the lookups that let a stored root be rebuilt in a handful of calls per step."""
+def _triangle_index(n: int, block_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(strict upper and lower triangle masks (n, n), block of every triangle element (int32)),
+    cached per order: the lookups that let a stored root be rebuilt in a few calls per step."""
     starts, bstarts = _triangle_layout(n, block_size)
     upper = torch.ones(n, n, dtype=torch.bool, device=device).triu_(1)
     lengths = torch.arange(n - 1, 0, -1, device=device)
     row = torch.repeat_interleave(torch.arange(n - 1, device=device), lengths)
     pos = torch.arange(n * (n - 1) // 2, device=device) - torch.tensor(starts[:-1], device=device)[row]
     block_of = (torch.tensor(bstarts[:-1], device=device)[row] + pos // block_size).to(torch.int32)
-    return upper, block_of
+    return upper, upper.mT.contiguous(), block_of
 
 
 def _triangle_masks(r0: int, r1: int, n: int, width: int, block_size: int, device: torch.device):
@@ -564,7 +564,7 @@ def dequantize_symmetric(
     if 1 < n and n * (n - 1) // 2 <= _DEQUANT_CHUNK:
         # one pass: decode the whole triangle, scale it through a cached element -> block index,
         # then scatter it above and (through the transposed view) below the diagonal
-        upper, block_of = _triangle_index(n, block_size, device)
+        upper, lower, block_of = _triangle_index(n, block_size, device)
         numel = n * (n - 1) // 2
         values = _values(codebook)
         table = _pair_table(values, codebook.dtype, device) if bits == 4 else codebook.to(device)
@@ -574,7 +574,10 @@ def dequantize_symmetric(
         if tri.dtype != dtype:
             tri = tri.to(dtype)
         out.masked_scatter_(upper, tri)
-        out.t().masked_scatter_(upper, tri)
+        # mirror through a blocked transposed copy: writing the transposed view directly is
+        # several times slower (strided writes)
+        mirrored = torch.empty_like(out).copy_(out.mT)
+        torch.where(lower, mirrored, out, out=out)
     elif n > 1:
         starts, bstarts = _triangle_layout(n, block_size)
         step = max(1, _chunk_elements(n * (n - 1) // 2) // (n - 1))
