@@ -1,26 +1,30 @@
 """Per-rank second-order state and optimizer step time of ``Shampoo4bit`` under DDP, at world
 sizes 1 and 2: ``distributed="off"`` (every rank computes every block) against ``"auto"`` (each
-rank owns some blocks and the preconditioned blocks are all-gathered).
+rank owns some blocks and the preconditioned blocks are all-gathered; at world size 1 "auto"
+finds no process group to shard over and runs the single-device step).
 
 Method
 ------
 * One process per rank (CPU + gloo; one GPU per rank + NCCL when there are enough GPUs), a
   ``DistributedDataParallel`` MLP, the same random batches on every run (each rank its slice of
-  the global batch), ``Shampoo4bit(stat_interval=1, root_interval=--root-interval)``.
+  the global batch), ``Shampoo4bit(stat_interval=--stat-interval, root_interval=--root-interval)``.
 * Warm-up: one root interval (preconditioning starts at the first root update); measured: the
   next ``--cycles`` root intervals, timing ``optimizer.step()`` alone (CUDA synchronized), so the
-  mean holds the amortized statistics, root and preconditioning work plus the all-gather.
+  mean holds the amortized statistics, root and preconditioning work plus the all-gather;
+  ``steady``: the median of the steps without a statistics or root update (preconditioning,
+  all-gather, grafting and the base update only).
 * Bytes: ``memory_report()["second_order"]`` on every rank after the run. ``projected`` is what
   the block plan (``optim.distributed.plan_for``) assigns to each rank, computed from the
   ``"off"`` run's per-block bytes: the figure ``"auto"`` should reach.
 * ``gather``: the all-gather alone for this model's blocks (fp32 and bf16), median of repeats.
-
-Until ``Shampoo4bit`` takes ``distributed=``, only ``"off"`` runs and the projection are
-measured, and the result says so.
+* ``max_abs_diff_vs_off``: the largest difference between the final parameters of an ``"auto"``
+  run and the ``"off"`` run of the same world size (0.0: bit-identical, as the fp32 gather is
+  meant to be); ``layout``: what ``Shampoo4bit.layout`` resolved to.
 """
 
 from __future__ import annotations
 
+import gc
 import inspect
 import os
 import statistics
@@ -42,12 +46,9 @@ from lightning_shampoo4 import Shampoo4bit
 from lightning_shampoo4.optim import distributed as D
 
 NAME = "distributed"
-WIDTHS = "512,1536,1536,512,10"
+WIDTHS = "256,1024,1024,256,10"  # 9 blocks of up to 512 x 512 at the default max_order: minutes on 2 CPU cores
 INTEGRATED = "distributed" in inspect.signature(Shampoo4bit.__init__).parameters
-NOT_INTEGRATED = (
-    "Shampoo4bit does not take distributed= yet (step integration pending): only the replicated "
-    "baseline ('off': every rank computes every block) and the plan's projection were measured"
-)
+MODES = ("off", "auto")
 
 
 def _model(widths: list[int]) -> nn.Module:
@@ -93,47 +94,68 @@ def _worker(rank: int, world: int, cfg: dict[str, Any]) -> None:
         torch.cuda.set_device(device)
     dist.init_process_group(cfg["backend"], init_method=f"file://{cfg['store']}", rank=rank, world_size=world)
     try:
-        torch.manual_seed(0)
-        model = _model(cfg["widths"]).to(device)
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[rank] if cuda else None) if world > 1 else model
-        kwargs = dict(lr=1e-3, stat_interval=1, root_interval=cfg["root_interval"], max_order=cfg["max_order"])
-        if INTEGRATED:
-            kwargs["distributed"] = cfg["mode"]
-        opt = Shampoo4bit(ddp.parameters(), **kwargs)
-        g = torch.Generator().manual_seed(1)
-        batch, steps = cfg["batch"], cfg["root_interval"] * (1 + cfg["cycles"])
-        times = []
-        for step in range(steps):
-            x = torch.randn(batch, cfg["widths"][0], generator=g).to(device)
-            y = torch.randint(0, cfg["widths"][-1], (batch,), generator=g).to(device)
-            lo, hi = rank * batch // world, (rank + 1) * batch // world
-            opt.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(ddp(x[lo:hi]), y[lo:hi]).backward()
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            opt.step()
-            if cuda:
-                torch.cuda.synchronize()
-            if step >= cfg["root_interval"]:
-                times.append(time.perf_counter() - t0)
-        rec: dict[str, Any] = {
-            "rank": rank,
-            "second_order_bytes": opt.memory_report()["second_order"],
-            "step_time_mean_s": statistics.fmean(times),
-            "step_time_median_s": statistics.median(times),
-        }
-        if world > 1 and cfg["mode"] == "off":  # the plan's projection from this run's per-block bytes
-            per_block = _block_bytes(opt)
-            plan = D.plan_for(_refs(opt), world)
-            projected = [0] * world
-            for nbytes, owner in zip(per_block, plan.owners):
-                projected[owner] += nbytes
-            rec["projected_second_order_bytes_per_rank"] = projected
-            rec["gather"] = _time_gather(opt, plan, device, cfg["repeats"])
-        torch.save(rec, Path(cfg["result_dir"]) / f"{cfg['mode']}_w{world}_r{rank}.pt")
+        _measure(rank, world, cfg, device)
     finally:
-        dist.destroy_process_group()
+        _shutdown()
+
+
+def _shutdown() -> None:
+    """Destroy the process group once its last user is gone. gloo's worker thread needs the GIL
+    to drop finished collectives; a group destroyed while it still holds one (e.g. by the last
+    DDP reference dying with the GIL held) deadlocks, so collect first and let the thread run."""
+    gc.collect()
+    time.sleep(0.05)
+    dist.destroy_process_group()
+
+
+def _measure(rank: int, world: int, cfg: dict[str, Any], device: torch.device) -> None:
+    """One run on this rank: train, time ``optimizer.step()``, save the rank's record."""
+    cuda = device.type == "cuda"
+    torch.manual_seed(0)
+    model = _model(cfg["widths"]).to(device)
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[rank] if cuda else None) if world > 1 else model
+    kwargs = dict(
+        lr=1e-3, stat_interval=cfg["stat_interval"], root_interval=cfg["root_interval"], max_order=cfg["max_order"]
+    )
+    opt = Shampoo4bit(ddp.parameters(), distributed=cfg["mode"], **kwargs)
+    g = torch.Generator().manual_seed(1)
+    batch, steps = cfg["batch"], cfg["root_interval"] * (1 + cfg["cycles"])
+    times, steady = [], []
+    for step in range(steps):
+        x = torch.randn(batch, cfg["widths"][0], generator=g).to(device)
+        y = torch.randint(0, cfg["widths"][-1], (batch,), generator=g).to(device)
+        lo, hi = rank * batch // world, (rank + 1) * batch // world
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(ddp(x[lo:hi]), y[lo:hi]).backward()
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        opt.step()
+        if cuda:
+            torch.cuda.synchronize()
+        if step >= cfg["root_interval"]:
+            times.append(time.perf_counter() - t0)
+            if (step + 1) % cfg["stat_interval"]:  # the optimizer's clock is step + 1
+                steady.append(times[-1])
+    rec: dict[str, Any] = {
+        "rank": rank,
+        "layout": opt.layout,
+        "second_order_bytes": opt.memory_report()["second_order"],
+        "step_time_mean_s": statistics.fmean(times),
+        "step_time_median_s": statistics.median(times),
+        "steady_step_time_median_s": statistics.median(steady) if steady else None,
+    }
+    if rank == 0:
+        rec["params"] = torch.cat([p.detach().reshape(-1).cpu() for p in model.parameters()])
+    if world > 1 and cfg["mode"] == "off":  # the plan's projection from this run's per-block bytes
+        per_block = _block_bytes(opt)
+        plan = D.plan_for(_refs(opt), world)
+        projected = [0] * world
+        for nbytes, owner in zip(per_block, plan.owners):
+            projected[owner] += nbytes
+        rec["projected_second_order_bytes_per_rank"] = projected
+        rec["gather"] = _time_gather(opt, plan, device, cfg["repeats"])
+    torch.save(rec, Path(cfg["result_dir"]) / f"{cfg['mode']}_w{world}_r{rank}.pt")
 
 
 def _time_gather(opt: Shampoo4bit, plan: D.Plan, device: torch.device, repeats: int) -> dict[str, Any]:
@@ -168,12 +190,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--widths", default=None, help=f"MLP widths, comma-separated (default {WIDTHS}; 32,48,40,10 with --quick)"
     )
-    parser.add_argument("--max-order", type=int, default=None, help="Shampoo max_order (default 1200; 16 with --quick)")
+    parser.add_argument("--max-order", type=int, default=None, help="Shampoo max_order (default 512; 16 with --quick)")
     parser.add_argument("--batch", type=int, default=64, help="global batch")
     parser.add_argument(
         "--root-interval", type=int, default=None, help="steps between root updates (default 10; 2 with --quick)"
     )
-    parser.add_argument("--cycles", type=int, default=None, help="measured root intervals (default 3; 1 with --quick)")
+    parser.add_argument(
+        "--stat-interval", type=int, default=None, help="steps between statistics updates (default 5; 1 with --quick)"
+    )
+    parser.add_argument("--cycles", type=int, default=None, help="measured root intervals (default 2; 1 with --quick)")
     parser.add_argument(
         "--backend", choices=("auto", "gloo", "nccl"), default="auto", help="auto: nccl with enough GPUs, else gloo"
     )
@@ -188,41 +213,51 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "threads": max(1, args.threads // max(worlds)),
         "backend": backend,
         "widths": [int(w) for w in (args.widths or ("32,48,40,10" if args.quick else WIDTHS)).split(",")],
-        "max_order": args.max_order or (16 if args.quick else 1200),
+        "max_order": args.max_order or (16 if args.quick else 512),
         "batch": args.batch,
         "root_interval": args.root_interval or (2 if args.quick else 10),
-        "cycles": args.cycles or (1 if args.quick else 3),
+        "stat_interval": args.stat_interval or (1 if args.quick else 5),
+        "cycles": args.cycles or (1 if args.quick else 2),
         "repeats": 3 if args.quick else 20,
     }
-    if not INTEGRATED:
-        print(f"[distributed] NOTE: {NOT_INTEGRATED}", flush=True)
     runs = []
     for world in worlds:
-        for mode in ("off", "auto") if world > 1 and INTEGRATED else ("off",):
+        final: dict[str, torch.Tensor] = {}
+        for mode in MODES:
             t0 = time.perf_counter()
             recs = _launch(world, mode, cfg)
+            final[mode] = recs[0].pop("params")
             rec: dict[str, Any] = {
                 "world_size": world,
                 "mode": mode,
                 "backend": backend,
+                "layout": [r["layout"] for r in recs],
+                "wall_s": round(time.perf_counter() - t0, 2),
                 "second_order_bytes_per_rank": [r["second_order_bytes"] for r in recs],
                 "step_time_mean_s_per_rank": [r["step_time_mean_s"] for r in recs],
                 "step_time_median_s_per_rank": [r["step_time_median_s"] for r in recs],
+                "steady_step_time_median_s_per_rank": [r["steady_step_time_median_s"] for r in recs],
             }
             if "projected_second_order_bytes_per_rank" in recs[0]:
                 rec["projected_second_order_bytes_per_rank"] = recs[0]["projected_second_order_bytes_per_rank"]
                 rec["gather"] = recs[0]["gather"]
+            if mode != "off":
+                rec["max_abs_diff_vs_off"] = float((final[mode] - final["off"]).abs().max())
             runs.append(rec)
             print(f"[distributed] world {world} {mode} in {time.perf_counter() - t0:.1f}s", flush=True)
 
     rows = []
     for r in runs:
-        rows.append([r["world_size"], r["mode"], r["backend"],
+        projected = next((o.get("projected_second_order_bytes_per_rank") for o in runs
+                          if o["world_size"] == r["world_size"] and o["mode"] == "off"), None)
+        rows.append([r["world_size"], r["mode"], r["backend"], str(r["layout"][0]),
                      " / ".join(f"{b:,}" for b in r["second_order_bytes_per_rank"]),
-                     " / ".join(f"{b:,}" for b in r.get("projected_second_order_bytes_per_rank", [])) or "-",
-                     " / ".join(f"{t * 1e3:.2f}" for t in r["step_time_mean_s_per_rank"])])
-    print(table(["world", "distributed", "backend", "second-order bytes per rank", "projected by the plan",
-                 "step ms per rank (mean)"], rows))
+                     " / ".join(f"{b:,}" for b in projected or []) or "-",
+                     " / ".join(f"{t * 1e3:.2f}" for t in r["step_time_mean_s_per_rank"]),
+                     " / ".join("-" if t is None else f"{t * 1e3:.2f}" for t in r["steady_step_time_median_s_per_rank"]),
+                     r.get("max_abs_diff_vs_off", "-")])
+    print(table(["world", "distributed", "backend", "layout", "second-order bytes per rank", "projected by the plan",
+                 "step ms per rank (mean)", "steady step ms (median)", "max |param - off|"], rows))
     for r in runs:
         if "gather" in r:
             g = r["gather"]
@@ -231,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     payload = {
         "settings": dict(cfg),
         "integrated": INTEGRATED,
-        "note": "" if INTEGRATED else NOT_INTEGRATED,
+        "note": "world size 1: 'auto' finds no process group to shard over and runs the single-device step",
         "runs": runs,
     }
     path = write_result(args.out, NAME, payload, run, argv)

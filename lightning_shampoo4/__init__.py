@@ -42,7 +42,7 @@ _LAZY = {
     "get_recipe": "recipes",
     "list_recipes": "recipes",
     "register_recipe": "recipes",
-    "UnsupportedStrategyError": "strategies",
+    "UnsupportedStrategyError": "optim",
 }
 
 __all__ = [

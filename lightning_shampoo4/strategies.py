@@ -1,14 +1,15 @@
 """Which Lightning strategies Shampoo4bit runs under, and a check that says so clearly.
 
-Supported: one device (``SingleDeviceStrategy``: ``strategy="auto"`` on one CPU or GPU) and
-data parallel (``DDPStrategy``: ``"ddp"``, ``"ddp_spawn"``, ``"ddp_fork"``,
-``"ddp_notebook"``). Under DDP every rank holds the full parameters and the all-reduced
-gradient, so every rank computes the same Shampoo update and holds the same state.
+Supported: one device (``SingleDeviceStrategy``: ``strategy="auto"`` on one CPU or GPU), data
+parallel (``DDPStrategy``: ``"ddp"``, ``"ddp_spawn"``, ``"ddp_fork"``, ``"ddp_notebook"``), where
+the optimizer shards its Shampoo blocks over the ranks (``distributed="auto"``), and
+``ModelParallelStrategy`` with FSDP2 (``fully_shard`` on a 1-D data-parallel mesh), where each
+rank preconditions its local shards. The optimizer itself refuses parameter layouts it cannot
+precondition (2-D meshes, tensor-parallel shards other than dim 0) with the same error.
 
-Not supported yet: strategies that shard parameters or own the optimizer. FSDP and
-``ModelParallelStrategy`` hand the optimizer flattened or DTensor shards, so Kronecker factors
-would be built from shard shapes instead of layer shapes; DeepSpeed (ZeRO) partitions and
-wraps the optimizer state itself; XLA (TPU) is untested.
+Not supported: ``FSDPStrategy`` (FSDP1 flat parameters would be preconditioned by their
+flattened shard shapes), DeepSpeed (ZeRO partitions and wraps the optimizer state itself), XLA
+(untested).
 """
 
 from __future__ import annotations
@@ -18,29 +19,35 @@ from typing import Any
 from lightning.pytorch.strategies import (
     DDPStrategy,
     DeepSpeedStrategy,
+    ModelParallelStrategy,
     SingleDeviceStrategy,
     SingleDeviceXLAStrategy,
     Strategy,
     XLAStrategy,
 )
 
+from .optim.distributed import UnsupportedStrategyError
+
 __all__ = ["SUPPORTED_STRATEGIES", "UnsupportedStrategyError", "check_strategy", "is_supported_strategy"]
 
-SUPPORTED_STRATEGIES = ("auto (one device)", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
+SUPPORTED_STRATEGIES = (
+    "auto (one device)",
+    "ddp",
+    "ddp_spawn",
+    "ddp_fork",
+    "ddp_notebook",
+    "ModelParallelStrategy with fully_shard (FSDP2, 1-D data-parallel mesh)",
+)
 
 # Subclasses of the supported base classes that are not supported themselves.
 _REFUSED_SUBCLASSES: tuple[type[Strategy], ...] = (DeepSpeedStrategy, XLAStrategy, SingleDeviceXLAStrategy)
-
-
-class UnsupportedStrategyError(ValueError):
-    """Raised when Shampoo4bit is asked to train under a strategy it does not support."""
 
 
 def is_supported_strategy(strategy: Any) -> bool:
     """Whether ``strategy`` (a Lightning ``Strategy`` instance) is one Shampoo4bit runs under."""
     if isinstance(strategy, _REFUSED_SUBCLASSES):
         return False
-    return isinstance(strategy, (SingleDeviceStrategy, DDPStrategy))
+    return isinstance(strategy, (SingleDeviceStrategy, DDPStrategy, ModelParallelStrategy))
 
 
 def check_strategy(strategy: Any, who: str = "Shampoo4bit") -> None:
@@ -49,8 +56,8 @@ def check_strategy(strategy: Any, who: str = "Shampoo4bit") -> None:
         return
     name = type(strategy).__name__
     raise UnsupportedStrategyError(
-        f"{who} does not support the {name} strategy yet. Supported strategies: "
-        f"{', '.join(SUPPORTED_STRATEGIES)} (SingleDeviceStrategy, DDPStrategy). "
-        "FSDP / model-parallel shard the parameters the optimizer sees and DeepSpeed wraps the "
-        "optimizer itself; train with strategy='ddp' instead."
+        f"{who} does not support the {name} strategy. Supported strategies: "
+        f"{', '.join(SUPPORTED_STRATEGIES)} (SingleDeviceStrategy, DDPStrategy, ModelParallelStrategy). "
+        "FSDPStrategy (FSDP1) flattens the parameters the optimizer sees and DeepSpeed wraps the optimizer "
+        "itself; train with strategy='ddp', or ModelParallelStrategy and fully_shard, instead."
     )

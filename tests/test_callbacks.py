@@ -145,7 +145,7 @@ def test_unsupported_strategy_fails_in_setup(make, strategy):
 # -- QuantizedStateMonitor -----------------------------------------------------------------
 EXPECTED_KEYS = [
     *(f"bytes/{k}" for k in ("moments", "eigenvectors", "eigenvalues", "roots", "scales", "second_order", "total")),
-    "bytes/fp32_shampoo", "compression_ratio", "factors", "quantized_factors",
+    "bytes/fp32_shampoo", "compression_ratio", "bytes/adamw_fp32", "memory_vs_adamw", "factors", "quantized_factors",
     "eigvec_orth_error", "eigvec_orth_error_max", "eigvec_orth_error_rectified", "eigvec_orth_error_rectified_max",
     "eigvec_nre", "eigvec_nre_max", "root_nre", "root_nre_max", "eigval_min", "eigval_max", "condition_max",
     "steps", "stat_updates", "root_updates", "skipped_nonfinite", "retried_updates", "failed_updates",
@@ -177,6 +177,9 @@ def test_monitor_logs_every_key_with_finite_values(tmp_path):
     assert monitor.worst["shampoo/root_nre_max"].split("[")[0] in ("body.weight", "head.weight")
     opt = trainer.optimizers[0]
     assert last["shampoo/bytes/total"] == opt.memory_report()["total"]
+    numel = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert last["shampoo/bytes/adamw_fp32"] == 8 * numel
+    assert last["shampoo/memory_vs_adamw"] == pytest.approx(last["shampoo/bytes/total"] / (8 * numel))
     assert any("train_loss" in r and r["train_loss"] for r in _metrics(tmp_path))  # user logging unaffected
 
 
@@ -211,6 +214,30 @@ def test_monitor_collect_in_other_modes(shampoo, present, absent):
     assert all(k in metrics for k in present) and not any(k in metrics for k in absent)
     if shampoo.get("bits") == 32:
         assert metrics["compression_ratio"] == pytest.approx(8 * (16**2 + 12**2) / (8 * (16**2 + 12**2)))
+
+
+@pytest.mark.parametrize("base, moments", [("adamw", ("exp_avg", "exp_avg_sq")), ("sgd", ("momentum_buffer",))])
+@pytest.mark.parametrize("moment_bits", [32, 8, 4])
+def test_monitor_bytes_count_quantized_moments(base, moments, moment_bits):
+    from lightning_shampoo4.quant.moments import moment_bytes
+
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(96, 80, dtype=torch.bfloat16)), nn.Parameter(torch.randn(96))]
+    opt = Shampoo4bit(params, base=base, momentum=0.9, moment_bits=moment_bits, stat_interval=1, root_interval=1)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    metrics = QuantizedStateMonitor(errors=False).collect(opt, {}, prefix="")
+    state = opt.state[params[0]]
+    expected = sum(moment_bytes(p.numel(), base, moment_bits, p.element_size()) for p in params)
+    assert metrics["bytes/moments"] == expected
+    if moment_bits != 32:  # the big matrix keeps codes + scales, the bias stays dense
+        assert all(f"{m}_codes" in state and f"{m}_absmax" in state and m not in state for m in moments)
+        assert all(m in opt.state[params[1]] for m in moments)
+    # fp32 AdamW's reference is 8 bytes per element even for bf16 parameters
+    assert metrics["bytes/adamw_fp32"] == 8 * (96 * 80 + 96)
+    assert metrics["memory_vs_adamw"] == pytest.approx(metrics["bytes/total"] / metrics["bytes/adamw_fp32"])
 
 
 def test_monitor_skips_first_order_groups_of_configure_shampoo():

@@ -1,5 +1,6 @@
 """Resuming through the Trainer is bit-identical to not stopping; DDP on two CPU processes equals
-one process at the same global batch; sharding strategies are refused clearly."""
+one process at the same global batch, each rank keeping its own Shampoo blocks; strategies the
+optimizer cannot run under are refused clearly."""
 
 from __future__ import annotations
 
@@ -218,7 +219,9 @@ DDP_SCRIPT = textwrap.dedent(
         trainer.fit(model, datamodule=Data())
         opt = trainer.optimizers[0]
         result = {"params": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-        result["optimizer"] = opt.state_dict()
+        result["local"] = opt.state_dict()  # this rank's blocks under DDP sharding
+        result["optimizer"] = trainer.strategy.optimizer_state(opt)  # what a checkpoint holds: all blocks, rank 0
+        result["second_order"] = opt.memory_report()["second_order"]
         result["strategy"] = type(trainer.strategy).__name__
         result["world_size"] = trainer.world_size
         torch.save(result, f"{out}/devices{devices}_rank{trainer.global_rank}.pt")
@@ -271,8 +274,16 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
         for f in ("devices2_rank0.pt", "devices2_rank1.pt", "devices1_rank0.pt")
     )
     assert rank0["strategy"] == "DDPStrategy" and rank0["world_size"] == 2 and single["world_size"] == 1
-    _assert_same_state(rank0["optimizer"], rank1["optimizer"])  # every rank holds the same state
     _assert_same_state(rank0["params"], rank1["params"])
+    # each rank keeps the Shampoo blocks it owns; Lightning's checkpoint state (consolidated on
+    # rank 0) holds all of them, as one process does
+    assert rank1["optimizer"] == {} and "rank_local" not in rank0["optimizer"]
+    assert [r["local"]["rank_local"] for r in (rank0, rank1)] == [{"rank": 0, "world_size": 2}, {"rank": 1, "world_size": 2}]
+    keys = [{(pid, k) for pid, s in r["local"]["state"].items() for k in s} for r in (rank0, rank1)]
+    full = {(pid, k) for pid, s in rank0["optimizer"]["state"].items() for k in s}
+    assert keys[0] | keys[1] == full and keys[0] != keys[1]
+    assert rank0["second_order"] + rank1["second_order"] == single["second_order"]
+    assert max(rank0["second_order"], rank1["second_order"]) < single["second_order"]
     assert rank0["optimizer"]["counters"]["steps"] == single["optimizer"]["counters"]["steps"] == 6
     assert rank0["optimizer"]["counters"]["root_updates"] > 0
     for name in single["params"]:
@@ -288,7 +299,7 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
         (DDPStrategy(start_method="spawn"), True),
         (FSDPStrategy.__new__(FSDPStrategy), False),
         (DeepSpeedStrategy.__new__(DeepSpeedStrategy), False),
-        (ModelParallelStrategy.__new__(ModelParallelStrategy), False),
+        (ModelParallelStrategy.__new__(ModelParallelStrategy), True),
         (SingleDeviceXLAStrategy.__new__(SingleDeviceXLAStrategy), False),
     ],
     ids=["single", "ddp", "ddp_spawn", "fsdp", "deepspeed", "model_parallel", "xla"],

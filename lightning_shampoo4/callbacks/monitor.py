@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from .. import kernels, linalg
 from ..optim import COUNTERS, KINDS, Shampoo4bit, memory_report
+from ..optim.distributed import is_dtensor
 from ..optim.factor import Factor
 from ..quant import get_codebook
 from ._common import ShampooCallback, param_names, preconditioned_groups
@@ -56,6 +57,11 @@ def factor_errors(factor: Factor, has_root: bool) -> dict[str, Any]:
     return out
 
 
+def _local_numel(p: torch.Tensor) -> int:
+    """Elements this rank holds of ``p`` (a DTensor's local shard)."""
+    return p.to_local().numel() if is_dtensor(p) else p.numel()
+
+
 def _eigvals(factor: Factor) -> torch.Tensor:
     if factor.cfg.mode == "eigen":
         return factor.eigvals()
@@ -71,14 +77,21 @@ class QuantizedStateMonitor(ShampooCallback):
     trainer at the step Lightning uses for the same batch's own metrics, under ``prefix``
     (``"shampoo/"``; a second Shampoo optimizer gets ``"shampoo_1/"``). Every rank computes them,
     so each rank's ``callback_metrics`` has them (a monitoring callback needs them on every DDP
-    rank); loggers write from rank 0. Between logging steps it costs one integer comparison per
-    batch. The last values are also kept in :attr:`last_metrics`, and the worst factor of each
-    ``*_max`` metric (``"layer.weight[block].L"``) in :attr:`worst`.
+    rank); loggers write from rank 0. Under DDP sharding (``distributed="auto"``) and FSDP2 the
+    bytes, factor counts and errors are this rank's (the blocks it owns, its local shards), and
+    so are ``retried_updates`` / ``failed_updates``. Between logging steps it costs one integer
+    comparison per batch. The last values are also kept in :attr:`last_metrics`, and the worst
+    factor of each ``*_max`` metric (``"layer.weight[block].L"``) in :attr:`worst`.
 
     Keys (all floats):
 
     * ``bytes/<kind>`` for ``moments, eigenvectors, eigenvalues, factors, roots, scales,
-      other, second_order, total``: exact bytes of the state tensors (``memory_report()``).
+      other, second_order, total``: exact bytes of the state tensors (``memory_report()``);
+      quantized moments (``moment_bits`` 8 / 4: ``exp_avg_codes``, ``exp_avg_absmax``, ...)
+      count as ``moments``.
+    * ``bytes/adamw_fp32``: what fp32 AdamW keeps for the optimizer's parameters, two fp32
+      moments: ``2 x numel x 4`` bytes, whatever the parameters' dtype; ``memory_vs_adamw`` =
+      ``bytes/total`` / ``bytes/adamw_fp32`` (below 1: less optimizer state than fp32 AdamW).
     * ``bytes/fp32_shampoo``: what 32-bit Shampoo stores for the same factors, an fp32 factor
       and an fp32 root, ``8 n^2`` bytes per factor of order n; ``compression_ratio`` =
       ``bytes/fp32_shampoo`` / the second-order bytes of the same parameters. ``factors``,
@@ -182,6 +195,10 @@ class QuantizedStateMonitor(ShampooCallback):
         report = optimizer.memory_report()
         for kind in (*KINDS, "second_order", "total"):
             m[f"{prefix}bytes/{kind}"] = float(report[kind])
+        adamw = 2 * 4 * sum(_local_numel(p) for g in optimizer.param_groups for p in g["params"])
+        m[f"{prefix}bytes/adamw_fp32"] = float(adamw)
+        if adamw:
+            m[f"{prefix}memory_vs_adamw"] = report["total"] / adamw
         shampoo_params = {id(p) for _, g in preconditioned_groups(optimizer) for p in g["params"]}
         factors = [f for f in optimizer.factors() if id(f[0]) in shampoo_params]
         fp32_bytes = sum(8 * f.order**2 for *_, f in factors)

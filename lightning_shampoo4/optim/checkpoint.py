@@ -4,6 +4,11 @@ A checkpoint of another model, another optimizer configuration, a truncated file
 had already diverged is refused with an error naming the parameter and the mismatch, before
 anything is changed. Second-order tensors keep their saved dtype (uint8 codes stay codes);
 moments are cast to the parameter's dtype as torch does, so a bf16 run resumes in fp32.
+
+The expected entries come from ``optimizer._new_state(p, group, device="meta")``, which lists
+every block of a parameter (of its local shard under FSDP2), so a full checkpoint checks before
+a DDP rank drops the blocks it does not own. A rank-local DDP state (``partial_blocks``) may
+lack whole blocks, never parts of one.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+
+from .distributed import block_index
 
 _MOMENTS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
 _NON_NEGATIVE = ("exp_avg_sq", "_absmax")  # key endings whose values are >= 0 in any valid state
@@ -37,8 +44,13 @@ def _count(name: str, value) -> int:
     return value
 
 
-def load_optimizer_state(optimizer, state_dict: dict[str, Any], torch_load: Callable[[dict], None]) -> None:
-    """Check ``state_dict`` against ``optimizer``, then load it (``torch_load`` loads the groups)."""
+def load_optimizer_state(
+    optimizer, state_dict: dict[str, Any], torch_load: Callable[[dict], None], partial_blocks: bool = False
+) -> None:
+    """Check ``state_dict`` against ``optimizer``, then load it (``torch_load`` loads the groups).
+
+    ``partial_blocks``: the state of some Shampoo blocks may be absent as a whole (a DDP rank's
+    own blocks only); what is there is checked as usual."""
     if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
         raise CheckpointMismatchError("not an optimizer state dict: it needs 'state' and 'param_groups'")
     saved_groups = state_dict["param_groups"]
@@ -94,6 +106,11 @@ def load_optimizer_state(optimizer, state_dict: dict[str, Any], torch_load: Call
         expected = optimizer._new_state(p, merged, device="meta")
         state = _upgrade(dict(saved_state), p, merged, expected)
         missing = sorted(set(expected) - set(state))
+        if partial_blocks and missing:
+            absent = {block_index(k) for k in missing}
+            if None not in absent and not any(block_index(k) in absent for k in state):  # whole blocks only
+                expected = {k: v for k, v in expected.items() if k in state}
+                missing = []
         unexpected = sorted(set(state) - set(expected))
         if missing or unexpected:
             raise CheckpointMismatchError(

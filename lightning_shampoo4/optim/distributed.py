@@ -55,6 +55,7 @@ __all__ = [
     "gather_block_state",
     "gather_blocks",
     "import_state",
+    "is_dtensor",
     "is_sharded",
     "local_view",
     "max_across",
@@ -72,8 +73,10 @@ SUPPORTED = (
 )
 
 
-class UnsupportedStrategyError(RuntimeError):
-    """The parameters come from a parallel layout Shampoo4bit cannot precondition correctly."""
+class UnsupportedStrategyError(ValueError, RuntimeError):
+    """The parameters (or the Lightning strategy) come from a parallel layout Shampoo4bit cannot
+    precondition correctly. A ``ValueError`` (as the strategy check always raised) and a
+    ``RuntimeError`` (as the layout check raised)."""
 
 
 def _refuse(what: str) -> UnsupportedStrategyError:
@@ -108,6 +111,11 @@ def _dtensor_cls() -> type | None:
 def _is_dtensor(t: Any) -> bool:
     cls = _dtensor_cls()
     return cls is not None and isinstance(t, cls)
+
+
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a DTensor (FSDP2 and tensor-parallel parameters are)."""
+    return _is_dtensor(t)
 
 
 def _placement(p: torch.Tensor) -> str:
@@ -156,6 +164,12 @@ def detect(params: Iterable[torch.Tensor], mode: str = "auto") -> str | None:
     return "ddp" if mode == "auto" and world > 1 else None
 
 
+def _all_gather_flat(out: torch.Tensor, t: torch.Tensor, group: Any = None) -> None:
+    """``all_gather_into_tensor`` under its current name (torch 2.13 deprecates the old one)."""
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    fn(out, t, group=group)
+
+
 def _comm_device(tensor_device: torch.device, group: Any = None) -> torch.device:
     """NCCL needs CUDA tensors; every other backend here gets CPU tensors."""
     return tensor_device if "nccl" in str(dist.get_backend(group)) else torch.device("cpu")
@@ -186,7 +200,7 @@ def check_replicated(
     head = torch.tensor([len(params), shapes, present], dtype=torch.float64, device=device)
     sig = torch.cat([head, torch.stack([s_p, s_g, s_g2])])
     table = torch.empty(world * sig.numel(), dtype=sig.dtype, device=device)
-    dist.all_gather_into_tensor(table, sig, group=group)
+    _all_gather_flat(table, sig, group=group)
     table = table.view(world, -1).cpu()
     if not torch.isfinite(table).all():
         return None
@@ -389,7 +403,7 @@ def gather_blocks(
     if mine:
         send[: sizes[rank]] = torch.cat(mine)
     recv = torch.empty(world * length, dtype=dtype, device=device)
-    dist.all_gather_into_tensor(recv, send, group=group)
+    _all_gather_flat(recv, send, group=group)
     offsets = [r * length for r in range(world)]
     for dst, owner in blocks:
         n = dst.numel()
@@ -506,6 +520,11 @@ class DistributedLayer:
         self._resolved = False
         self._plan: Plan | None = None
         self._rank = 0
+
+    @property
+    def resolved(self) -> bool:
+        """Whether :meth:`resolve` has decided the layout for good (it no longer communicates)."""
+        return self._resolved
 
     def check(self, params: Iterable[torch.Tensor]) -> None:
         """Refuse unsupported layouts (at construction): raises :class:`UnsupportedStrategyError`."""

@@ -58,13 +58,19 @@ def _stack(roots: list, dtype: torch.dtype) -> torch.Tensor:
     return out.to(dtype)
 
 
-def run(jobs: list[Job]) -> list[torch.Tensor]:
-    """The fp32 preconditioned block of every job, in order."""
+def run(jobs: list[Job], skip: list[bool] | None = None) -> list[torch.Tensor]:
+    """The fp32 preconditioned block of every job, in order.
+
+    ``skip``: jobs another rank computes (DDP sharding), None in the result. They still shape
+    the batches, so every job is computed as when all run: ``bmm`` rounds each item alike
+    whatever the batch size, but a lone matmul rounds differently from a batched one.
+    """
     out: list[torch.Tensor | None] = [None] * len(jobs)
     batches: dict[tuple, list[int]] = {}
     for i, job in enumerate(jobs):
         if kernels.resolve_backend(job.backend, job.grad.device) != "torch":
-            out[i] = kernels.precondition(job.grad, job.left, job.right, dtype=job.dtype, backend=job.backend)
+            if skip is None or not skip[i]:
+                out[i] = kernels.precondition(job.grad, job.left, job.right, dtype=job.dtype, backend=job.backend)
             continue
         key = (job.grad.shape, job.grad.device, job.dtype, _fmt(job.left), _fmt(job.right))
         batches.setdefault(key, []).append(i)
@@ -74,7 +80,12 @@ def run(jobs: list[Job]) -> list[torch.Tensor]:
         step = max(1, MAX_BATCH_BYTES // per_item)
         for s in range(0, len(idx), step):
             chunk = idx[s : s + step]
-            if len(chunk) == 1:
+            alone = len(chunk) == 1  # one matmul; a batch stays a bmm, even of one job left by skip
+            if skip is not None:
+                chunk = [i for i in chunk if not skip[i]]
+                if not chunk:
+                    continue
+            if alone:
                 j = jobs[chunk[0]]
                 out[chunk[0]] = kernels.precondition(j.grad, j.left, j.right, dtype=j.dtype, backend="torch")
                 continue

@@ -13,6 +13,12 @@ Steps without a PU or PIRU (the steady state) never wait on the device: the flag
 device and the count of skipped steps is read only when :attr:`Shampoo4bit.counters` is.
 Steps with a PU or PIRU check the gradients on the host first, since their linear algebra
 synchronizes anyway.
+
+Under several processes the step goes through :mod:`.distributed` (``distributed=`` argument):
+under DDP each rank keeps the state of, and preconditions, only the blocks it owns, and one
+all-gather before grafting hands every rank every preconditioned block; FSDP2 (``Shard(0)``
+DTensors) preconditions each rank's local shard, padded to equal blocks, without communication.
+With one process nothing of this runs (one attribute check per step).
 """
 
 from __future__ import annotations
@@ -20,21 +26,23 @@ from __future__ import annotations
 import time
 import warnings
 from collections import ChainMap
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, NamedTuple
 
 import torch
 from torch.optim import Optimizer
 
 from . import base_update, preconditioning
+from . import distributed as D
 from .blocking import Block, blocks_for
-from .checkpoint import load_optimizer_state
+from .checkpoint import CheckpointMismatchError, load_optimizer_state
+from .distributed import UnsupportedStrategyError
 from .factor import Factor, PrefixView
 from .memory import memory_report
 from .storage import FAILED, RETRIED, FactorConfig, Storage, Update, storage_for
 from .validation import FORMAT_KEYS, validate_group
 
-__all__ = ["COUNTERS", "Shampoo4bit"]
+__all__ = ["COUNTERS", "Shampoo4bit", "UnsupportedStrategyError"]
 
 COUNTERS = (
     "steps",  # step() calls with at least one gradient: the clock of stat_interval / root_interval
@@ -64,12 +72,22 @@ class _Side(NamedTuple):
 
 
 class _Plan(NamedTuple):
-    """How one parameter maps onto blocks and factors; fixed once the parameter has state."""
+    """How one parameter maps onto blocks and factors; fixed once the parameter has state.
+
+    ``layout`` is set for a ``Shard(0)`` DTensor only: its local rows, padded to the shard size
+    every rank uses, are the matrix ``mshape``."""
 
     mshape: tuple[int, int] | None
     blocks: tuple[Block, ...]
     sides: tuple[tuple[_Side, _Side], ...]
     fmt: tuple
+    layout: D.ShardLayout | None = None
+
+
+class _LocalStates(NamedTuple):
+    """What :func:`base_update.apply` reads of the optimizer, keyed by local shards (FSDP2)."""
+
+    state: dict
 
 
 class Shampoo4bit(Optimizer):
@@ -114,6 +132,21 @@ class Shampoo4bit(Optimizer):
             optimizer runs as its base optimizer until then.
         precondition: False gives a group no Shampoo state at all, only the base update
             (for embeddings and other matrices where Shampoo does not pay).
+        distributed: "auto" (default) or "off"; optimizer-wide, not per group. Under DDP
+            (a process group of several ranks, plain parameters with identical gradients,
+            confirmed at the first step) "auto" gives every block one owner rank that alone
+            keeps its second-order state and computes its PU / PIRU and preconditioned block;
+            the blocks are all-gathered before grafting, so every rank applies the same update.
+            With a float32 gather that update is bit-identical to "off" on CPU (each block is
+            computed as in "off"; on CUDA the torch backend's batched matmuls of other batch
+            sizes may round differently, so there it is equal up to rounding). Ranks whose
+            gradients differ are never sharded. "off": every rank computes every block (replicated). FSDP2 parameters
+            (``Shard(0)`` DTensors) are preconditioned per local shard in either mode.
+            FSDP1, DeepSpeed ZeRO and other DTensor layouts raise
+            :class:`UnsupportedStrategyError`. Nothing changes with one process. False / True
+            (a bare ``off`` in YAML) mean "off" / "auto".
+        distributed_dtype: "float32" (exact) or "bfloat16" (half the bytes, rounded alike on
+            every rank): the dtype the preconditioned blocks travel in under DDP sharding.
 
     Rank <= 1 tensors (biases, norm weights) get the plain base update. Intervals count the
     optimizer's own ``step()`` calls that had gradients (``counters["steps"]``), whichever
@@ -150,6 +183,8 @@ class Shampoo4bit(Optimizer):
         precondition_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         start_preconditioning_step: int = 0,
         precondition: bool = True,
+        distributed: Literal["auto", "off"] | bool = "auto",
+        distributed_dtype: Literal["float32", "bfloat16"] = "float32",
     ):
         defaults = dict(
             lr=lr,
@@ -180,8 +215,29 @@ class Shampoo4bit(Optimizer):
             precondition=precondition,
         )
         validate_group(defaults)
+        if isinstance(distributed, bool):  # YAML reads a bare ``off`` as False
+            distributed = "auto" if distributed else "off"
+        self._layer = D.DistributedLayer(distributed, distributed_dtype)  # validates both
+        self._has_sharded = False  # some parameter is a Shard(0) DTensor (checkpoint form)
         self._init_bookkeeping()
         super().__init__(params, defaults)
+
+    @property
+    def distributed(self) -> str:
+        """The ``distributed`` argument ("auto" or "off")."""
+        return self._layer.mode
+
+    @property
+    def distributed_dtype(self) -> str:
+        """The ``distributed_dtype`` argument ("float32" or "bfloat16")."""
+        return next(k for k, v in D.COMM_DTYPES.items() if v == self._layer.dtype)
+
+    @property
+    def layout(self) -> str | None:
+        """The parallel layout the steps use: None (every rank computes every block), "ddp"
+        (blocks sharded over the ranks) or "fsdp2" (local shards); None until the first step
+        has decided it."""
+        return self._layer.kind
 
     def _init_bookkeeping(self) -> None:
         """Counters and caches: everything here besides the counts is derived and rebuilt."""
@@ -193,6 +249,10 @@ class Shampoo4bit(Optimizer):
         self._plans: dict[int, _Plan] = {}
         self._group_cache: dict[int, tuple[tuple, dict[int, Storage]]] = {}
         self.sync_timers = False  # synchronize CUDA around PU / PIRU so the timers are exact
+        self._stand_ins: dict[tuple[int, torch.device], tuple[Storage, Any]] = {}
+        self._pruned_plan: D.Plan | None = None  # the DDP plan the state was last pruned to
+        self._partial = False  # loaded a rank-local state: fill in missing blocks at the next step
+        self._consolidated: tuple[int, dict] | None = None  # (clock, full state) on the gathering rank
 
     # -- counters ------------------------------------------------------------------------
     @property
@@ -234,6 +294,8 @@ class Shampoo4bit(Optimizer):
                     "optimize torch.view_as_real(p) as a real parameter instead"
                 )
         validate_group(group)
+        self._layer.check(group["params"])  # refuses FSDP1, ZeRO and other DTensor layouts
+        self._has_sharded = self._has_sharded or any(D.is_sharded(p) for p in group["params"])
         group.setdefault("clock", self.param_groups[0].get("clock", 0))
 
     @property
@@ -274,14 +336,27 @@ class Shampoo4bit(Optimizer):
         plan = self._plans[id(p)] = make_plan(p, group)
         return plan
 
-    def _new_state(self, p: torch.Tensor, group: dict, device: torch.device | str | None = None) -> dict[str, Any]:
-        """A fresh state for ``p`` (not yet stored); ``device="meta"`` only describes it."""
-        device = p.device if device is None else torch.device(device)
+    def _new_state(
+        self,
+        p: torch.Tensor,
+        group: dict,
+        device: torch.device | str | None = None,
+        blocks: Iterable[int] | None = None,
+    ) -> dict[str, Any]:
+        """A fresh state for ``p`` (not yet stored); ``device="meta"`` only describes it.
+
+        ``blocks``: the blocks to include (a DDP rank's own); None: all of them, which is also
+        what a checkpoint is checked against. A DTensor's state is that of its local shard."""
+        t = _local(p)
+        device = t.device if device is None else torch.device(device)
         plan = make_plan(p, group)
         state: dict[str, Any] = {"step": torch.zeros((), dtype=torch.float32, device=device)}
-        like = p if device == p.device else torch.empty_like(p, device=device)
+        like = t if device == t.device else torch.empty_like(t, device=device)
         state.update(base_update.init_moments(like, group))
-        for left, right in plan.sides:
+        keep = None if blocks is None else set(blocks)
+        for i, (left, right) in enumerate(plan.sides):
+            if keep is not None and i not in keep:
+                continue
             for side in (left, right):
                 for name, t in self._storage(group, side.order).init(device).items():
                     state[f"{side.prefix}.{name}"] = t
@@ -298,25 +373,65 @@ class Shampoo4bit(Optimizer):
 
     def memory_report(self) -> dict[str, int]:
         """Exact bytes of the optimizer state by kind: moments, eigenvectors, eigenvalues,
-        factors, roots, scales, other, plus ``second_order`` and ``total``."""
+        factors, roots, scales, other, plus ``second_order`` and ``total``. Under DDP sharding
+        or FSDP2 these are this rank's bytes (its own blocks, its local shards)."""
         return memory_report(self.state.values())
 
     def factors(self) -> Iterable[tuple[torch.Tensor, int, str, Factor]]:
-        """``(param, block index, side, factor)`` for every Shampoo factor with state."""
+        """``(param, block index, side, factor)`` for every Shampoo factor with state on this
+        rank (under DDP sharding: the blocks it owns)."""
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p)
                 if not state:
                     continue
-                for i, (left, right) in enumerate(self._plan(p, group).sides):
+                sides = self._plan(p, group).sides
+                present = {D.block_index(k) for k in state} if sides else ()
+                for i, (left, right) in enumerate(sides):
+                    if i not in present:
+                        continue
                     yield p, i, "L", Factor(state, left.prefix, self._storage(group, left.order))
                     yield p, i, "R", Factor(state, right.prefix, self._storage(group, right.order))
 
     # -- checkpointing and copies --------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The optimizer state, plus ``counters``.
+
+        Under DDP sharding this rank's blocks only, marked ``"rank_local"`` (loadable by the same
+        rank of the same world size), unless :meth:`consolidate_state_dict` ran just before on
+        this rank: then every block. Under FSDP2 the state of ``Shard(0)`` parameters is in the
+        DTensor form ``torch.distributed.checkpoint`` needs (:func:`.distributed.export_state`);
+        the clock stays in ``param_groups``, since DCP keeps no other top-level key.
+        """
+        consolidated, self._consolidated = self._consolidated, None
+        if consolidated is not None and consolidated[0] == self._clock:
+            return consolidated[1]
         sd = super().state_dict()
         sd["counters"] = self.counters
+        if self._layer.kind == "ddp" and self._pruned_plan is not None:
+            sd["rank_local"] = {"rank": _rank(self._layer.group), "world_size": self._pruned_plan.world_size}
+        if self._has_sharded:
+            params = self._params()
+            sd["state"] = {pid: D.export_state(params[pid], st) for pid, st in sd["state"].items()}
         return sd
+
+    def consolidate_state_dict(self, to: int = 0) -> None:
+        """Collect every rank's blocks on rank ``to`` under DDP sharding (every rank must call
+        it); the next :meth:`state_dict` there returns the full state, the same keys as one
+        process. Lightning's ``DDPStrategy`` calls it before rank 0 saves a checkpoint, so its
+        checkpoints load under any layout. A no-op otherwise."""
+        self._consolidated = None
+        if self._layer.kind != "ddp" or self._pruned_plan is None:
+            return
+        sd = super().state_dict()
+        sd["state"] = {pid: dict(st) for pid, st in sd["state"].items()}  # torch's are the live dicts
+        sd["counters"] = self.counters
+        mine = {pid: {k: v for k, v in st.items() if D.block_index(k) is not None} for pid, st in sd["state"].items()}
+        merged = D.gather_block_state(mine, dst=to, group=self._layer.group)
+        if merged is not None:
+            for pid, entries in merged.items():
+                sd["state"].setdefault(pid, {}).update(entries)
+            self._consolidated = (self._clock, sd)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a checkpoint after checking it fits (keys, shapes, dtypes, finite values).
@@ -324,23 +439,54 @@ class Shampoo4bit(Optimizer):
         Unlike torch, the saved dtype of every second-order tensor is kept (uint8 codes stay
         codes, fp32 eigenvalues stay fp32 for a bf16 model); moments follow the parameter's
         dtype as in torch. Nothing changes when the check fails.
+
+        A full state (one process, "off", or consolidated) loads under any layout: under DDP
+        sharding each rank drops the blocks it does not own at its next step. A rank-local state
+        (``"rank_local"``) loads only into the same rank of the same world size. Under FSDP2 the
+        DTensor form of :meth:`state_dict` is turned back into local shards (keys may be
+        parameter names, as ``torch.distributed.checkpoint`` passes them).
         """
-        load_optimizer_state(self, state_dict, super().load_state_dict)
+        rank_local = state_dict.get("rank_local") if isinstance(state_dict, Mapping) else None
+        if rank_local is not None:
+            here = {"rank": _rank(self._layer.group), "world_size": _world_size(self._layer.group)}
+            if dict(rank_local) != here:
+                raise CheckpointMismatchError(
+                    f"this state holds only the blocks of rank {rank_local.get('rank')} of "
+                    f"{rank_local.get('world_size')} (DDP sharding); this is rank {here['rank']} of "
+                    f"{here['world_size']}. Save with consolidate_state_dict() first (Lightning's DDPStrategy "
+                    "does) for a state any layout can load"
+                )
+        if self._has_sharded and isinstance(state_dict, Mapping) and isinstance(state_dict.get("state"), Mapping):
+            saved = [pid for g in state_dict.get("param_groups", ()) for pid in g.get("params", ())]
+            params = dict(zip(saved, self._params()))
+            state = {pid: D.import_state(params[pid], st) if pid in params and isinstance(st, Mapping) else st
+                     for pid, st in state_dict["state"].items()}
+            state_dict = {**state_dict, "state": state}
+        load_optimizer_state(self, state_dict, super().load_state_dict, partial_blocks=rank_local is not None)
         self._plans.clear()
         self._group_cache.clear()
         self._skips.clear()
+        self._pruned_plan, self._partial, self._consolidated = None, rank_local is not None, None
         self._counts = {k: 0 for k in COUNTERS} | {k: 0.0 for k in TIMERS}
         self._counts.update({k: v for k, v in state_dict.get("counters", {}).items() if k in self._counts})
-        self._skip_mark, self._skip_run = (self._counts["steps"], self._counts["skipped_nonfinite"]), 0
         for group in self.param_groups:
             group.setdefault("clock", 0)
+        if "counters" not in state_dict:  # e.g. through torch.distributed.checkpoint: the clock is all there is
+            self._counts["steps"] = self._clock
+        self._skip_mark, self._skip_run = (self._counts["steps"], self._counts["skipped_nonfinite"]), 0
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "_counts": self.counters, "sync_timers": self.sync_timers}
+        return {
+            **super().__getstate__(), "_counts": self.counters, "sync_timers": self.sync_timers,
+            "distributed": self.distributed, "distributed_dtype": self.distributed_dtype,
+        }  # fmt: skip
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         counts, sync_timers = state.pop("_counts", None), state.pop("sync_timers", False)
+        mode, dtype = state.pop("distributed", "auto"), state.pop("distributed_dtype", "float32")
         super().__setstate__(state)
+        self._layer = D.DistributedLayer(mode, dtype)
+        self._has_sharded = any(D.is_sharded(p) for p in self._params())
         self._init_bookkeeping()
         if counts:
             self._counts.update(counts)
@@ -365,13 +511,24 @@ class Shampoo4bit(Optimizer):
                     work.append((p, group, self._plan(p, group)))
         if not work:
             return loss
+        layer = self._layer
+        kind = layer.kind if layer.resolved else layer.resolve(self._params())
+        fsdp = kind == "fsdp2"
+        owners, index = self._ddp_plan() if kind == "ddp" else (None, None)
+        if self._partial:
+            self._fill_missing(index)
+        if fsdp:  # the local shards and their gradients, as plain tensors
+            views = [D.local_view(p) for p, _, _ in work]
+            tensors, grads = [t for t, _ in views], [g for _, g in views]
+        else:
+            tensors, grads = [p for p, _, _ in work], [p.grad for p, _, _ in work]
         clock = self._clock + 1
         due = {}
         for group in self.param_groups:
             active = group["precondition"] and clock >= group["start_preconditioning_step"]
             due[id(group)] = (active and clock % group["stat_interval"] == 0, active and clock % group["root_interval"] == 0)
         updates_due = any(s or r for s, r in due.values())
-        if updates_due and not _all_finite([p.grad for p, _, _ in work]):
+        if updates_due and not self._grads_finite(grads, fsdp):
             self._commit_clock(clock)
             self._counts["skipped_nonfinite"] += 1
             self._fold_skips()
@@ -384,45 +541,66 @@ class Shampoo4bit(Optimizer):
         new_states: dict[torch.Tensor, dict] = {}
         directions: list[torch.Tensor] = []
         jobs: list[preconditioning.Job] = []
-        preconditioned: list[tuple[int, torch.Tensor, _Plan, int]] = []  # (direction index, G, plan, first job)
-        for p, group, plan in work:
+        skip: list[bool] | None = [] if owners is not None else None  # DDP: jobs of other ranks' blocks
+        # (direction index, G, plan, first job, parameter index, owned blocks or None: all)
+        preconditioned: list[tuple[int, torch.Tensor, _Plan, int, int | None, list[int] | None]] = []
+        for k, (p, group, plan) in enumerate(work):
+            grad = grads[k]
+            pid = owned = None
+            if owners is not None and plan.sides:
+                pid = index[id(p)]
+                owned = layer.owned_blocks(pid, len(plan.blocks))
             state = self.state.get(p)
             if not state:
-                state = new_states[p] = self._new_state(p, group)
+                state = new_states[p] = self._new_state(p, group, blocks=owned)
             if not plan.sides:
-                directions.append(p.grad)
+                directions.append(grad)
                 continue
             stats_due, roots_due = due[id(group)]
-            g = p.grad.float().reshape(plan.mshape)
-            operands = self._update_factors(p, group, plan, state, g, stats_due, roots_due, clock, pending, counts, timers)
+            g = grad.float().reshape(plan.mshape) if plan.layout is None else plan.layout.to_matrix(grad.float())
+            operands = self._update_factors(
+                p, group, plan, state, g, stats_due, roots_due, clock, pending, counts, timers, owned
+            )
             if operands is None:
-                directions.append(p.grad)
+                directions.append(grad)
                 continue
             dtype, backend = _DTYPES[group["precondition_dtype"]], group["kernel_backend"]
-            preconditioned.append((len(directions), g, plan, len(jobs)))
-            directions.append(p.grad)  # replaced below
-            for block, (lo, ro) in zip(plan.blocks, operands):
+            preconditioned.append((len(directions), g, plan, len(jobs), pid, owned))
+            directions.append(grad)  # replaced below
+            for i, (block, (lo, ro)) in enumerate(zip(plan.blocks, operands)):
                 gb = g if len(plan.blocks) == 1 else g[block.r0 : block.r1, block.c0 : block.c1]
                 jobs.append(preconditioning.Job(gb, lo, ro, dtype, backend))
-        results = preconditioning.run(jobs)
+                if skip is not None:
+                    skip.append(owned is not None and i not in owned)
+        results = preconditioning.run(jobs) if skip is None else preconditioning.run(jobs, skip)
         graft = []
-        for index, g, plan, first in preconditioned:
-            if len(plan.blocks) == 1:
+        gathered: list[tuple[int, int, torch.Tensor]] = []  # (parameter index, block, destination): DDP
+        for slot, g, plan, first, pid, owned in preconditioned:
+            if len(plan.blocks) == 1 and owned is None:
                 hat = results[first]
             else:
                 hat = torch.empty_like(g)
-                for j, block in enumerate(plan.blocks):
-                    hat[block.r0 : block.r1, block.c0 : block.c1] = results[first + j]
-            graft.append((index, g, hat))
-            directions[index] = hat
-        self._graft(graft)
-        for i, p_work in enumerate(work):
-            p = p_work[0]
-            if directions[i] is not p.grad:
-                directions[i] = directions[i].view(p.shape).to(p.dtype)
+                for i, block in enumerate(plan.blocks):
+                    dst = hat if len(plan.blocks) == 1 else hat[block.r0 : block.r1, block.c0 : block.c1]
+                    if results[first + i] is not None:  # None: another rank's block, gathered below
+                        dst.copy_(results[first + i])
+                    if owned is not None:
+                        gathered.append((pid, i, dst))
+            if plan.layout is not None:
+                hat = plan.layout.from_matrix(hat)  # the data rows (a view): padding is neither applied nor grafted
+            graft.append((slot, g, hat))
+            directions[slot] = hat
+        if gathered:
+            layer.gather(gathered)  # every rank's blocks, before grafting (the same list on every rank)
+        self._graft(graft, [plan.layout is not None for _, _, plan, *_ in preconditioned] if fsdp else None)
+        for i, t in enumerate(tensors):
+            if directions[i] is not grads[i]:
+                directions[i] = directions[i].view(t.shape).to(t.dtype)
 
         # 2. check
-        found_inf = _non_finite_flags(directions, [p for p, _, _ in work])
+        found_inf = _non_finite_flags(directions, tensors)
+        if fsdp:  # one rank's inf / NaN skips the step on every rank
+            found_inf = {dev: D.max_across(flag, layer.group) for dev, flag in found_inf.items()}
         if updates_due and any(bool(f) for f in found_inf.values()):
             self._commit_clock(clock)
             self._counts["skipped_nonfinite"] += 1
@@ -434,7 +612,12 @@ class Shampoo4bit(Optimizer):
         for p, state in new_states.items():
             self.state[p] = state
         try:
-            base_update.apply(self, work, directions, found_inf)
+            if fsdp:  # the base update runs on the local shards
+                local = [(t, group, plan) for t, (_, group, plan) in zip(tensors, work)]
+                states = _LocalStates({t: self.state[p] for t, (p, _, _) in zip(tensors, work)})
+                base_update.apply(states, local, directions, found_inf)
+            else:
+                base_update.apply(self, work, directions, found_inf)
         except BaseException:
             for p in new_states:
                 del self.state[p]
@@ -459,14 +642,90 @@ class Shampoo4bit(Optimizer):
             group["clock"] = clock
         self._counts["steps"] = clock
 
-    def _update_factors(self, p, group, plan, state, g, stats_due, roots_due, clock, pending, counts, timers):
+    def _params(self) -> list[torch.Tensor]:
+        """Every parameter, in the order of the state dict's parameter ids."""
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _grads_finite(self, grads: list[torch.Tensor], fsdp: bool) -> bool:
+        """Host check of the gradients (steps with PU / PIRU); under FSDP2 over all ranks' shards.
+        DDP ranks hold the same gradients, so their local answers agree already."""
+        ok = _all_finite(grads)
+        return D.all_true(torch.tensor(ok), self._layer.group) if fsdp else ok
+
+    def _ddp_plan(self) -> tuple[D.Plan, dict[int, int]]:
+        """The owner of every block (identical on every rank) and each parameter's index; the
+        first time a plan is used, the state is pruned to this rank's blocks (a loaded full
+        state) and blocks this rank owns but lacks get a fresh state."""
+        refs, index = [], {}
+        pid = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                index[id(p)] = pid
+                refs.extend(D.BlockRef(pid, i, b.rows, b.cols) for i, b in enumerate(self._plan(p, group).blocks))
+                pid += 1
+        plan = self._layer.plan(refs)
+        if plan is not self._pruned_plan:
+            pruned = self._pruned_plan is not None
+            for group in self.param_groups:
+                for p in group["params"]:
+                    state = self.state.get(p)
+                    if state:
+                        D.prune_state(state, self._layer.owned_blocks(index[id(p)], len(self._plan(p, group).blocks)))
+            self._pruned_plan = plan
+            if pruned:  # the blocks moved between ranks (parameter groups changed)
+                self._fill_missing(index)
+        return plan, index
+
+    def _fill_missing(self, index: dict[int, int] | None) -> None:
+        """Give a fresh state to every block this rank computes but holds no state for (after
+        loading a rank-local state, or when blocks changed owner); warns once the layout is
+        decided, since those blocks restart their statistics."""
+        layer, restarted = self._layer, 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                plan = self._plan(p, group)
+                if not state or not plan.sides:
+                    continue
+                present = {D.block_index(k) for k in state}
+                device = next(v.device for v in state.values() if isinstance(v, torch.Tensor))
+                for i, (left, right) in enumerate(plan.sides):
+                    if i in present or (index is not None and not layer.owns(index[id(p)], i)):
+                        continue
+                    restarted += 1
+                    for side in (left, right):
+                        for name, t in self._storage(group, side.order).init(device).items():
+                            state[f"{side.prefix}.{name}"] = t
+        if layer.resolved:
+            self._partial = False
+            if restarted:
+                warnings.warn(
+                    f"Shampoo4bit: {restarted} Shampoo block(s) this rank computes had no state (a rank-local state "
+                    "loaded under another layout, or blocks that changed owner); they restart from a fresh "
+                    "statistic",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+
+    def _update_factors(
+        self, p, group, plan, state, g, stats_due, roots_due, clock, pending, counts, timers, owned=None
+    ):
         """Due PU / PIRU of every block (new entries into ``pending``); the ``(left, right)``
-        root operands per block, or None while no root exists (the base optimizer then runs
-        on the raw gradient)."""
+        root operands per block, or None while no root exists (the base optimizer then runs on
+        the raw gradient). Blocks another rank owns (not in ``owned``, under DDP) get stand-in
+        operands of the same format, without data. Their updates are counted too, so counts
+        agree across ranks (except retried and failed ones, which only the owner sees)."""
         if roots_due:
             pending.append((state, "", {"last_root_step": clock}))
         operands = []
-        for block, (left, right) in zip(plan.blocks, plan.sides):
+        for i, (block, (left, right)) in enumerate(zip(plan.blocks, plan.sides)):
+            if owned is not None and i not in owned:
+                counts["stat_updates"] += 2 * stats_due
+                counts["root_updates"] += 2 * roots_due
+                operands.append(
+                    (self._stand_in(group, left.order, g.device), self._stand_in(group, right.order, g.device))
+                )
+                continue
             gb = g if len(plan.blocks) == 1 else g[block.r0 : block.r1, block.c0 : block.c1]
             pair = []
             for side, is_left in ((left, True), (right, False)):
@@ -497,17 +756,35 @@ class Shampoo4bit(Optimizer):
             return None
         return operands
 
-    @staticmethod
-    def _graft(graft: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
+    def _stand_in(self, group: dict, order: int, device: torch.device):
+        """An operand with the format of a real root of this order but no data: it places another
+        rank's block in the same batch of :func:`preconditioning.run` as when every block runs."""
+        storage = self._storage(group, order)
+        cached = self._stand_ins.get((id(storage), device))
+        if cached is None or cached[0] is not storage:
+            empty = {k: torch.empty((0, *t.shape[1:]), dtype=t.dtype, device=device)
+                     for k, t in storage.init(torch.device("meta")).items()}
+            cached = self._stand_ins[(id(storage), device)] = (storage, storage.operand(empty))
+        return cached[1]
+
+    def _graft(self, graft: list[tuple[int, torch.Tensor, torch.Tensor]], sharded: list[bool] | None = None) -> None:
         """Rescale every preconditioned matrix to its gradient's norm, in place.
 
-        Norms are taken in float64, so a huge but finite gradient cannot overflow them.
+        Norms are taken in float64, so a huge but finite gradient cannot overflow them. Under
+        FSDP2 (``sharded``: which entries are local shards) the norms are the whole parameter's:
+        the shards' squared norms are summed over the ranks in one all-reduce, so every rank
+        scales its shard alike, as one device would.
         """
         if not graft:
             return
         _, grads, hats = zip(*graft)
         gn = torch._foreach_norm(list(grads), 2, dtype=torch.float64)
         hn = torch._foreach_norm(list(hats), 2, dtype=torch.float64)
+        if sharded is not None and any(sharded):
+            sq = torch.stack([torch.stack(gn), torch.stack(hn)]).square()
+            mask = torch.tensor(sharded, device=sq.device)
+            sq = torch.where(mask, D.sum_across(sq * mask, self._layer.group), sq).sqrt()
+            gn, hn = list(sq[0].unbind()), list(sq[1].unbind())
         torch._foreach_add_(hn, 1e-12)
         torch._foreach_div_(gn, hn)
         torch._foreach_mul_(list(hats), gn)
@@ -519,11 +796,39 @@ class Shampoo4bit(Optimizer):
 
 
 def make_plan(p: torch.Tensor, group: dict) -> _Plan:
-    """How ``p`` maps onto Shampoo blocks under ``group``'s settings."""
+    """How ``p`` maps onto Shampoo blocks under ``group``'s settings: a ``Shard(0)`` DTensor by
+    its local rows padded to the common shard size (:func:`.distributed.shard_layout`), anything
+    else by its whole shape."""
     fmt = tuple(group[k] for k in FORMAT_KEYS)
-    mshape, blocks = blocks_for(tuple(p.shape), group["max_order"]) if group["precondition"] else (None, ())
+    layout = None
+    if not group["precondition"]:
+        mshape, blocks = None, ()
+    elif D.is_sharded(p):
+        layout = D.shard_layout(p, group["max_order"])
+        mshape, blocks = layout.mshape, layout.blocks
+    else:
+        mshape, blocks = blocks_for(tuple(p.shape), group["max_order"])
     sides = tuple((_Side(f"{i}.L", b.rows), _Side(f"{i}.R", b.cols)) for i, b in enumerate(blocks))
-    return _Plan(mshape, blocks, sides, fmt)
+    return _Plan(mshape, blocks, sides, fmt, layout)
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard, a plain tensor itself."""
+    return p.to_local() if D.is_dtensor(p) else p
+
+
+def _rank(group: Any = None) -> int:
+    """This process's rank (0 without a process group)."""
+    return torch.distributed.get_rank(group) if _dist_on() else 0
+
+
+def _world_size(group: Any = None) -> int:
+    """The world size (1 without a process group)."""
+    return torch.distributed.get_world_size(group) if _dist_on() else 1
+
+
+def _dist_on() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _guarded(update: Callable[..., Update], *args) -> Update:
