@@ -138,9 +138,10 @@ def is_sharded(p: torch.Tensor) -> bool:
     return _is_dtensor(p) and _placement(p) == "shard0"
 
 
-def _world() -> tuple[int, int]:
+def world(group: Any = None) -> tuple[int, int]:
+    """``(world size, rank)`` of ``group``; ``(1, 0)`` without an initialized process group."""
     if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
+        return dist.get_world_size(group), dist.get_rank(group)
     return 1, 0
 
 
@@ -160,8 +161,8 @@ def detect(params: Iterable[torch.Tensor], mode: str = "auto") -> str | None:
             has_dtensor = True
     if has_dtensor:
         return "fsdp2"
-    world, _ = _world()
-    return "ddp" if mode == "auto" and world > 1 else None
+    world_size, _ = world()
+    return "ddp" if mode == "auto" and world_size > 1 else None
 
 
 def _all_gather_flat(out: torch.Tensor, t: torch.Tensor, group: Any = None) -> None:

@@ -347,7 +347,7 @@ class Shampoo4bit(Optimizer):
 
         ``blocks``: the blocks to include (a DDP rank's own); None: all of them, which is also
         what a checkpoint is checked against. A DTensor's state is that of its local shard."""
-        t = _local(p)
+        t = D.local_view(p)[0]
         device = t.device if device is None else torch.device(device)
         plan = make_plan(p, group)
         state: dict[str, Any] = {"step": torch.zeros((), dtype=torch.float32, device=device)}
@@ -409,7 +409,7 @@ class Shampoo4bit(Optimizer):
         sd = super().state_dict()
         sd["counters"] = self.counters
         if self._layer.kind == "ddp" and self._pruned_plan is not None:
-            sd["rank_local"] = {"rank": _rank(self._layer.group), "world_size": self._pruned_plan.world_size}
+            sd["rank_local"] = {"rank": D.world(self._layer.group)[1], "world_size": self._pruned_plan.world_size}
         if self._has_sharded:
             params = self._params()
             sd["state"] = {pid: D.export_state(params[pid], st) for pid, st in sd["state"].items()}
@@ -448,7 +448,7 @@ class Shampoo4bit(Optimizer):
         """
         rank_local = state_dict.get("rank_local") if isinstance(state_dict, Mapping) else None
         if rank_local is not None:
-            here = {"rank": _rank(self._layer.group), "world_size": _world_size(self._layer.group)}
+            here = {"rank": D.world(self._layer.group)[1], "world_size": D.world(self._layer.group)[0]}
             if dict(rank_local) != here:
                 raise CheckpointMismatchError(
                     f"this state holds only the blocks of rank {rank_local.get('rank')} of "
@@ -810,25 +810,6 @@ def make_plan(p: torch.Tensor, group: dict) -> _Plan:
         mshape, blocks = blocks_for(tuple(p.shape), group["max_order"])
     sides = tuple((_Side(f"{i}.L", b.rows), _Side(f"{i}.R", b.cols)) for i, b in enumerate(blocks))
     return _Plan(mshape, blocks, sides, fmt, layout)
-
-
-def _local(p: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local shard, a plain tensor itself."""
-    return p.to_local() if D.is_dtensor(p) else p
-
-
-def _rank(group: Any = None) -> int:
-    """This process's rank (0 without a process group)."""
-    return torch.distributed.get_rank(group) if _dist_on() else 0
-
-
-def _world_size(group: Any = None) -> int:
-    """The world size (1 without a process group)."""
-    return torch.distributed.get_world_size(group) if _dist_on() else 1
-
-
-def _dist_on() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _guarded(update: Callable[..., Update], *args) -> Update:
