@@ -471,14 +471,16 @@ def test_scale_dtype_on_plain_quantize():
         quantize(u, cb, 4, 64, scale_dtype=torch.int8)
 
 
-@pytest.mark.parametrize("n, bs, scale_dtype", [(2, 1, torch.float32), (65, 7, torch.bfloat16), (300, 256, torch.bfloat16),
-                                                (129, 64, torch.float16)])
-def test_symmetric_one_pass_equals_chunked(n, bs, scale_dtype, monkeypatch):
+@pytest.mark.parametrize("n, bs, scale_dtype, bits", [(2, 1, torch.float32, 4), (3, 1, torch.float32, 4),
+                                                      (65, 7, torch.bfloat16, 4), (300, 256, torch.bfloat16, 4),
+                                                      (129, 64, torch.float16, 4), (66, 5, torch.bfloat16, 8)])
+def test_symmetric_one_pass_equals_chunked(n, bs, scale_dtype, bits, monkeypatch):
     """Roots up to the one-pass size are rebuilt in a few calls; the result is the chunked one, bit for bit."""
-    cb = get_codebook()
+    cb = get_codebook("linear2", bits)
     a = torch.randn(n, n)
-    q = quantize_symmetric(a + a.T, cb, 4, bs, scale_dtype=scale_dtype)
-    one_pass = dequantize_symmetric(q, cb, n, 4, bs)
-    monkeypatch.setattr(blockwise, "_DEQUANT_CHUNK", 0)
+    q = quantize_symmetric(a + a.T, cb, bits, bs, scale_dtype=scale_dtype)
+    one_pass = dequantize_symmetric(q, cb, n, bits, bs)
+    assert torch.equal(one_pass, one_pass.T)
+    monkeypatch.setattr(blockwise, "_SYMMETRIC_ONE_PASS", 0)
     monkeypatch.setattr(blockwise, "_CHUNK", 300)
-    _same_bits(one_pass, dequantize_symmetric(q, cb, n, 4, bs), "symmetric")
+    _same_bits(one_pass, dequantize_symmetric(q, cb, n, bits, bs), "symmetric")

@@ -59,8 +59,10 @@ _CHUNK = 1 << 16
 # Dequantizing runs on every optimizer step (quantizing only at statistics and root updates):
 # it works in chunks of up to 2**20 elements, one chunk for any root up to order 1024, so a step
 # issues few torch calls; its buffers (~6 bytes per element) stay below the dense output's size
-# plus 6 MiB.
+# plus 6 MiB. A symmetric root is rebuilt in one pass up to order 2048 (buffers about twice the
+# output's size): the row-chunked path it falls back to beyond is several times slower.
 _DEQUANT_CHUNK = 1 << 20
+_SYMMETRIC_ONE_PASS = 2048 * 2047 // 2
 _MAX_CELLS_LOG2 = 16
 _SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -471,16 +473,20 @@ def _triangle_layout(n: int, block_size: int) -> tuple[list[int], list[int]]:
 
 
 @functools.lru_cache(maxsize=16)
-def _triangle_index(n: int, block_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(strict upper and lower triangle masks (n, n), block of every triangle element (int32)),
-    cached per order: the lookups that let a stored root be rebuilt in a few calls per step."""
+def _triangle_index(n: int, block_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(where every element of the (n, n) matrix is read from in [strict upper triangle, diagonal]
+    (int32, n * n), block of every triangle element (int32)), cached per order: the lookups that
+    rebuild a stored root in a few calls per step (about 6 bytes per element of the root)."""
     starts, bstarts = _triangle_layout(n, block_size)
-    upper = torch.ones(n, n, dtype=torch.bool, device=device).triu_(1)
+    numel = n * (n - 1) // 2
+    i = torch.arange(n, device=device)
+    r, c = torch.minimum(i[:, None], i[None, :]), torch.maximum(i[:, None], i[None, :])
+    full_at = torch.where(r == c, numel + r, r * (2 * n - r - 1) // 2 + (c - r - 1)).to(torch.int32).view(-1)
     lengths = torch.arange(n - 1, 0, -1, device=device)
     row = torch.repeat_interleave(torch.arange(n - 1, device=device), lengths)
-    pos = torch.arange(n * (n - 1) // 2, device=device) - torch.tensor(starts[:-1], device=device)[row]
+    pos = torch.arange(numel, device=device) - torch.tensor(starts[:-1], device=device)[row]
     block_of = (torch.tensor(bstarts[:-1], device=device)[row] + pos // block_size).to(torch.int32)
-    return upper, upper.mT.contiguous(), block_of
+    return full_at, block_of
 
 
 def _triangle_masks(r0: int, r1: int, n: int, width: int, block_size: int, device: torch.device):
@@ -561,23 +567,24 @@ def dequantize_symmetric(
         out = torch.empty(n, n, dtype=dtype, device=device)
     else:
         _check_out(out, (n, n), dtype, device)
-    if 1 < n and n * (n - 1) // 2 <= _DEQUANT_CHUNK:
-        # one pass: decode the whole triangle, scale it through a cached element -> block index,
-        # then scatter it above and (through the transposed view) below the diagonal
-        upper, lower, block_of = _triangle_index(n, block_size, device)
+    if 1 < n and n * (n - 1) // 2 <= _SYMMETRIC_ONE_PASS:
+        # one pass: decode and scale the whole triangle, append the diagonal, then gather every
+        # element of the matrix from there through a cached index (above and below the diagonal
+        # alike): one gather instead of a masked scatter and a transposed mirror
+        full_at, block_of = _triangle_index(n, block_size, device)
         numel = n * (n - 1) // 2
         values = _values(codebook)
         table = _pair_table(values, codebook.dtype, device) if bits == 4 else codebook.to(device)
-        ws = _work(numel, device, codebook.dtype, f2=False, u8=False)
+        ws = _work(numel + n, device, codebook.dtype, u8=False, index_numel=codes.numel())
         vals = _decode(codes, 0, numel, bits, table, ws)
-        tri = vals.mul_(absmax.index_select(0, block_of))
-        if tri.dtype != dtype:
-            tri = tri.to(dtype)
-        out.masked_scatter_(upper, tri)
-        # mirror through a blocked transposed copy: writing the transposed view directly is
-        # several times slower (strided writes)
-        mirrored = torch.empty_like(out).copy_(out.mT)
-        torch.where(lower, mirrored, out, out=out)
+        # an fp32 gather of the (few) scales is cheaper than a mixed-dtype multiply
+        vals.mul_(torch.index_select(absmax.float(), 0, block_of, out=ws.f2[:numel]))
+        ext = ws.f1[: numel + n]
+        ext[numel:].copy_(diag)
+        if ext.dtype != dtype:
+            ext = ext.to(dtype)
+        torch.index_select(ext, 0, full_at, out=out.view(-1))
+        return out
     elif n > 1:
         starts, bstarts = _triangle_layout(n, block_size)
         step = max(1, _chunk_elements(n * (n - 1) // 2) // (n - 1))
