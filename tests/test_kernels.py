@@ -395,3 +395,26 @@ def test_triton_failure_falls_back_once_with_a_warning(monkeypatch):
         assert torch.equal(k.quantize(x, cb, 4, 64, backend="auto").codes, want.codes)
     with pytest.raises(RuntimeError, match="PTX"):
         k.quantize(x, cb, 4, 64, backend="triton")
+
+
+@pytest.mark.parametrize("m, n", [(300, 40), (7, 513), (257, 258)])
+def test_precondition_with_panelled_symmetric_roots(m, n):
+    """Large stored symmetric roots are applied a panel of rows at a time, never whole; the
+    product is the float64 product of the rebuilt roots (to fp32 rounding)."""
+    from lightning_shampoo4.quant import dequantize_symmetric, quantize_symmetric
+
+    cb = get_codebook()
+
+    def root(k):
+        a = torch.randn(k, k)
+        q = quantize_symmetric(a + a.T, cb, 4, 256, scale_dtype=torch.bfloat16)
+        return QuantizedMatrix(q.codes, q.absmax, q.diag, k, cb, 4, 256, symmetric=True), dequantize_symmetric(
+            q, cb, k, 4, 256)
+
+    (left, dl), (right, dr) = root(m), root(n)
+    g = torch.randn(m, n)
+    assert reference._panelled(left) or reference._panelled(right)
+    got = reference.precondition(g, left, right)
+    want = dl.double() @ g.double() @ dr.double()
+    assert got.dtype == torch.float32 and got.shape == (m, n)
+    assert ((got.double() - want).norm() / want.norm()).item() < 1e-5

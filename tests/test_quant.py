@@ -18,6 +18,7 @@ from lightning_shampoo4.quant import (
     packed_numel,
     quantize,
     quantize_symmetric,
+    symmetric_panels,
     unpack4,
 )
 
@@ -484,3 +485,31 @@ def test_symmetric_one_pass_equals_chunked(n, bs, scale_dtype, bits, monkeypatch
     monkeypatch.setattr(blockwise, "_SYMMETRIC_ONE_PASS", 0)
     monkeypatch.setattr(blockwise, "_CHUNK", 300)
     _same_bits(one_pass, dequantize_symmetric(q, cb, n, bits, bs), "symmetric")
+
+
+@pytest.mark.parametrize("n, bits, rows", [(3, 4, 2), (257, 4, 256), (400, 4, 128), (401, 8, 100)])
+def test_symmetric_panels_are_the_rows_of_the_rebuilt_matrix(n, bits, rows):
+    """Panels (rebuilt a few rows at a time, decoded in chunks for n > 362) stack to the whole
+    rebuilt matrix, bit for bit, and that matrix is the one an element-by-element walk of the
+    stored layout gives (fp32 products, as stored values are fp32 code value x scale)."""
+    cb = get_codebook("linear2", bits)
+    a = torch.randn(n, n, dtype=torch.float64)
+    q = quantize_symmetric((a + a.T).float(), cb, bits, 64, scale_dtype=torch.bfloat16)
+    whole = dequantize_symmetric(q, cb, n, bits, 64)
+    panels = [(r0, r1, p.clone()) for r0, r1, p in symmetric_panels(q, cb, n, bits, 64, rows=rows)]
+    assert [r0 for r0, _, _ in panels] == list(range(0, n, rows)) and panels[-1][1] == n
+    _same_bits(torch.cat([p for _, _, p in panels]), whole, "panels")
+    # float64 reference: element (i, j) of the upper triangle times its block's scale
+    codes = (unpack4(q.codes, n * (n - 1) // 2) if bits == 4 else q.codes).long()
+    tri = cb[codes]
+    k = 0
+    ref = torch.zeros(n, n)
+    scales = q.absmax.float()
+    b = 0
+    for i in range(n - 1):
+        width = n - 1 - i
+        per = torch.arange(width) // 64
+        ref[i, i + 1 :] = tri[k : k + width] * scales[b + per]
+        k, b = k + width, b + int(per[-1]) + 1
+    ref = ref + ref.T + torch.diag(q.diag)
+    assert torch.equal(whole, ref)

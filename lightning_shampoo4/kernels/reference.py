@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quant import Quantized, dequantize, dequantize_symmetric, quantize
+from ..quant import Quantized, dequantize, dequantize_symmetric, quantize, symmetric_panels
 from .types import QuantizedMatrix
 
 __all__ = ["dequantize", "materialize", "precondition", "quantize"]
@@ -41,6 +41,31 @@ def precondition(
     right: torch.Tensor | QuantizedMatrix,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """``left @ grad @ right`` in ``dtype`` matmuls, returned in fp32."""
-    out = materialize(left, dtype) @ grad.to(dtype) @ materialize(right, dtype)
-    return out.float()
+    """``left @ grad @ right`` in ``dtype`` matmuls, returned in fp32.
+
+    A quantized symmetric root is applied in panels of rows rebuilt one at a time
+    (``grad @ right`` as ``(right @ grad^T)^T``), so no dense copy of it exists: the step's
+    transient memory stays near the 32-bit step's, which reads its stored dense roots.
+    """
+    if not (_panelled(left) or _panelled(right)):
+        return (materialize(left, dtype) @ grad.to(dtype) @ materialize(right, dtype)).float()
+    g_r_t = _apply(right, grad.to(dtype).mT, dtype)  # (grad @ right)^T
+    return _apply(left, g_r_t.mT, dtype).float()
+
+
+PANEL_ROWS = 512
+
+
+def _panelled(root: torch.Tensor | QuantizedMatrix) -> bool:
+    return isinstance(root, QuantizedMatrix) and root.symmetric and root.order > 256
+
+
+def _apply(root: torch.Tensor | QuantizedMatrix, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``root @ x`` in ``dtype``; a panelled root a panel of rows at a time."""
+    if not _panelled(root):
+        return materialize(root, dtype) @ x
+    out = torch.empty(root.order, x.shape[1], dtype=dtype, device=x.device)
+    q = Quantized(root.codes, root.absmax, root.diag)
+    for r0, r1, panel in symmetric_panels(q, root.codebook, root.order, root.bits, root.block_size, rows=PANEL_ROWS):
+        torch.mm(panel.to(dtype), x, out=out[r0:r1])
+    return out

@@ -8,6 +8,7 @@ from .blockwise import (
     packed_numel,
     quantize,
     quantize_symmetric,
+    symmetric_panels,
     unpack4,
 )
 from .codebooks import BITS, CODEBOOKS, get_codebook, midpoints
@@ -34,6 +35,7 @@ __all__ = [
     "packed_numel",
     "quantize",
     "quantize_symmetric",
+    "symmetric_panels",
     "unpack4",
     "MOMENT_BITS",
     "MomentSpec",

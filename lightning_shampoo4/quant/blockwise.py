@@ -549,6 +549,63 @@ def quantize_symmetric(
     return Quantized(codes, absmax.to(scale_dtype), diag)
 
 
+def _symmetric_source(
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    diag: torch.Tensor,
+    codebook: torch.Tensor,
+    n: int,
+    bits: int,
+    block_size: int,
+    *,
+    scratch: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """fp32 ``[scaled strict upper triangle, diagonal]`` (numel + n) of a stored symmetric matrix:
+    what every element of the matrix is gathered from (``_triangle_index``). ``scratch``: an fp32
+    buffer of at least ``numel + codes.numel() + 2`` elements to decode in (else one is made)."""
+    _, block_of = _triangle_index(n, block_size, codes.device)
+    numel = n * (n - 1) // 2
+    table = _pair_table(_values(codebook), codebook.dtype, codes.device) if bits == 4 else codebook.to(codes.device)
+    ext = torch.empty(numel + n + 2, dtype=codebook.dtype, device=codes.device)
+    scale = absmax.float()  # an fp32 gather of the (few) scales is cheaper than a mixed-dtype multiply
+    if scratch is not None:  # one chunk, working in the scratch buffer
+        chunk, small = numel, _Work(ext, scratch[numel:].view(torch.int32), scratch[:numel])
+    else:  # even-sized chunks through small buffers: decoded values land in place in ``ext``
+        chunk = _CHUNK
+        small = _work(min(chunk, numel), codes.device, codebook.dtype, u8=False)
+    for s0 in range(0, numel, chunk):
+        k = min(chunk, numel - s0)
+        vals = _decode(codes, s0, k, bits, table, small._replace(f1=ext[s0:]))
+        vals.mul_(torch.index_select(scale, 0, block_of[s0 : s0 + k], out=small.f2[:k]))
+    ext = ext[: numel + n]
+    ext[numel:].copy_(diag)
+    return ext
+
+
+def symmetric_panels(
+    q: Quantized | tuple, codebook: torch.Tensor, n: int, bits: int = 4, block_size: int = 64, *, rows: int = 256
+):
+    """Yield ``(r0, r1, panel)``: rows r0 .. r1-1 (fp32, ``(r1 - r0, n)``) of the symmetric matrix
+    stored by :func:`quantize_symmetric`, ``rows`` at a time through one reused buffer, so a
+    product with the matrix never holds it whole (about half its fp32 size plus one panel).
+    The panel is overwritten by the next one."""
+    _check_args(bits, block_size)
+    codes, absmax, diag = Quantized(*q)
+    if n <= 1 or n * (n - 1) // 2 > _SYMMETRIC_ONE_PASS:
+        whole = dequantize_symmetric(q, codebook, n, bits, block_size)
+        for r0 in range(0, n, rows):
+            yield r0, min(n, r0 + rows), whole[r0 : r0 + rows]
+        return
+    full_at, _ = _triangle_index(n, block_size, codes.device)
+    src = _symmetric_source(codes, absmax, diag, codebook, n, bits, block_size)
+    buf = torch.empty(min(rows, n) * n, dtype=torch.float32, device=codes.device)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        panel = buf[: (r1 - r0) * n]
+        torch.index_select(src, 0, full_at[r0 * n : r1 * n], out=panel)
+        yield r0, r1, panel.view(r1 - r0, n)
+
+
 def dequantize_symmetric(
     q: Quantized | tuple,
     codebook: torch.Tensor,
@@ -568,22 +625,13 @@ def dequantize_symmetric(
     else:
         _check_out(out, (n, n), dtype, device)
     if 1 < n and n * (n - 1) // 2 <= _SYMMETRIC_ONE_PASS:
-        # one pass: decode and scale the whole triangle, append the diagonal, then gather every
-        # element of the matrix from there through a cached index (above and below the diagonal
-        # alike): one gather instead of a masked scatter and a transposed mirror
-        full_at, block_of = _triangle_index(n, block_size, device)
-        numel = n * (n - 1) // 2
-        values = _values(codebook)
-        table = _pair_table(values, codebook.dtype, device) if bits == 4 else codebook.to(device)
-        ws = _work(numel + n, device, codebook.dtype, u8=False, index_numel=codes.numel())
-        vals = _decode(codes, 0, numel, bits, table, ws)
-        # an fp32 gather of the (few) scales is cheaper than a mixed-dtype multiply
-        vals.mul_(torch.index_select(absmax.float(), 0, block_of, out=ws.f2[:numel]))
-        ext = ws.f1[: numel + n]
-        ext[numel:].copy_(diag)
-        if ext.dtype != dtype:
-            ext = ext.to(dtype)
-        torch.index_select(ext, 0, full_at, out=out.view(-1))
+        # one pass: every element gathered from the decoded triangle + diagonal through a cached
+        # index (above and below the diagonal alike), instead of a masked scatter and a mirror;
+        # an fp32 output is the scratch space of the decoding until the final gather
+        full_at, _ = _triangle_index(n, block_size, device)
+        src = _symmetric_source(codes, absmax, diag, codebook, n, bits, block_size,
+                                scratch=out.view(-1) if out.dtype == torch.float32 else None)
+        torch.index_select(src.to(dtype), 0, full_at, out=out.view(-1))
         return out
     elif n > 1:
         starts, bstarts = _triangle_layout(n, block_size)
