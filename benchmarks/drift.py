@@ -25,6 +25,8 @@ and root (its error is the subspace iteration's tracking error alone). ``oneshot
 shadow's exact eigenvectors quantized once to 4 bits (4 Björck steps), the root built from them
 with the exact eigenvalues and stored like the optimizer's root - the error floor of a
 4-bit-eigenvector state that never re-quantizes (no statistic: it is the shadow's own).
+``cholesky4``: ``quantize="cholesky"``, 4 bits (the Cholesky factor of the statistic with error
+feedback, Li et al. 2025); ``cholesky4_noef``: the same with the error feedback switched off.
 ``hh8`` / ``hh8x2`` / ``hh8x3`` / ``hh8r4x2``: ``HouseholderFactor``, a reference of a proposed
 storage not in the optimizer: eigenvectors as 8-bit Householder reflectors (half the entries of
 U, so the bytes of 4-bit U), the root's triangle with 8-bit codes, 1, 2 or 3 subspace
@@ -61,11 +63,18 @@ BETA = 0.95
 EPS = 1e-6
 CHECKPOINTS = (1, 20, 100, 500)
 DEFAULT_VARIANTS = (
-    "shampoo4", "shampoo8", "eigen32", "shampoo32", "naive4", "oneshot4", "hh8", "hh8x2", "hh8x3", "hh8r4x2",
+    "shampoo4", "shampoo8", "eigen32", "shampoo32", "naive4", "oneshot4", "cholesky4", "cholesky4_noef",
+    "hh8", "hh8x2", "hh8x3", "hh8r4x2",
 )
 # the 4-bit pipeline (Björck, EMA, subspace iteration) with fp32 eigenvectors and root: its
 # error is the subspace iteration's tracking error alone, no quantization
-EXTRA_VARIANTS = {"eigen32": dict(bits=4, min_quant_numel=2**62)}
+EXTRA_VARIANTS = {
+    "eigen32": dict(bits=4, min_quant_numel=2**62),
+    "cholesky4": dict(bits=4, quantize="cholesky"),
+    "cholesky4_noef": dict(bits=4, quantize="cholesky"),
+}
+# scale of the carried quantization error in cholesky mode (CholeskyStorage._feedback; 1: the default)
+FEEDBACK = {"cholesky4_noef": 0.0}
 # the proposed storage (``HouseholderFactor``): 1, 2 or 3 subspace iterations per PU, 8- or 4-bit root
 PROPOSALS = {"hh8": dict(iters=1), "hh8x2": dict(iters=2), "hh8x3": dict(iters=3), "hh8r4x2": dict(iters=2, root_bits=4)}
 CACHE_DIR = Path("/tmp") / "lightning_shampoo4_drift"
@@ -212,12 +221,16 @@ class Variant(Protocol):
 class OptimizerVariant:
     """``Shampoo4bit`` on one m x n parameter, lr 0, fed the stream as its gradient."""
 
-    def __init__(self, m: int, n: int, root_interval: int, **kwargs: Any):
+    def __init__(self, m: int, n: int, root_interval: int, feedback: float | None = None, **kwargs: Any):
         self.param = torch.nn.Parameter(torch.zeros(m, n))
         self.opt = Shampoo4bit(
             [self.param], lr=0.0, weight_decay=0.0, stat_interval=1, root_interval=root_interval,
             shampoo_beta=BETA, matrix_eps=EPS, max_order=max(m, n), **kwargs,
         )
+        if feedback is not None:  # cholesky mode only: the storage objects are the optimizer's own
+            self.opt.init_state()
+            for _, _, _, f in self.opt.factors():
+                f.storage._feedback = feedback
 
     def step(self, g: torch.Tensor, t: int) -> None:
         self.param.grad = g.clone()
@@ -371,7 +384,7 @@ def build_variant(name: str, m: int, n: int, root_interval: int) -> Variant | No
         return None  # computed from the shadow at measurement time
     if name in PROPOSALS:
         return FactorPairVariant(m, n, root_interval, lambda order: HouseholderFactor(order, **PROPOSALS[name]))
-    return OptimizerVariant(m, n, root_interval, **({**SHAMPOO_VARIANTS, **EXTRA_VARIANTS}[name]))
+    return OptimizerVariant(m, n, root_interval, FEEDBACK.get(name), **({**SHAMPOO_VARIANTS, **EXTRA_VARIANTS}[name]))
 
 
 # -- the loop ------------------------------------------------------------------------------------

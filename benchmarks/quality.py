@@ -21,6 +21,8 @@ Optimizers (all share one warm-up + cosine schedule, gradient clipping at norm 1
                 10 iterations, early stop).
 ``shampoo4``    Shampoo4bit(bits=4): 4-bit eigenvectors, the paper's method.
 ``shampoo4_m4`` Shampoo4bit(bits=4, moment_bits=4): the same with AdamW's moments at 4 bits.
+``cholesky4``   Shampoo4bit(bits=4, quantize="cholesky"): the statistics' Cholesky factors at 4 bits
+                with error feedback (Li et al., arXiv 2412.10663), the second published 4-bit Shampoo.
 ``muon``        torch.optim.Muon (Newton-Schulz orthogonalised momentum, ``adjust_lr_fn=
                 "match_rms_adamw"`` so it shares AdamW's learning-rate scale) on the hidden 2-D
                 weight matrices; AdamW on embeddings, the output head, biases and norms, same lr.
@@ -59,13 +61,14 @@ from _common import LABELS, base_parser, setup_run, table, write_result
 from lightning_shampoo4 import Shampoo4bit
 
 NAME = "quality"
-OPTIMIZERS = ("adamw", "shampoo32", "naive4", "shampoo4", "shampoo4_m4", "muon")
-LABELS = {**LABELS, "shampoo4_m4": "4-bit Shampoo + 4-bit moments"}
+OPTIMIZERS = ("adamw", "shampoo32", "naive4", "shampoo4", "shampoo4_m4", "cholesky4", "muon")
+LABELS = {**LABELS, "shampoo4_m4": "4-bit Shampoo + 4-bit moments", "cholesky4": "4-bit Cholesky Shampoo"}
 SHAMPOO_KW = {
     "shampoo32": dict(bits=32),
     "naive4": dict(bits=4, quantize="preconditioner"),
     "shampoo4": dict(bits=4),
     "shampoo4_m4": dict(bits=4, moment_bits=4),
+    "cholesky4": dict(bits=4, quantize="cholesky"),
 }
 
 # -- task configurations -------------------------------------------------------------------

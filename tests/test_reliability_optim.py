@@ -151,13 +151,15 @@ def test_huge_finite_gradient_after_first_root_stays_finite_like_adamw(norm, whe
 
 
 @pytest.mark.parametrize("variant", [dict(bits=32), dict(bits=4, quantize="preconditioner"),
-                                     dict(bits=8, quantize="preconditioner", root_method="eigen")])
+                                     dict(bits=8, quantize="preconditioner", root_method="eigen"),
+                                     dict(bits=4, quantize="cholesky")])
 def test_overflowing_statistic_is_not_stored(variant):
     model = _mlp()
     opt = Shampoo4bit(model.parameters(), **SMALL | variant)
     _train(model, opt, 2)  # one root update done
     w = model[0].weight
-    factors = {k: v.clone() for k, v in opt.state[w].items() if ".factor" in k}
+    stat = "chol" if variant.get("quantize") == "cholesky" else "factor"
+    factors = {k: v.clone() for k, v in opt.state[w].items() if f".{stat}" in k or ".ef_" in k}
     assert factors
     before = _counts(opt)
     _backward(model)
@@ -172,8 +174,8 @@ def test_overflowing_statistic_is_not_stored(variant):
         assert torch.isfinite(v.float()).all(), k
     losses = _train(model, opt, 6)  # the statistic moves again on normal gradients
     assert all(math.isfinite(x) for x in losses)
-    assert not torch.equal(opt.state[w]["0.L.factor" if variant["bits"] == 32 else "0.L.factor_absmax"],
-                           factors["0.L.factor" if variant["bits"] == 32 else "0.L.factor_absmax"])
+    moving = f"0.L.{stat}" if variant["bits"] == 32 else f"0.L.{stat}_absmax"
+    assert not torch.equal(opt.state[w][moving], factors[moving])
     assert opt.counters["failed_updates"] == after["failed_updates"]
 
 
@@ -188,6 +190,8 @@ ATOMIC_CASES = [
     ("PU step, store", dict(bits=8, quantize="preconditioner"), 3, (Storage, "store")),
     ("PU step, quantize", dict(bits=4), 3, (kernels_mod, "quantize")),
     ("PIRU step, Newton root", dict(bits=4, quantize="preconditioner"), 2, (torch.linalg, "matrix_norm")),
+    ("PU step, cholesky", dict(bits=4, quantize="cholesky"), 3, (torch.linalg, "cholesky_ex")),
+    ("PIRU step, cholesky root", dict(bits=4, quantize="cholesky"), 4, (linalg_mod, "eigh_inverse_root")),
 ]
 
 

@@ -10,6 +10,9 @@ KINDS = ("moments", "eigenvectors", "eigenvalues", "factors", "roots", "scales",
 SECOND_ORDER = ("eigenvectors", "eigenvalues", "factors", "roots", "scales")
 
 _MOMENTS = ("exp_avg", "momentum_buffer")  # with their codes and scales when quantized
+# entry name prefixes; in cholesky mode ``chol_*`` and its error-feedback state ``ef_*`` hold the statistic
+_PREFIXES = (("eigvecs", "eigenvectors"), ("eigvals", "eigenvalues"), ("factor", "factors"), ("chol", "factors"),
+             ("ef_", "factors"), ("root", "roots"))
 
 
 def kind_of(key: str) -> str:
@@ -19,7 +22,7 @@ def kind_of(key: str) -> str:
         return "moments"
     if name.endswith("_absmax"):
         return "scales"
-    for prefix, kind in (("eigvecs", "eigenvectors"), ("eigvals", "eigenvalues"), ("factor", "factors"), ("root", "roots")):
+    for prefix, kind in _PREFIXES:
         if name.startswith(prefix):
             return kind
     return "other"

@@ -6,25 +6,29 @@ compute everything, check it, and only then commit), and ``operand`` gives the r
 form the preconditioning kernel takes. Entries are plain tensors named without the
 ``"{block}.{side}."`` prefix the optimizer adds.
 
-=========  ==========================================  ==========================
-mode       chosen by                                   module
-=========  ==========================================  ==========================
-``eigen``  ``bits`` 4 / 8, ``quantize="eigenvectors"``  :mod:`.eigen` (the paper)
-``dense``  ``bits=32``                                  :mod:`.dense`
-``naive``  ``bits`` 4 / 8, ``quantize="preconditioner"`` :mod:`.naive` (baseline)
-=========  ==========================================  ==========================
+============  ==========================================  ==================================
+mode          chosen by                                   module
+============  ==========================================  ==================================
+``eigen``     ``bits`` 4 / 8, ``quantize="eigenvectors"``  :mod:`.eigen` (the paper)
+``cholesky``  ``bits`` 4 / 8, ``quantize="cholesky"``      :mod:`.cholesky` (Li et al., 2025)
+``dense``     ``bits=32``                                  :mod:`.dense`
+``naive``     ``bits`` 4 / 8, ``quantize="preconditioner"`` :mod:`.naive` (baseline)
+============  ==========================================  ==================================
 """
 
 from __future__ import annotations
 
 from .base import FAILED, OK, RETRIED, FactorConfig, Storage, Update
+from .cholesky import CholeskyStorage
 from .dense import DenseStorage
 from .eigen import EigenStorage
 from .naive import NaiveStorage
 
 __all__ = ["FAILED", "OK", "RETRIED", "FactorConfig", "Storage", "Update", "storage_for"]
 
-_MODES: dict[str, type[Storage]] = {"eigen": EigenStorage, "dense": DenseStorage, "naive": NaiveStorage}
+_MODES: dict[str, type[Storage]] = {
+    "eigen": EigenStorage, "cholesky": CholeskyStorage, "dense": DenseStorage, "naive": NaiveStorage,
+}
 
 
 def storage_for(cfg: FactorConfig) -> Storage:
