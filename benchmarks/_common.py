@@ -31,6 +31,7 @@ SHAMPOO_VARIANTS: dict[str, dict[str, Any]] = {
     "naive4": dict(bits=4, quantize="preconditioner"),
     "shampoo4": dict(bits=4),
     "shampoo8": dict(bits=8, block_size=256),  # the paper's 8-bit ablation used block 256
+    "cholesky4": dict(bits=4, quantize="cholesky"),
 }
 LABELS = {
     "adamw": "AdamW",
@@ -40,6 +41,7 @@ LABELS = {
     "naive4": "naive 4-bit Shampoo",
     "shampoo4": "4-bit Shampoo",
     "shampoo8": "8-bit Shampoo",
+    "cholesky4": "4-bit Cholesky Shampoo",
 }
 
 

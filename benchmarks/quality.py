@@ -56,19 +56,19 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import LABELS, base_parser, setup_run, table, write_result
+from _common import LABELS, SHAMPOO_VARIANTS, base_parser, setup_run, table, write_result
 
 from lightning_shampoo4 import Shampoo4bit
 
 NAME = "quality"
 OPTIMIZERS = ("adamw", "shampoo32", "naive4", "shampoo4", "shampoo4_m4", "cholesky4", "muon")
-LABELS = {**LABELS, "shampoo4_m4": "4-bit Shampoo + 4-bit moments", "cholesky4": "4-bit Cholesky Shampoo"}
+LABELS = {**LABELS, "shampoo4_m4": "4-bit Shampoo + 4-bit moments"}
 SHAMPOO_KW = {
     "shampoo32": dict(bits=32),
     "naive4": dict(bits=4, quantize="preconditioner"),
     "shampoo4": dict(bits=4),
     "shampoo4_m4": dict(bits=4, moment_bits=4),
-    "cholesky4": dict(bits=4, quantize="cholesky"),
+    "cholesky4": SHAMPOO_VARIANTS["cholesky4"],
 }
 
 # -- task configurations -------------------------------------------------------------------

@@ -127,7 +127,7 @@ def test_step_time_quick(tmp_path):
     assert {"cpu", "torch_threads", "torch", "device_name"} <= set(opt["machine"])
     ds = opt["settings"]["distributed_shampoo"]
     assert ds["available"] or ds["reason"]  # DS32 runs when importable, else the reason is recorded
-    expected = {"ours32", "ours4", "ours8", "naive4", "adamw"} | ({"ds32"} if ds["available"] else set())
+    expected = {"ours32", "ours4", "ours8", "naive4", "cholesky4", "adamw"} | ({"ds32"} if ds["available"] else set())
     assert set(opt["workloads"]) == {"vit_tiny", "mlp", "transformer"}
     for name, w in opt["workloads"].items():
         assert w["workload"]["params"] > 0 and w["workload"]["recorded_steps"] == 2, name
