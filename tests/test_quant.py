@@ -513,3 +513,23 @@ def test_symmetric_panels_are_the_rows_of_the_rebuilt_matrix(n, bits, rows):
         k, b = k + width, b + int(per[-1]) + 1
     ref = ref + ref.T + torch.diag(q.diag)
     assert torch.equal(whole, ref)
+
+
+@pytest.mark.parametrize("n, bits, bs, scale_dtype, dtype, transposed", [
+    (2, 4, 1, torch.float32, torch.float32, False), (65, 4, 7, torch.bfloat16, torch.float32, True),
+    (400, 4, 256, torch.bfloat16, torch.float32, False), (129, 8, 64, torch.float16, torch.bfloat16, True),
+    (363, 4, 64, torch.float32, torch.float32, False)])
+def test_quantize_symmetric_one_pass_equals_row_chunked(n, bits, bs, scale_dtype, dtype, transposed, monkeypatch):
+    """The gather-based store (two sync-free passes over the triangle) gives the codes and scales
+    of the row-chunked one, bit for bit, whatever the input's layout and dtype; zero blocks too."""
+    cb = get_codebook("linear2", bits)
+    a = torch.randn(n, n) * torch.logspace(-3, 3, n)[:, None]
+    a[: n // 3, n // 2 :] = 0  # whole zero blocks
+    x = (a + a.T).to(dtype)
+    x = x.T.contiguous().T if transposed else x
+    one = quantize_symmetric(x, cb, bits, bs, scale_dtype=scale_dtype)
+    monkeypatch.setattr(blockwise, "_SYMMETRIC_ONE_PASS", 0)
+    chunked = quantize_symmetric(x, cb, bits, bs, scale_dtype=scale_dtype)
+    assert torch.equal(one.codes, chunked.codes)
+    _same_bits(one.absmax.float(), chunked.absmax.float(), "absmax")
+    _same_bits(one.diag, chunked.diag, "diag")

@@ -473,10 +473,15 @@ def _triangle_layout(n: int, block_size: int) -> tuple[list[int], list[int]]:
 
 
 @functools.lru_cache(maxsize=16)
-def _triangle_index(n: int, block_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(where every element of the (n, n) matrix is read from in [strict upper triangle, diagonal]
-    (int32, n * n), block of every triangle element (int32)), cached per order: the lookups that
-    rebuild a stored root in a few calls per step (about 6 bytes per element of the root)."""
+def _triangle_index(n: int, block_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cached per order, the lookups that store and rebuild a symmetric matrix in a few calls and
+    no host sync (int32, about 8 bytes per element of the matrix):
+
+    * where every element of the (n, n) matrix is read from in [strict upper triangle, diagonal]
+      (n * n),
+    * the block of every triangle element,
+    * the flat position in the matrix of every triangle element.
+    """
     starts, bstarts = _triangle_layout(n, block_size)
     numel = n * (n - 1) // 2
     i = torch.arange(n, device=device)
@@ -486,7 +491,8 @@ def _triangle_index(n: int, block_size: int, device: torch.device) -> tuple[torc
     row = torch.repeat_interleave(torch.arange(n - 1, device=device), lengths)
     pos = torch.arange(numel, device=device) - torch.tensor(starts[:-1], device=device)[row]
     block_of = (torch.tensor(bstarts[:-1], device=device)[row] + pos // block_size).to(torch.int32)
-    return full_at, block_of
+    tri_at = (row * (n + 1) + 1 + pos).to(torch.int32)
+    return full_at, block_of, tri_at
 
 
 def _triangle_masks(r0: int, r1: int, n: int, width: int, block_size: int, device: torch.device):
@@ -499,6 +505,46 @@ def _triangle_masks(r0: int, r1: int, n: int, width: int, block_size: int, devic
     nblocks = -(-width // block_size)
     blocks = torch.arange(nblocks, device=device)[None, :] < -(-length // block_size)
     return upper, left, blocks
+
+
+def _quantize_triangle(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    n: int,
+    bits: int,
+    block_size: int,
+    tables: _IndexTables,
+    scale_dtype: torch.dtype,
+) -> None:
+    """The strict upper triangle of ``x`` into ``codes`` / ``absmax`` through the cached index:
+    two passes of whole ``_CHUNK``-element runs (block maxima, then codes), so no host sync
+    (but the scale-range check) and bounded buffers."""
+    _, block_of, tri_at = _triangle_index(n, block_size, x.device)
+    flat = x.reshape(-1)
+    numel = tri_at.numel()
+    chunk = min(_CHUNK, numel)
+    ws = _work(chunk, x.device, u8=False)
+    idx = torch.empty(chunk, dtype=torch.uint8, device=x.device)
+    absmax.zero_()
+    for s0 in range(0, numel, chunk):  # pass 1: block maxima
+        s1 = min(numel, s0 + chunk)
+        vals = torch.index_select(flat, 0, tri_at[s0:s1]).float()
+        absmax.scatter_reduce_(0, block_of[s0:s1].long(), vals.abs_(), "amax")
+    if scale_dtype != torch.float32:
+        _round_scales_up(absmax, scale_dtype)
+    safe = torch.where(absmax > 0, absmax, 1.0)
+    for s0 in range(0, numel, chunk):  # pass 2: normalized values -> codes
+        s1 = min(numel, s0 + chunk)
+        v = ws.f1[: s1 - s0]
+        torch.index_select(flat, 0, tri_at[s0:s1], out=v) if flat.dtype == torch.float32 else v.copy_(
+            torch.index_select(flat, 0, tri_at[s0:s1]))
+        v.div_(torch.index_select(safe, 0, block_of[s0:s1], out=ws.f2[: s1 - s0]))
+        _indices(v, tables, idx[: s1 - s0], ws)
+        if bits == 4:
+            _pack_at(codes, s0, idx[: s1 - s0])
+        else:
+            codes[s0:s1] = idx[: s1 - s0]
 
 
 def quantize_symmetric(
@@ -522,7 +568,9 @@ def quantize_symmetric(
     starts, bstarts = _triangle_layout(n, block_size)
     codes = torch.empty(packed_numel(starts[-1], bits), dtype=torch.uint8, device=device)
     absmax = torch.empty(bstarts[-1], dtype=torch.float32, device=device)
-    if n > 1:
+    if 1 < n and starts[-1] <= _SYMMETRIC_ONE_PASS:
+        _quantize_triangle(x, codes, absmax, n, bits, block_size, _tables_for(codebook, device), scale_dtype)
+    elif n > 1:
         tables = _tables_for(codebook, device)
         step = max(1, _chunk_elements(n * (n - 1) // 2) // (n - 1))
         width = n - 1
@@ -563,7 +611,7 @@ def _symmetric_source(
     """fp32 ``[scaled strict upper triangle, diagonal]`` (numel + n) of a stored symmetric matrix:
     what every element of the matrix is gathered from (``_triangle_index``). ``scratch``: an fp32
     buffer of at least ``numel + codes.numel() + 2`` elements to decode in (else one is made)."""
-    _, block_of = _triangle_index(n, block_size, codes.device)
+    _, block_of, _ = _triangle_index(n, block_size, codes.device)
     numel = n * (n - 1) // 2
     table = _pair_table(_values(codebook), codebook.dtype, codes.device) if bits == 4 else codebook.to(codes.device)
     ext = torch.empty(numel + n + 2, dtype=codebook.dtype, device=codes.device)
@@ -596,7 +644,7 @@ def symmetric_panels(
         for r0 in range(0, n, rows):
             yield r0, min(n, r0 + rows), whole[r0 : r0 + rows]
         return
-    full_at, _ = _triangle_index(n, block_size, codes.device)
+    full_at, _, _ = _triangle_index(n, block_size, codes.device)
     src = _symmetric_source(codes, absmax, diag, codebook, n, bits, block_size)
     buf = torch.empty(min(rows, n) * n, dtype=torch.float32, device=codes.device)
     for r0 in range(0, n, rows):
@@ -628,7 +676,7 @@ def dequantize_symmetric(
         # one pass: every element gathered from the decoded triangle + diagonal through a cached
         # index (above and below the diagonal alike), instead of a masked scatter and a mirror;
         # an fp32 output is the scratch space of the decoding until the final gather
-        full_at, _ = _triangle_index(n, block_size, device)
+        full_at, _, _ = _triangle_index(n, block_size, device)
         src = _symmetric_source(codes, absmax, diag, codebook, n, bits, block_size,
                                 scratch=out.view(-1) if out.dtype == torch.float32 else None)
         torch.index_select(src.to(dtype), 0, full_at, out=out.view(-1))
