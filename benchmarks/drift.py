@@ -27,6 +27,9 @@ with the exact eigenvalues and stored like the optimizer's root - the error floo
 4-bit-eigenvector state that never re-quantizes (no statistic: it is the shadow's own).
 ``cholesky4``: ``quantize="cholesky"``, 4 bits (the Cholesky factor of the statistic with error
 feedback, Li et al. 2025); ``cholesky4_noef``: the same with the error feedback switched off.
+``chol8`` / ``chol8sr``: ``CholeskyFactor``, a reference of a proposed storage not in the
+optimizer: the Cholesky factor with 8-bit codes and no error-feedback state (the bytes of
+``cholesky4``'s two 4-bit triangles), rounded to nearest or stochastically; the root at 4 bits.
 ``hh8`` / ``hh8x2`` / ``hh8x3`` / ``hh8r4x2``: ``HouseholderFactor``, a reference of a proposed
 storage not in the optimizer: eigenvectors as 8-bit Householder reflectors (half the entries of
 U, so the bytes of 4-bit U), the root's triangle with 8-bit codes, 1, 2 or 3 subspace
@@ -64,7 +67,7 @@ EPS = 1e-6
 CHECKPOINTS = (1, 20, 100, 500)
 DEFAULT_VARIANTS = (
     "shampoo4", "shampoo8", "eigen32", "shampoo32", "naive4", "oneshot4", "cholesky4", "cholesky4_noef",
-    "hh8", "hh8x2", "hh8x3", "hh8r4x2",
+    "hh8", "hh8x2", "hh8x3", "hh8r4x2", "chol8", "chol8sr",
 )
 # the 4-bit pipeline (Björck, EMA, subspace iteration) with fp32 eigenvectors and root: its
 # error is the subspace iteration's tracking error alone, no quantization
@@ -77,6 +80,9 @@ EXTRA_VARIANTS = {
 FEEDBACK = {"cholesky4_noef": 0.0}
 # the proposed storage (``HouseholderFactor``): 1, 2 or 3 subspace iterations per PU, 8- or 4-bit root
 PROPOSALS = {"hh8": dict(iters=1), "hh8x2": dict(iters=2), "hh8x3": dict(iters=3), "hh8r4x2": dict(iters=2, root_bits=4)}
+# the proposed storage (``CholeskyFactor``): an 8-bit Cholesky factor without error feedback, with
+# round-to-nearest or stochastic rounding; the root at 4 bits as the optimizer stores it
+CHOLESKY_PROPOSALS = {"chol8": dict(), "chol8sr": dict(stochastic=True)}
 CACHE_DIR = Path("/tmp") / "lightning_shampoo4_drift"
 
 FULL = {
@@ -379,11 +385,70 @@ class HouseholderFactor:
         return codes(bits) + 2 * blocks(block) + n + 4 * n + codes(root_bits) + 2 * blocks(ROOT_BLOCK) + 4 * n
 
 
+class CholeskyFactor:
+    """Reference of a proposed storage (not in the optimizer): the statistic's lower Cholesky
+    factor C with ``bits``-bit codes in its strict lower triangle (the optimizer's triangle codec
+    on C^T, blocks of ``block`` down each column, fp32 diagonal) and no error-feedback state, so
+    at 8 bits it takes what ``quantize="cholesky"``'s two 4-bit triangles (C and its error) take,
+    about the bytes of the default 4-bit eigenvectors; the root stored like the optimizer's.
+    ``stochastic``: every code rounds to one of its two neighbours with probabilities by distance
+    (unbiased), so re-quantizing at each update does not accumulate a rounding bias.
+    """
+
+    def __init__(self, n: int, *, bits: int = 8, block: int = 64, stochastic: bool = False, root_bits: int = 4,
+                 beta: float = BETA, eps: float = EPS, seed: int = 0):
+        self.n, self.bits, self.block, self.stochastic, self.root_bits = n, bits, block, stochastic, root_bits
+        self.beta, self.eps = beta, eps
+        self.quantized = n * n >= 4096
+        self.chol = eps**0.5 * torch.eye(n)
+        self._root = torch.eye(n)
+        self.gen = torch.Generator().manual_seed(seed + n)
+
+    def _store(self, c: torch.Tensor) -> torch.Tensor:
+        """C as its stored codes give it back."""
+        if not self.quantized:
+            return c
+        cb = get_codebook("linear2", self.bits)
+        q = quantize_symmetric(c.T.contiguous(), cb, self.bits, self.block, scale_dtype=SCALE_DTYPE)
+        if self.stochastic:
+            from lightning_shampoo4.quant.blockwise import _triangle_index
+
+            _, block_of, tri_at = _triangle_index(self.n, self.block, c.device)
+            scale = q.absmax.float()[block_of.long()]
+            v = c.T.reshape(-1)[tri_at.long()] / torch.where(scale > 0, scale, 1.0)
+            low = (torch.searchsorted(cb, v.contiguous(), right=True) - 1).clamp(0, cb.numel() - 2)
+            p = ((v - cb[low]) / (cb[low + 1] - cb[low])).clamp(0, 1)
+            code = low + (torch.rand(v.shape, generator=self.gen) < p).long()
+            upper = torch.zeros(self.n * self.n)
+            upper[tri_at.long()] = cb[code] * scale
+            return upper.view(self.n, self.n).T + torch.diag(q.diag)
+        return torch.triu(dequantize_symmetric(q, cb, self.n, self.bits, self.block)).T
+
+    def update_stats(self, m: torch.Tensor) -> None:
+        a = self.beta * (self.chol @ self.chol.T) + (1 - self.beta) * m.float()
+        c, info = torch.linalg.cholesky_ex(a.double())
+        if int(info) != 0:
+            c = torch.linalg.cholesky(a.double() + self.eps * a.diagonal().max() * torch.eye(self.n, dtype=torch.float64))
+        self.chol = self._store(c.float())
+
+    def update_root(self) -> None:
+        root = exact_root((self.chol @ self.chol.T).double(), self.eps)
+        self._root = (_qdq_symmetric(root, self.root_bits) if self.quantized else root).float()
+
+    def factor(self) -> torch.Tensor:
+        return self.chol @ self.chol.T
+
+    def root(self) -> torch.Tensor:
+        return self._root
+
+
 def build_variant(name: str, m: int, n: int, root_interval: int) -> Variant | None:
     if name == "oneshot4":
         return None  # computed from the shadow at measurement time
     if name in PROPOSALS:
         return FactorPairVariant(m, n, root_interval, lambda order: HouseholderFactor(order, **PROPOSALS[name]))
+    if name in CHOLESKY_PROPOSALS:
+        return FactorPairVariant(m, n, root_interval, lambda order: CholeskyFactor(order, **CHOLESKY_PROPOSALS[name]))
     return OptimizerVariant(m, n, root_interval, FEEDBACK.get(name), **({**SHAMPOO_VARIANTS, **EXTRA_VARIANTS}[name]))
 
 
