@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from ... import kernels
+from ... import kernels, linalg
 from ...kernels import QuantizedMatrix
 from ...quant import Quantized, dequantize_symmetric, get_codebook, packed_numel, quantize_symmetric
 
@@ -98,6 +98,17 @@ class Storage:
         raise NotImplementedError
 
     # -- shared by every mode ------------------------------------------------------------
+    def root_update(self, a: torch.Tensor) -> Update:
+        """The root entries of statistic ``a``: its exact ``eigh`` inverse 4th root (float64
+        retry), or with ``root_method="schur_newton"`` the coupled Newton iteration."""
+        if self.cfg.root_method == "eigen":
+            result = linalg.eigh_inverse_root(a, 4, self.cfg.eps)
+        else:
+            result = linalg.coupled_newton_inverse_root(a, 4, self.cfg.eps)
+        if result is None:
+            return Update({}, FAILED)
+        return Update(self.store("root", result.root, symmetric=True), RETRIED if result.retried else OK)
+
     def root(self, st: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The stored inverse root as dense fp32."""
         return self.load(st, "root", symmetric=True)

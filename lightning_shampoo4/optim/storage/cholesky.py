@@ -31,7 +31,6 @@ from collections.abc import Mapping
 
 import torch
 
-from ... import linalg
 from .base import FAILED, OK, RETRIED, Entries, FactorConfig, Storage, Update, all_finite
 
 
@@ -100,14 +99,7 @@ class CholeskyStorage(Storage):
 
     def update_root(self, st: Mapping[str, torch.Tensor], fresh: Entries | None = None) -> Update:
         c = fresh["chol"] if fresh is not None else self.chol(st)
-        a = c @ c.mT
-        if self.cfg.root_method == "eigen":
-            result = linalg.eigh_inverse_root(a, 4, self.cfg.eps)
-        else:
-            result = linalg.coupled_newton_inverse_root(a, 4, self.cfg.eps)
-        if result is None:
-            return Update({}, FAILED)
-        return Update(self.store("root", result.root, symmetric=True), RETRIED if result.retried else OK)
+        return self.root_update(c @ c.mT)
 
     # -- the factorization ---------------------------------------------------------------
     def _cholesky(self, c: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor | None, str]:

@@ -10,8 +10,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ... import linalg
-from .base import FAILED, OK, RETRIED, Entries, Storage, Update, all_finite
+from .base import FAILED, OK, Entries, Storage, Update, all_finite
 
 
 class DenseStorage(Storage):
@@ -29,11 +28,4 @@ class DenseStorage(Storage):
         return Update({"factor": a}, OK)
 
     def update_root(self, st: Mapping[str, torch.Tensor], fresh: Entries | None = None) -> Update:
-        a = st["factor"]
-        if self.cfg.root_method == "eigen":
-            result = linalg.eigh_inverse_root(a, 4, self.cfg.eps)
-        else:
-            result = linalg.coupled_newton_inverse_root(a, 4, self.cfg.eps)
-        if result is None:
-            return Update({}, FAILED)
-        return Update({"root": result.root}, RETRIED if result.retried else OK)
+        return self.root_update(st["factor"])
