@@ -537,8 +537,10 @@ def _quantize_triangle(
     for s0 in range(0, numel, chunk):  # pass 2: normalized values -> codes
         s1 = min(numel, s0 + chunk)
         v = ws.f1[: s1 - s0]
-        torch.index_select(flat, 0, tri_at[s0:s1], out=v) if flat.dtype == torch.float32 else v.copy_(
-            torch.index_select(flat, 0, tri_at[s0:s1]))
+        if flat.dtype == torch.float32:
+            torch.index_select(flat, 0, tri_at[s0:s1], out=v)
+        else:
+            v.copy_(torch.index_select(flat, 0, tri_at[s0:s1]))
         v.div_(torch.index_select(safe, 0, block_of[s0:s1], out=ws.f2[: s1 - s0]))
         _indices(v, tables, idx[: s1 - s0], ws)
         if bits == 4:
