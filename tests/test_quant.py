@@ -533,3 +533,21 @@ def test_quantize_symmetric_one_pass_equals_row_chunked(n, bits, bs, scale_dtype
     assert torch.equal(one.codes, chunked.codes)
     _same_bits(one.absmax.float(), chunked.absmax.float(), "absmax")
     _same_bits(one.diag, chunked.diag, "diag")
+
+
+def test_a_large_root_is_applied_without_a_dense_copy():
+    """grad @ root with a stored root of order 1000 works through the decoded triangle and one
+    panel: its temporaries stay below one dense fp32 copy of the root (rebuilding the root whole,
+    as the torch path did before, needs that copy plus the decoded triangle)."""
+    from lightning_shampoo4.kernels import QuantizedMatrix, reference
+
+    n, m = 1000, 64
+    cb = get_codebook()
+    a = torch.randn(n, n)
+    q = quantize_symmetric(a + a.T, cb, 4, 256, scale_dtype=torch.bfloat16)
+    root = QuantizedMatrix(q.codes, q.absmax, q.diag, n, cb, 4, 256, symmetric=True)
+    g, eye = torch.randn(m, n), torch.eye(m)
+    dense = dequantize_symmetric(q, cb, n, 4, 256)
+    assert torch.allclose(reference.precondition(g, eye, root), g @ dense, rtol=1e-4, atol=1e-4)
+    assert _temp_bytes(lambda: reference.precondition(g, eye, root)) < 4 * n * n
+    assert _temp_bytes(lambda: g @ dequantize_symmetric(q, cb, n, 4, 256)) > 4 * n * n

@@ -607,26 +607,24 @@ def _symmetric_source(
     n: int,
     bits: int,
     block_size: int,
-    *,
-    scratch: torch.Tensor | None = None,
+    scratch: torch.Tensor,
 ) -> torch.Tensor:
     """fp32 ``[scaled strict upper triangle, diagonal]`` (numel + n) of a stored symmetric matrix:
-    what every element of the matrix is gathered from (``_triangle_index``). ``scratch``: an fp32
-    buffer of at least ``numel + codes.numel() + 2`` elements to decode in (else one is made)."""
+    what every element of the matrix is gathered from (``_triangle_index``). The triangle is
+    decoded in place, in runs as long as the fp32 ``scratch`` buffer holds twice over (the code
+    indices and the scales of a run): one run when it is the dense output."""
     _, block_of, _ = _triangle_index(n, block_size, codes.device)
     numel = n * (n - 1) // 2
     table = _pair_table(_values(codebook), codebook.dtype, codes.device) if bits == 4 else codebook.to(codes.device)
     ext = torch.empty(numel + n + 2, dtype=codebook.dtype, device=codes.device)
     scale = absmax.float()  # an fp32 gather of the (few) scales is cheaper than a mixed-dtype multiply
-    if scratch is not None:  # one chunk, working in the scratch buffer
-        chunk, small = numel, _Work(ext, scratch[numel:].view(torch.int32), scratch[:numel])
-    else:  # even-sized chunks through small buffers: decoded values land in place in ``ext``
-        chunk = _CHUNK
-        small = _work(min(chunk, numel), codes.device, codebook.dtype, u8=False)
+    room = (scratch.numel() - 2) // 2
+    chunk = numel if numel <= room else room // 2 * 2  # runs but the last have even length: whole bytes
+    work = _Work(ext, scratch[chunk : 2 * chunk + 2].view(torch.int32), scratch[:chunk])
     for s0 in range(0, numel, chunk):
         k = min(chunk, numel - s0)
-        vals = _decode(codes, s0, k, bits, table, small._replace(f1=ext[s0:]))
-        vals.mul_(torch.index_select(scale, 0, block_of[s0 : s0 + k], out=small.f2[:k]))
+        vals = _decode(codes, s0, k, bits, table, work._replace(f1=ext[s0:]))
+        vals.mul_(torch.index_select(scale, 0, block_of[s0 : s0 + k], out=work.f2[:k]))
     ext = ext[: numel + n]
     ext[numel:].copy_(diag)
     return ext
@@ -637,8 +635,8 @@ def symmetric_panels(
 ):
     """Yield ``(r0, r1, panel)``: rows r0 .. r1-1 (fp32, ``(r1 - r0, n)``) of the symmetric matrix
     stored by :func:`quantize_symmetric`, ``rows`` at a time through one reused buffer, so a
-    product with the matrix never holds it whole (about half its fp32 size plus one panel).
-    The panel is overwritten by the next one."""
+    product with the matrix never holds it whole: its working memory is the decoded triangle
+    (half the dense matrix) plus one panel. The panel is overwritten by the next one."""
     _check_args(bits, block_size)
     codes, absmax, diag = Quantized(*q)
     if n <= 1 or n * (n - 1) // 2 > _SYMMETRIC_ONE_PASS:
@@ -647,8 +645,8 @@ def symmetric_panels(
             yield r0, min(n, r0 + rows), whole[r0 : r0 + rows]
         return
     full_at, _, _ = _triangle_index(n, block_size, codes.device)
-    src = _symmetric_source(codes, absmax, diag, codebook, n, bits, block_size)
-    buf = torch.empty(min(rows, n) * n, dtype=torch.float32, device=codes.device)
+    buf = torch.empty(max(min(rows, n) * n, 1024), dtype=torch.float32, device=codes.device)
+    src = _symmetric_source(codes, absmax, diag, codebook, n, bits, block_size, buf)  # buf: its scratch
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         panel = buf[: (r1 - r0) * n]
@@ -679,8 +677,9 @@ def dequantize_symmetric(
         # index (above and below the diagonal alike), instead of a masked scatter and a mirror;
         # an fp32 output is the scratch space of the decoding until the final gather
         full_at, _, _ = _triangle_index(n, block_size, device)
-        src = _symmetric_source(codes, absmax, diag, codebook, n, bits, block_size,
-                                scratch=out.view(-1) if out.dtype == torch.float32 else None)
+        scratch = out.view(-1) if out.dtype == torch.float32 else torch.empty(
+            2 * min(n * (n - 1) // 2, _CHUNK) + 2, dtype=torch.float32, device=device)
+        src = _symmetric_source(codes, absmax, diag, codebook, n, bits, block_size, scratch)
         torch.index_select(src.to(dtype), 0, full_at, out=out.view(-1))
         return out
     elif n > 1:
