@@ -1,15 +1,12 @@
 """The quantizer: codebooks, round-trip error bounds, packing, diag-real, transpose."""
 
-import math
-import weakref
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from lightning_shampoo4.quant import (
-    Quantized,
     blockwise,
     dequantize,
     dequantize_symmetric,
@@ -21,6 +18,9 @@ from lightning_shampoo4.quant import (
     symmetric_panels,
     unpack4,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from quant_speed import old_dequantize, old_quantize, temp_bytes  # noqa: E402
 
 LINEAR2_4 = [-1, -0.7511, -0.5378, -0.3600, -0.2178, -0.1111, -0.0400, 0, 0.0044, 0.0400, 0.1111,
              0.2178, 0.3600, 0.5378, 0.7511, 1]
@@ -161,66 +161,9 @@ def test_bad_quantize_arguments():
 
 
 # -- the fast implementation against a frozen copy of the original one ------------------------
-# The original reference, kept verbatim in algorithm: a zero-padded fp32 copy, an int64
-# bucketize, codebook[idx.long()] and repeat_interleave'd scales. The current code must give
-# the same bits for every input.
-def _old_pack4(idx):
-    idx = idx.reshape(-1)
-    if idx.numel() % 2:
-        idx = torch.cat([idx, idx.new_zeros(1)])
-    pairs = idx.view(-1, 2)
-    return pairs[:, 0] | (pairs[:, 1] << 4)
-
-
-def _old_unpack4(packed, numel):
-    return torch.stack([packed & 0x0F, packed >> 4], dim=1).reshape(-1)[:numel]
-
-
-def _old_rows(shape):
-    return (1, 1) if len(shape) == 0 else (math.prod(shape[:-1]), shape[-1])
-
-
-def _old_quantize(x, codebook, bits, block_size, offdiag=False, transpose=False):
-    x = x.detach().float()
-    if transpose:
-        x = x.t()
-    diag = None
-    if offdiag:
-        diag = x.diagonal().clone()
-        x = x.clone()
-        x.diagonal().zero_()
-    rows, cols = _old_rows(tuple(x.shape))
-    nblocks = -(-cols // block_size)
-    padded = torch.zeros(rows, nblocks * block_size, dtype=torch.float32)
-    padded[:, :cols] = x.reshape(rows, cols)
-    blocks = padded.view(rows, nblocks, block_size)
-    absmax = blocks.abs().amax(dim=-1)
-    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    normalized = blocks / safe.unsqueeze(-1)
-    mids = (codebook[:-1] + codebook[1:]) / 2
-    idx = torch.bucketize(normalized, mids, right=False).to(torch.uint8)
-    idx = idx.view(rows, nblocks * block_size)[:, :cols].reshape(-1)
-    codes = _old_pack4(idx) if bits == 4 else idx.contiguous()
-    return Quantized(codes, absmax, diag)
-
-
-def _old_dequantize(q, codebook, shape, bits, block_size, transpose=False, dtype=torch.float32):
-    codes, absmax, diag = q
-    shape = tuple(shape)
-    stored = (shape[1], shape[0]) if transpose else shape
-    rows, cols = _old_rows(stored)
-    numel = rows * cols
-    idx = _old_unpack4(codes, numel) if bits == 4 else codes[:numel]
-    values = codebook[idx.long()].view(rows, cols)
-    scale = absmax.reshape(rows, -1).repeat_interleave(block_size, dim=-1)[:, :cols]
-    out = (values * scale).view(stored)
-    if diag is not None:
-        out.diagonal().copy_(diag)
-    if transpose:
-        out = out.t()
-    return out.to(dtype).contiguous()
-
-
+# The original reference (``benchmarks/quant_speed.py``, which also times it), kept verbatim in
+# algorithm: a zero-padded fp32 copy, an int64 bucketize, codebook[idx.long()] and
+# repeat_interleave'd scales. The current code must give the same bits for every input.
 _INT_OF = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
 
@@ -244,7 +187,7 @@ def _awkward(shape, dtype, gen):
 
 
 def _assert_matches_old(x, cb, bits, bs, offdiag=False, transpose=False, what=""):
-    want = _old_quantize(x, cb, bits, bs, offdiag, transpose)
+    want = old_quantize(x, cb, bits, bs, offdiag=offdiag, transpose=transpose)
     got = quantize(x, cb, bits, bs, offdiag=offdiag, transpose=transpose)
     _same_bits(got.codes, want.codes, f"{what} codes")
     _same_bits(got.absmax, want.absmax, f"{what} absmax")
@@ -252,7 +195,7 @@ def _assert_matches_old(x, cb, bits, bs, offdiag=False, transpose=False, what=""
     if want.diag is not None:
         _same_bits(got.diag, want.diag, f"{what} diag")
     for dtype in (torch.float32, torch.bfloat16):
-        ref = _old_dequantize(want, cb, x.shape, bits, bs, transpose, dtype)
+        ref = old_dequantize(want, cb, x.shape, bits, bs, transpose=transpose, dtype=dtype)
         out = dequantize(want, cb, x.shape, bits, bs, transpose=transpose, dtype=dtype)
         assert out.is_contiguous()
         _same_bits(out, ref, f"{what} dequantize {dtype}")
@@ -343,50 +286,13 @@ def test_dequantize_into_out():
     qa = quantize(a, cb, 4, 64, offdiag=True)
     work = torch.empty(65, 65)
     for _ in range(2):  # a reused workspace
-        _same_bits(dequantize(qa, cb, a.shape, 4, 64, out=work), _old_dequantize(qa, cb, a.shape, 4, 64), "reuse")
+        _same_bits(dequantize(qa, cb, a.shape, 4, 64, out=work), old_dequantize(qa, cb, a.shape, 4, 64), "reuse")
     with pytest.raises(ValueError, match="out must be"):
         dequantize(qa, cb, a.shape, 4, 64, out=torch.empty(65, 64))
     with pytest.raises(ValueError, match="out must be"):
         dequantize(qa, cb, a.shape, 4, 64, out=torch.empty(65, 65, dtype=torch.float16))
     with pytest.raises(ValueError, match="contiguous"):
         dequantize(qa, cb, a.shape, 4, 64, out=torch.empty(65, 65).t())
-
-
-class _LiveBytes(TorchDispatchMode):
-    """Peak bytes of tensor storage created inside the block and alive at the same time."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self.seen = set()
-
-    def _free(self, key, nbytes):
-        self.live -= nbytes
-        self.seen.discard(key)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                key, nbytes = storage.data_ptr(), storage.nbytes()
-                if nbytes and key not in self.seen and key not in inputs:  # views and out= are not new
-                    self.seen.add(key)
-                    self.live += nbytes
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(storage, self._free, key, nbytes)
-        return out
-
-
-def _temp_bytes(fn):
-    """Peak temporary bytes of fn(): peak live bytes minus what it returns and created."""
-    fn()  # warm the table caches
-    with _LiveBytes() as track:
-        result = fn()
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)}
-    return track.peak - sum(nb for key, nb in storages.items() if key in track.seen)
 
 
 def test_temporaries_are_bounded():
@@ -396,13 +302,13 @@ def test_temporaries_are_bounded():
     x = torch.randn(n, n)
     q = quantize(x, cb, 4, 64, offdiag=True)
     bound = 4 * n * n  # bytes: a few chunks of ~13 B per element, not a copy of the matrix
-    assert _temp_bytes(lambda: quantize(x, cb, 4, 64, offdiag=True)) <= bound
+    assert temp_bytes(lambda: quantize(x, cb, 4, 64, offdiag=True)) <= bound
     xb = x.bfloat16()
-    assert _temp_bytes(lambda: quantize(xb, cb, 4, 64, transpose=True)) <= bound
+    assert temp_bytes(lambda: quantize(xb, cb, 4, 64, transpose=True)) <= bound
     # dequantizing (every step) trades memory for fewer calls: one chunk up to 2**20 elements,
     # its buffers below 7 bytes per element (the dense output itself is 4)
-    assert _temp_bytes(lambda: dequantize(q, cb, (n, n), 4, 64)) <= 7 * n * n
-    assert _temp_bytes(lambda: _old_quantize(x, cb, 4, 64, offdiag=True)) > 10 * n * n
+    assert temp_bytes(lambda: dequantize(q, cb, (n, n), 4, 64)) <= 7 * n * n
+    assert temp_bytes(lambda: old_quantize(x, cb, 4, 64, offdiag=True)) > 10 * n * n
 
 
 # -- symmetric storage: fp32 diagonal, quantized strict upper triangle ---------------------------
@@ -549,5 +455,5 @@ def test_a_large_root_is_applied_without_a_dense_copy():
     g, eye = torch.randn(m, n), torch.eye(m)
     dense = dequantize_symmetric(q, cb, n, 4, 256)
     assert torch.allclose(reference.precondition(g, eye, root), g @ dense, rtol=1e-4, atol=1e-4)
-    assert _temp_bytes(lambda: reference.precondition(g, eye, root)) < 4 * n * n
-    assert _temp_bytes(lambda: g @ dequantize_symmetric(q, cb, n, 4, 256)) > 4 * n * n
+    assert temp_bytes(lambda: reference.precondition(g, eye, root)) < 4 * n * n
+    assert temp_bytes(lambda: g @ dequantize_symmetric(q, cb, n, 4, 256)) > 4 * n * n
