@@ -121,7 +121,6 @@ def synthetic_stream(m: int, n: int, steps: int, cond: float = 1e4, seed: int = 
 def _capture(task: str, steps: int, cfg: dict[str, Any], lr: float, param: str, seed: int = 0) -> torch.Tensor:
     """Per-step gradients of one weight matrix during AdamW training of a ``quality.py`` model."""
     import quality
-    import torch.nn.functional as F
 
     if task == "digits":
         data = quality.load_digits_split()
@@ -135,14 +134,7 @@ def _capture(task: str, steps: int, cfg: dict[str, Any], lr: float, param: str, 
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr * quality.lr_factor(step, steps)
-        if task == "digits":
-            idx = torch.randint(0, data["x_train"].shape[0], (cfg["batch_size"],), generator=gen)
-            loss = F.cross_entropy(model(data["x_train"][idx]), data["y_train"][idx])
-        else:
-            ctx = cfg["context"]
-            starts = torch.randint(0, data["train"].numel() - ctx - 1, (cfg["batch_size"],), generator=gen)
-            seq = data["train"][starts[:, None] + torch.arange(ctx + 1)]
-            loss = F.cross_entropy(model(seq[:, :-1]).reshape(-1, quality.VOCAB), seq[:, 1:].reshape(-1))
+        loss = quality.batch_loss(task, model, data, cfg, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), quality.CLIP_NORM)

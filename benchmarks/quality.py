@@ -297,6 +297,18 @@ def evaluate(task: str, model: nn.Module, data: dict[str, torch.Tensor], cfg: di
     return out
 
 
+def batch_loss(task: str, model: nn.Module, data: dict[str, torch.Tensor], cfg: dict[str, Any],
+               gen: torch.Generator) -> torch.Tensor:
+    """The training loss of one random batch (drawn from ``gen``)."""
+    if task == "digits":
+        idx = torch.randint(0, data["x_train"].shape[0], (cfg["batch_size"],), generator=gen)
+        return F.cross_entropy(model(data["x_train"][idx]), data["y_train"][idx])
+    ctx = cfg["context"]
+    starts = torch.randint(0, data["train"].numel() - ctx - 1, (cfg["batch_size"],), generator=gen)
+    seq = data["train"][starts[:, None] + torch.arange(ctx + 1)]
+    return F.cross_entropy(model(seq[:, :-1]).reshape(-1, VOCAB), seq[:, 1:].reshape(-1))
+
+
 def train_run(task: str, opt_name: str, lr: float, seed: int, data: dict[str, torch.Tensor], cfg: dict[str, Any]) -> dict[str, Any]:
     model = build(task, cfg, seed)
     opt = make_optimizer(opt_name, model, task, lr, cfg)
@@ -310,15 +322,7 @@ def train_run(task: str, opt_name: str, lr: float, seed: int, data: dict[str, to
     for step in range(steps):
         for g, base in zip(opt.param_groups, base_lrs):
             g["lr"] = base * lr_factor(step, steps)
-        if task == "digits":
-            idx = torch.randint(0, data["x_train"].shape[0], (cfg["batch_size"],), generator=gen)
-            loss = F.cross_entropy(model(data["x_train"][idx]), data["y_train"][idx])
-        else:
-            ctx = cfg["context"]
-            starts = torch.randint(0, data["train"].numel() - ctx - 1, (cfg["batch_size"],), generator=gen)
-            seq = data["train"][starts[:, None] + torch.arange(ctx + 1)]
-            logits = model(seq[:, :-1])
-            loss = F.cross_entropy(logits.reshape(-1, VOCAB), seq[:, 1:].reshape(-1))
+        loss = batch_loss(task, model, data, cfg, gen)
         if not torch.isfinite(loss):
             diverged = True
             break
