@@ -32,6 +32,7 @@ SHAMPOO_VARIANTS: dict[str, dict[str, Any]] = {
     "shampoo4": dict(bits=4),
     "shampoo8": dict(bits=8, block_size=256),  # the paper's 8-bit ablation used block 256
     "cholesky4": dict(bits=4, quantize="cholesky"),
+    "cholesky8": dict(bits=4, quantize="cholesky8"),  # 4-bit root, 8-bit factor: cholesky4's bytes
 }
 LABELS = {
     "adamw": "AdamW",
@@ -42,6 +43,7 @@ LABELS = {
     "shampoo4": "4-bit Shampoo",
     "shampoo8": "8-bit Shampoo",
     "cholesky4": "4-bit Cholesky Shampoo",
+    "cholesky8": "4-bit Cholesky Shampoo, 8-bit factor",
 }
 
 

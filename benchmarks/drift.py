@@ -25,11 +25,14 @@ and root (its error is the subspace iteration's tracking error alone). ``oneshot
 shadow's exact eigenvectors quantized once to 4 bits (4 Björck steps), the root built from them
 with the exact eigenvalues and stored like the optimizer's root - the error floor of a
 4-bit-eigenvector state that never re-quantizes (no statistic: it is the shadow's own).
+``exactroot4``: the shadow's exact root stored at 4 bits like the optimizer's root - the floor of
+any state whose root is stored that way, however exact its statistic.
 ``cholesky4``: ``quantize="cholesky"``, 4 bits (the Cholesky factor of the statistic with error
 feedback, Li et al. 2025); ``cholesky4_noef``: the same with the error feedback switched off.
-``chol8`` / ``chol8sr``: ``CholeskyFactor``, a reference of a proposed storage not in the
-optimizer: the Cholesky factor with 8-bit codes and no error-feedback state (the bytes of
-``cholesky4``'s two 4-bit triangles), rounded to nearest or stochastically; the root at 4 bits.
+``cholesky8``: ``quantize="cholesky8"``, 4 bits: the Cholesky factor with 8-bit codes and no
+error-feedback state (the bytes of ``cholesky4``'s two 4-bit triangles), the root at 4 bits.
+``chol8sr``: ``CholeskyFactor``, a reference of ``cholesky8`` with stochastic rounding of the
+factor's codes instead of rounding to nearest.
 ``hh8`` / ``hh8x2`` / ``hh8x3`` / ``hh8r4x2``: ``HouseholderFactor``, a reference of a proposed
 storage not in the optimizer: eigenvectors as 8-bit Householder reflectors (half the entries of
 U, so the bytes of 4-bit U), the root's triangle with 8-bit codes, 1, 2 or 3 subspace
@@ -67,7 +70,7 @@ EPS = 1e-6
 CHECKPOINTS = (1, 20, 100, 500)
 DEFAULT_VARIANTS = (
     "shampoo4", "shampoo8", "eigen32", "shampoo32", "naive4", "oneshot4", "cholesky4", "cholesky4_noef",
-    "hh8", "hh8x2", "hh8x3", "hh8r4x2", "chol8", "chol8sr",
+    "hh8", "hh8x2", "hh8x3", "hh8r4x2", "cholesky8", "chol8sr", "exactroot4",
 )
 # the 4-bit pipeline (Björck, EMA, subspace iteration) with fp32 eigenvectors and root: its
 # error is the subspace iteration's tracking error alone, no quantization
@@ -80,9 +83,8 @@ EXTRA_VARIANTS = {
 FEEDBACK = {"cholesky4_noef": 0.0}
 # the proposed storage (``HouseholderFactor``): 1, 2 or 3 subspace iterations per PU, 8- or 4-bit root
 PROPOSALS = {"hh8": dict(iters=1), "hh8x2": dict(iters=2), "hh8x3": dict(iters=3), "hh8r4x2": dict(iters=2, root_bits=4)}
-# the proposed storage (``CholeskyFactor``): an 8-bit Cholesky factor without error feedback, with
-# round-to-nearest or stochastic rounding; the root at 4 bits as the optimizer stores it
-CHOLESKY_PROPOSALS = {"chol8": dict(), "chol8sr": dict(stochastic=True)}
+# ``CholeskyFactor``: ``cholesky8`` with stochastic rounding of the factor's codes
+CHOLESKY_PROPOSALS = {"chol8sr": dict(stochastic=True)}
 CACHE_DIR = Path("/tmp") / "lightning_shampoo4_drift"
 
 FULL = {
@@ -297,6 +299,16 @@ def oneshot_root(stat: torch.Tensor, eps: float = EPS, bjorck_steps: int = 4,
     return _qdq_symmetric((vq * (w + eps * w.max()).pow(-0.25)) @ vq.T)
 
 
+def exact_root4(stat: torch.Tensor, eps: float = EPS, eig: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The exact root of ``stat`` stored as the optimizer stores its 4-bit roots."""
+    root = exact_root(stat, eps, eig)
+    return _qdq_symmetric(root) if stat.shape[0] ** 2 >= 4096 else root
+
+
+# references computed from the shadow's statistic at each measurement (no state of their own)
+SHADOW_REFERENCES = {"oneshot4": oneshot_root, "exactroot4": exact_root4}
+
+
 class HouseholderFactor:
     """Reference of a proposed storage (not in the optimizer): the eigenvectors kept as the
     Householder reflectors of the subspace iteration's QR with ``bits``-bit codes, the root
@@ -378,12 +390,11 @@ class HouseholderFactor:
 
 
 class CholeskyFactor:
-    """Reference of a proposed storage (not in the optimizer): the statistic's lower Cholesky
-    factor C with ``bits``-bit codes in its strict lower triangle (the optimizer's triangle codec
-    on C^T, blocks of ``block`` down each column, fp32 diagonal) and no error-feedback state, so
-    at 8 bits it takes what ``quantize="cholesky"``'s two 4-bit triangles (C and its error) take,
-    about the bytes of the default 4-bit eigenvectors; the root stored like the optimizer's.
-    ``stochastic``: every code rounds to one of its two neighbours with probabilities by distance
+    """Reference of ``quantize="cholesky8"`` written independently of the optimizer: the
+    statistic's lower Cholesky factor C with ``bits``-bit codes in its strict lower triangle (the
+    optimizer's triangle codec on C^T, blocks of ``block`` down each column, fp32 diagonal), no
+    error-feedback state, the root stored like the optimizer's. With ``stochastic`` (not in the
+    optimizer) every code rounds to one of its two neighbours with probabilities by distance
     (unbiased), so re-quantizing at each update does not accumulate a rounding bias.
     """
 
@@ -435,7 +446,7 @@ class CholeskyFactor:
 
 
 def build_variant(name: str, m: int, n: int, root_interval: int) -> Variant | None:
-    if name == "oneshot4":
+    if name in SHADOW_REFERENCES:
         return None  # computed from the shadow at measurement time
     if name in PROPOSALS:
         return FactorPairVariant(m, n, root_interval, lambda order: HouseholderFactor(order, **PROPOSALS[name]))
@@ -500,8 +511,8 @@ def run_stream(
         direction = exact["L"] @ gd @ exact["R"]
         for name, var in built.items():
             rec: dict[str, Any] = {"update": t}
-            if var is None:  # oneshot4
-                roots = {side: oneshot_root(stat, eps, eig=eigs[side]) for side, stat in shadow.stats.items()}
+            if var is None:  # a root computed from the shadow's statistic
+                roots = {side: SHADOW_REFERENCES[name](stat, eps, eig=eigs[side]) for side, stat in shadow.stats.items()}
                 for side in ("L", "R"):
                     rec[side] = {"stat_nre": None, "root_nre": _nre(roots[side], exact[side])}
             else:

@@ -77,7 +77,8 @@ MOMENT_VARIANTS: dict[str, dict[str, Any]] = {
     "shampoo4_m4": dict(SHAMPOO_VARIANTS["shampoo4"], moment_bits=4),
 }
 VARIANT_KWARGS: dict[str, dict[str, Any]] = {**SHAMPOO_VARIANTS, **MOMENT_VARIANTS}
-VARIANTS = ("baseline", "shampoo32", "shampoo8", "naive4", "shampoo4", "cholesky4", "shampoo4_m8", "shampoo4_m4")
+VARIANTS = ("baseline", "shampoo32", "shampoo8", "naive4", "shampoo4", "cholesky4", "cholesky8", "shampoo4_m8",
+            "shampoo4_m4")
 PEAK_VARIANTS = ("baseline", "shampoo32", "shampoo4", "shampoo4_m8", "shampoo4_m4")
 VARIANT_LABELS = {
     **LABELS,

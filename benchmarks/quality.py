@@ -23,6 +23,8 @@ Optimizers (all share one warm-up + cosine schedule, gradient clipping at norm 1
 ``shampoo4_m4`` Shampoo4bit(bits=4, moment_bits=4): the same with AdamW's moments at 4 bits.
 ``cholesky4``   Shampoo4bit(bits=4, quantize="cholesky"): the statistics' Cholesky factors at 4 bits
                 with error feedback (Li et al., arXiv 2412.10663), the second published 4-bit Shampoo.
+``cholesky8``   Shampoo4bit(bits=4, quantize="cholesky8"): the same bytes as an 8-bit Cholesky factor
+                without error feedback, the root at 4 bits.
 ``muon``        torch.optim.Muon (Newton-Schulz orthogonalised momentum, ``adjust_lr_fn=
                 "match_rms_adamw"`` so it shares AdamW's learning-rate scale) on the hidden 2-D
                 weight matrices; AdamW on embeddings, the output head, biases and norms, same lr.
@@ -61,7 +63,7 @@ from _common import LABELS, SHAMPOO_VARIANTS, base_parser, setup_run, table, wri
 from lightning_shampoo4 import Shampoo4bit
 
 NAME = "quality"
-OPTIMIZERS = ("adamw", "shampoo32", "naive4", "shampoo4", "shampoo4_m4", "cholesky4", "muon")
+OPTIMIZERS = ("adamw", "shampoo32", "naive4", "shampoo4", "shampoo4_m4", "cholesky4", "cholesky8", "muon")
 LABELS = {**LABELS, "shampoo4_m4": "4-bit Shampoo + 4-bit moments"}
 SHAMPOO_KW = {
     "shampoo32": dict(bits=32),
@@ -69,6 +71,7 @@ SHAMPOO_KW = {
     "shampoo4": dict(bits=4),
     "shampoo4_m4": dict(bits=4, moment_bits=4),
     "cholesky4": SHAMPOO_VARIANTS["cholesky4"],
+    "cholesky8": SHAMPOO_VARIANTS["cholesky8"],
 }
 
 # -- task configurations -------------------------------------------------------------------

@@ -396,17 +396,19 @@ def train_part(args: Any, argv: list[str]) -> dict[str, Any]:
 
 
 # == part "optstep": the optimizer step alone on recorded gradients ==========================
-OPT_CONTENDERS = ("ours32", "ours4", "ours8", "naive4", "cholesky4", "adamw", "ds32")
+OPT_CONTENDERS = ("ours32", "ours4", "ours8", "naive4", "cholesky4", "cholesky8", "adamw", "ds32")
 OPT_LABELS = {
     "ours32": "Shampoo4bit bits=32",
     "ours4": "Shampoo4bit bits=4",
     "ours8": "Shampoo4bit bits=8",
     "naive4": "Shampoo4bit quantize=preconditioner",
     "cholesky4": "Shampoo4bit quantize=cholesky",
+    "cholesky8": "Shampoo4bit quantize=cholesky8",
     "adamw": "AdamW (foreach)",
     "ds32": "DS32 (Distributed Shampoo fp32)",
 }
-OURS_VARIANT = {"ours32": "shampoo32", "ours4": "shampoo4", "ours8": "shampoo8", "naive4": "naive4", "cholesky4": "cholesky4"}
+OURS_VARIANT = {"ours32": "shampoo32", "ours4": "shampoo4", "ours8": "shampoo8", "naive4": "naive4",
+                "cholesky4": "cholesky4", "cholesky8": "cholesky8"}
 WORKLOADS = ("vit_tiny", "mlp", "transformer")
 KINDS = ("steady", "stat", "root")
 AMORTIZE_AT = ((100, 500), (10, 50))

@@ -197,6 +197,7 @@ def test_monitor_costs_nothing_between_its_steps(tmp_path, monkeypatch):
     "shampoo, present, absent",
     [
         (dict(quantize="preconditioner"), ["root_nre"], ["eigvec_nre", "eigvec_orth_error"]),
+        (dict(quantize="cholesky8"), ["root_nre"], ["eigvec_nre", "eigvec_orth_error"]),
         (dict(bits=32), ["eigval_max", "compression_ratio"], ["root_nre", "eigvec_nre"]),
         (dict(min_quant_numel=4096), ["eigval_max"], ["root_nre", "eigvec_orth_error"]),  # nothing quantized
     ],

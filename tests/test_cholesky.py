@@ -1,6 +1,7 @@
 """``quantize="cholesky"``: the statistic stored as its quantized Cholesky factor with error
-feedback. Codec, error feedback, accuracy against a float64 Shampoo, training, checkpoints,
-memory accounting and failure handling."""
+feedback, and ``quantize="cholesky8"``: the factor with 8-bit codes and no error state. Codec,
+error feedback, accuracy against a float64 Shampoo, training, checkpoints, memory accounting
+and failure handling."""
 
 from __future__ import annotations
 
@@ -15,15 +16,15 @@ from torch import nn
 from lightning_shampoo4 import Shampoo4bit
 from lightning_shampoo4.optim import COUNTERS, CheckpointMismatchError
 from lightning_shampoo4.optim.storage import FAILED, OK, RETRIED, FactorConfig, storage_for
-from lightning_shampoo4.optim.storage.cholesky import CholeskyStorage
+from lightning_shampoo4.optim.storage.cholesky import Cholesky8Storage, CholeskyStorage
 
 BETA, EPS = 0.95, 1e-6
 
 
-def _storage(n, bits=4, **kw):
+def _storage(n, bits=4, quantize="cholesky", **kw):
     """A stand-alone cholesky storage of order ``n`` (quantized whatever its size)."""
     p = nn.Parameter(torch.zeros(2, 2))
-    group = Shampoo4bit([p], bits=bits, quantize="cholesky", min_quant_numel=0, **kw).param_groups[0]
+    group = Shampoo4bit([p], bits=bits, quantize=quantize, min_quant_numel=0, **kw).param_groups[0]
     storage = storage_for(FactorConfig.from_group(group, n))
     assert isinstance(storage, CholeskyStorage) and storage.cfg.quantized
     return storage
@@ -49,10 +50,11 @@ def _pd(n, cond, seed=0):
 # -- the stored triangle ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bits, bound", [(8, 0.02), (4, 0.15)])
+@pytest.mark.parametrize("bits, quantize, bound", [(8, "cholesky", 0.02), (4, "cholesky", 0.15),
+                                                  (4, "cholesky8", 0.02)])
 @pytest.mark.parametrize("n", [1, 2, 7, 65, 300])
-def test_triangle_round_trip(n, bits, bound):
-    s = _storage(n, bits)
+def test_triangle_round_trip(n, bits, quantize, bound):
+    s = _storage(n, bits, quantize)
     c = _lower(n, seed=n)
     entries = s._put("chol", c)
     assert set(entries) == {"chol_codes", "chol_absmax", "chol_diag"}
@@ -75,6 +77,17 @@ def test_init_describe_and_unquantized_layout():
     assert torch.equal(s.root(st), torch.eye(70)) and not s.error(st).any()
     meta = s.init(torch.device("meta"))
     assert {k: (v.shape, v.dtype) for k, v in meta.items()} == {k: (v.shape, v.dtype) for k, v in st.items()}
+    # cholesky8: no error state; the factor's codes are bytes, the root's still packed nibbles
+    s8 = _storage(70, quantize="cholesky8")
+    assert isinstance(s8, Cholesky8Storage)
+    st8 = s8.init(torch.device("cpu"))
+    assert set(st8) == {"chol_codes", "chol_absmax", "chol_diag", "root_codes", "root_absmax", "root_diag"}
+    assert st8["chol_codes"].numel() == 70 * 69 // 2 and st8["root_codes"].numel() == st["root_codes"].numel()
+    meta = s8.init(torch.device("meta"))
+    assert {k: (v.shape, v.dtype) for k, v in meta.items()} == {k: (v.shape, v.dtype) for k, v in st8.items()}
+    upd = s8.update_stats(st8, _pd(70, 1e2).float())
+    assert upd.status == OK and set(upd.entries) == {"chol_codes", "chol_absmax", "chol_diag"}
+    assert _nre(s8.chol(upd.entries), upd.fresh["chol"]) < 0.01
     # below min_quant_numel: C itself in fp32, no error state
     p = nn.Parameter(torch.zeros(2, 2))
     small = storage_for(FactorConfig.from_group(Shampoo4bit([p], quantize="cholesky").param_groups[0], 10))
@@ -171,11 +184,13 @@ def _root_drift(quantize, m=64, n=96, steps=60, cond=1e3, seed=0):
 
 def test_root_stays_close_to_float64_shampoo_on_an_ill_conditioned_stream():
     chol = _root_drift("cholesky")
+    chol8 = _root_drift("cholesky8")
     eigen = _root_drift("eigenvectors")
-    # measured (seeds 0-2): cholesky 0.138-0.141, eigenvectors 0.265-0.269; 4-bit without
-    # error feedback 0.29, 8-bit cholesky 0.007
+    # measured (seeds 0-2): cholesky 0.138-0.141, cholesky8 0.053-0.054, eigenvectors 0.265-0.269;
+    # 4-bit without error feedback 0.29, cholesky at 8 bits 0.007
     assert chol < 0.2
     assert chol < eigen
+    assert chol8 < 0.6 * chol
 
 
 # -- training and checkpoints -----------------------------------------------------------------
@@ -209,15 +224,17 @@ def _train(model, opt, steps):
     return losses
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_training_reduces_the_loss(bits):
+@pytest.mark.parametrize("bits, quantize", [(4, "cholesky"), (8, "cholesky"), (4, "cholesky8")])
+def test_training_reduces_the_loss(bits, quantize):
     model = _model()
-    opt = Shampoo4bit(model.parameters(), bits=bits, **KW)
+    opt = Shampoo4bit(model.parameters(), bits=bits, **(KW | dict(quantize=quantize)))
     losses = _train(model, opt, 40)
     assert all(math.isfinite(x) for x in losses)
     assert losses[-1] < 0.2 * losses[0]
     assert opt.counters["root_updates"] > 0 and opt.counters["failed_updates"] == 0
-    assert any(k.endswith("ef_codes") for k in opt.state[model[0].weight])  # the quantized path ran
+    state = opt.state[model[0].weight]
+    assert any(k.endswith("chol_codes") for k in state)  # the quantized path ran
+    assert any(k.endswith("ef_codes") for k in state) == (quantize == "cholesky")
 
 
 def test_schur_newton_root_matches_the_eigh_root():
@@ -230,13 +247,15 @@ def test_schur_newton_root_matches_the_eigh_root():
     assert _nre(s.root({**st, **upd.entries}), _exact_root(a)) < 0.1  # the 4-bit root's own error
 
 
-def test_weights_only_checkpoint_resumes_bit_identically():
+@pytest.mark.parametrize("quantize", ["cholesky", "cholesky8"])
+def test_weights_only_checkpoint_resumes_bit_identically(quantize):
+    kw = KW | dict(quantize=quantize)
     full = _model()
-    opt_full = Shampoo4bit(full.parameters(), **KW)
+    opt_full = Shampoo4bit(full.parameters(), **kw)
     _train(full, opt_full, 9)
 
     first = _model()
-    opt_first = Shampoo4bit(first.parameters(), **KW)
+    opt_first = Shampoo4bit(first.parameters(), **kw)
     _train(first, opt_first, 5)
     buf = io.BytesIO()
     torch.save({"model": first.state_dict(), "opt": opt_first.state_dict()}, buf)
@@ -244,7 +263,7 @@ def test_weights_only_checkpoint_resumes_bit_identically():
     ckpt = torch.load(buf, weights_only=True)
     resumed = _model(seed=7)
     resumed.load_state_dict(ckpt["model"])
-    opt_resumed = Shampoo4bit(resumed.parameters(), **KW)
+    opt_resumed = Shampoo4bit(resumed.parameters(), **kw)
     opt_resumed.load_state_dict(ckpt["opt"])
     _train(resumed, opt_resumed, 4)
 
@@ -261,7 +280,8 @@ def test_weights_only_checkpoint_resumes_bit_identically():
         assert opt_resumed.counters[k] == opt_full.counters[k], k
 
 
-@pytest.mark.parametrize("other", [dict(quantize="eigenvectors"), dict(bits=8), dict(block_size=32)])
+@pytest.mark.parametrize("other", [dict(quantize="eigenvectors"), dict(quantize="cholesky8"), dict(bits=8),
+                                   dict(block_size=32)])
 def test_checkpoint_state_must_fit_its_format(other):
     model = _model()
     opt = Shampoo4bit(model.parameters(), **KW)
@@ -318,6 +338,27 @@ def test_memory_report_is_exact_and_close_to_the_eigen_mode():
     eigen.init_state()
     ratio = report["second_order"] / eigen.memory_report()["second_order"]
     assert 0.85 < ratio < 1.15, ratio
+
+
+def test_cholesky8_takes_the_bytes_of_cholesky_less_one_set_of_scales():
+    n = 256
+    reports = {}
+    for quantize in ("cholesky", "cholesky8"):
+        p = nn.Parameter(torch.zeros(n, n))
+        opt = Shampoo4bit([p], quantize=quantize)
+        p.grad = torch.randn(n, n)
+        opt.step()
+        reports[quantize] = opt.memory_report()
+        st = opt.state[p]
+        assert reports[quantize]["second_order"] == sum(
+            v.numel() * v.element_size() for k, v in st.items() if k[0].isdigit())
+    tri = n * (n - 1) // 2
+    blocks = lambda size: sum(-(-(n - 1 - i) // size) for i in range(n - 1))  # noqa: E731
+    # per factor: one strict triangle of 8-bit codes with bf16 scales per 64 along each column
+    # and C's fp32 diagonal, the 4-bit root as in cholesky mode
+    per_factor = tri + 2 * blocks(64) + 4 * n + (tri + 1) // 2 + 2 * blocks(256) + 4 * n
+    assert reports["cholesky8"]["second_order"] == 2 * per_factor
+    assert reports["cholesky"]["second_order"] - reports["cholesky8"]["second_order"] == 2 * 2 * blocks(64)
 
 
 # -- failures -------------------------------------------------------------------------------------

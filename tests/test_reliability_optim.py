@@ -152,13 +152,13 @@ def test_huge_finite_gradient_after_first_root_stays_finite_like_adamw(norm, whe
 
 @pytest.mark.parametrize("variant", [dict(bits=32), dict(bits=4, quantize="preconditioner"),
                                      dict(bits=8, quantize="preconditioner", root_method="eigen"),
-                                     dict(bits=4, quantize="cholesky")])
+                                     dict(bits=4, quantize="cholesky"), dict(bits=4, quantize="cholesky8")])
 def test_overflowing_statistic_is_not_stored(variant):
     model = _mlp()
     opt = Shampoo4bit(model.parameters(), **SMALL | variant)
     _train(model, opt, 2)  # one root update done
     w = model[0].weight
-    stat = "chol" if variant.get("quantize") == "cholesky" else "factor"
+    stat = "chol" if variant.get("quantize", "").startswith("cholesky") else "factor"
     factors = {k: v.clone() for k, v in opt.state[w].items() if f".{stat}" in k or ".ef_" in k}
     assert factors
     before = _counts(opt)
@@ -192,6 +192,7 @@ ATOMIC_CASES = [
     ("PIRU step, Newton root", dict(bits=4, quantize="preconditioner"), 2, (torch.linalg, "matrix_norm")),
     ("PU step, cholesky", dict(bits=4, quantize="cholesky"), 3, (torch.linalg, "cholesky_ex")),
     ("PIRU step, cholesky root", dict(bits=4, quantize="cholesky"), 4, (linalg_mod, "eigh_inverse_root")),
+    ("PU step, cholesky8", dict(bits=4, quantize="cholesky8"), 3, (torch.linalg, "cholesky_ex")),
 ]
 
 

@@ -50,7 +50,7 @@ def factor_errors(factor: Factor, has_root: bool) -> dict[str, Any]:
         if has_root:
             exact = linalg.eigen_inverse_root(factor.eigvals(), v_rect, 4, cfg.eps)
             out["root_err2"], out["root_ref2"] = _nre(factor.root(), exact)
-    elif cfg.mode in ("naive", "cholesky") and has_root:
+    elif cfg.mode in ("naive", "cholesky", "cholesky8") and has_root:
         result = linalg.eigh_inverse_root(factor.factor(), 4, cfg.eps)
         if result is not None:
             out["root_err2"], out["root_ref2"] = _nre(factor.root(), result.root)
@@ -113,7 +113,7 @@ class QuantizedStateMonitor(ShampooCallback):
         the statistics as stored now, so when statistics were updated after the last root
         update the figure includes that staleness; logging on multiples of ``root_interval``
         gives the pure quantization error. For ``quantize="preconditioner"`` (naive 4-bit) and
-        ``quantize="cholesky"``, ``R`` is the exact ``eigh`` root of the dequantized statistic.
+        ``quantize="cholesky"`` / ``"cholesky8"``, ``R`` is the exact ``eigh`` root of the dequantized statistic.
     * ``eigval_min``, ``eigval_max``: extremes of the eigenvalues over all factors (stored
       Rayleigh quotients in eigen mode, ``eigvalsh`` of the factor otherwise);
       ``condition_max``: largest ``(lambda_max + rho) / (max(lambda_min, 0) + rho)``, the

@@ -107,8 +107,10 @@ class Shampoo4bit(Optimizer):
         moment_bits: 32 (the parameter's dtype), 8 or 4: storage of the base optimizer's moments.
         quantize: "eigenvectors" (the 4-bit Shampoo method), "cholesky" (each statistic as its
             4- or 8-bit lower Cholesky factor with error feedback, Li et al., arXiv 2412.10663:
-            about the bytes of "eigenvectors", an exact ``eigh`` root at each root update) or
-            "preconditioner" (the naive baseline that quantizes the factors and roots themselves).
+            about the bytes of "eigenvectors", an exact ``eigh`` root at each root update),
+            "cholesky8" (the same with an 8-bit factor and no error feedback: the same bytes,
+            closer to 32-bit Shampoo; the root stays at ``bits``) or "preconditioner" (the
+            naive baseline that quantizes the factors and roots themselves).
         codebook: "linear2" (default), "dynamic" (dynamic tree) or "linear".
         block_size: elements per quantization block of the eigenvectors (one scale each).
         root_block_size: elements per quantization block of a stored inverse root (and of the
@@ -168,7 +170,7 @@ class Shampoo4bit(Optimizer):
         base: Literal["adamw", "sgd"] = "adamw",
         bits: Literal[4, 8, 32] = 4,
         moment_bits: Literal[4, 8, 32] = 32,
-        quantize: Literal["eigenvectors", "preconditioner", "cholesky"] = "eigenvectors",
+        quantize: Literal["eigenvectors", "preconditioner", "cholesky", "cholesky8"] = "eigenvectors",
         codebook: Literal["linear2", "dynamic", "linear"] = "linear2",
         block_size: int = 64,
         root_block_size: int = 256,

@@ -15,7 +15,7 @@ from ..quant import CODEBOOKS
 BASES = ("adamw", "sgd")
 BITS = (4, 8, 32)
 MOMENT_BITS = (4, 8, 32)
-QUANTIZE = ("eigenvectors", "preconditioner", "cholesky")
+QUANTIZE = ("eigenvectors", "preconditioner", "cholesky", "cholesky8")
 ROOT_METHODS = (None, "eigen", "schur_newton")
 PRECONDITION_DTYPES = ("float32", "bfloat16", "float16")
 DISTRIBUTED = ("auto", "off")

@@ -107,7 +107,7 @@ class OptimizerConfig:
         betas: AdamW moment coefficients.
         eps: AdamW denominator epsilon.
         bits: override the variant's bits (4, 8 or 32); null = from the variant.
-        quantize: override what is quantized (eigenvectors, cholesky or preconditioner); null = from the variant.
+        quantize: override what is quantized (eigenvectors, cholesky, cholesky8 or preconditioner); null = from the variant.
         moment_bits: storage of the base optimizer's moments (AdamW's two, SGD's momentum): 32
             (fp32), 8 or 4 (block-quantized codes; 4-bit Shampoo + 4-bit moments keeps less
             state than fp32 AdamW). Shampoo variants only.
@@ -135,7 +135,7 @@ class OptimizerConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     bits: Optional[Literal[4, 8, 32]] = None
-    quantize: Optional[Literal["eigenvectors", "preconditioner", "cholesky"]] = None
+    quantize: Optional[Literal["eigenvectors", "preconditioner", "cholesky", "cholesky8"]] = None
     moment_bits: Literal[4, 8, 32] = 32
     codebook: Literal["linear2", "dynamic", "linear"] = "linear2"
     block_size: int = 64
@@ -203,6 +203,8 @@ class OptimizerConfig:
             kind = f"naive {kind}"
         elif kw["bits"] < 32 and kw["quantize"] == "cholesky":
             kind = f"{kind} Cholesky"
+        elif kw["bits"] < 32 and kw["quantize"] == "cholesky8":
+            kind = f"{kind} Cholesky (8-bit factor)"
         if kw["moment_bits"] != 32:
             base = f"{kw['moment_bits']}-bit {base}"
         return f"{kind} Shampoo + {base}"

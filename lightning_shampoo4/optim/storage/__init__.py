@@ -11,6 +11,7 @@ mode          chosen by                                   module
 ============  ==========================================  ==================================
 ``eigen``     ``bits`` 4 / 8, ``quantize="eigenvectors"``  :mod:`.eigen` (the paper)
 ``cholesky``  ``bits`` 4 / 8, ``quantize="cholesky"``      :mod:`.cholesky` (Li et al., 2025)
+``cholesky8`` ``bits`` 4 / 8, ``quantize="cholesky8"``     :mod:`.cholesky` (8-bit factor)
 ``dense``     ``bits=32``                                  :mod:`.dense`
 ``naive``     ``bits`` 4 / 8, ``quantize="preconditioner"`` :mod:`.naive` (baseline)
 ============  ==========================================  ==================================
@@ -19,7 +20,7 @@ mode          chosen by                                   module
 from __future__ import annotations
 
 from .base import FAILED, OK, RETRIED, FactorConfig, Storage, Update
-from .cholesky import CholeskyStorage
+from .cholesky import Cholesky8Storage, CholeskyStorage
 from .dense import DenseStorage
 from .eigen import EigenStorage
 from .naive import NaiveStorage
@@ -27,7 +28,7 @@ from .naive import NaiveStorage
 __all__ = ["FAILED", "OK", "RETRIED", "FactorConfig", "Storage", "Update", "storage_for"]
 
 _MODES: dict[str, type[Storage]] = {
-    "eigen": EigenStorage, "cholesky": CholeskyStorage, "dense": DenseStorage, "naive": NaiveStorage,
+    "eigen": EigenStorage, "cholesky": CholeskyStorage, "cholesky8": Cholesky8Storage, "dense": DenseStorage, "naive": NaiveStorage,
 }
 
 
