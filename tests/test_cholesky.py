@@ -149,6 +149,26 @@ def test_error_feedback_cancels_the_requantization_error():
     assert with_c < 0.06 and with_a < 0.04
 
 
+def test_requantizing_the_factor_from_itself_accumulates_no_rounding_bias():
+    """cholesky8 re-quantizes C from the C it stored: any bias of a single rounding compounds
+    over the EMA's memory. With gradients shrinking (late training) the old state dominates, and
+    bf16 scales rounded up (every block maximum inflated by up to 2^-8) gave a statistic 0.43
+    away from the exact EMA after 150 updates; rounded to nearest: 0.046."""
+    n = 96
+    s = _storage(n, quantize="cholesky8")
+    st = s.init(torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    a = _factor_half(n, 1e4, gen)
+    exact = EPS * torch.eye(n, dtype=torch.float64)
+    for t in range(150):
+        g = 0.97**t * a @ torch.randn(n, 2 * n, generator=gen, dtype=torch.float64) / n
+        exact = BETA * exact + (1 - BETA) * g @ g.T
+        upd = s.update_stats(st, (g @ g.T).float())
+        assert upd.status in (OK, RETRIED)
+        st = {**st, **upd.entries}
+    assert _nre(s.statistic(st), exact) < 0.08
+
+
 def _factor_half(order, cond, gen):
     q, _ = torch.linalg.qr(torch.randn(order, order, generator=gen, dtype=torch.float64))
     return q * torch.logspace(0, -0.5 * math.log10(cond), order, dtype=torch.float64)

@@ -355,10 +355,19 @@ def test_symmetric_bf16_out_and_scale_dtypes():
     for sd in (torch.float16, torch.bfloat16):
         qs = quantize_symmetric(a, cb, 4, 64, scale_dtype=sd)
         assert qs.absmax.dtype == sd
-        assert torch.all(qs.absmax.float() >= q.absmax)  # rounded up: normalized values stay in [-1, 1]
+        # rounded to nearest (unbiased): a rounded-up scale inflated every block maximum a little,
+        # which compounds in a state that is re-quantized from itself (tests/test_cholesky.py)
+        assert torch.equal(qs.absmax, q.absmax.to(sd))
         y = dequantize_symmetric(qs, cb, n, 4, 64)
         assert torch.equal(y, y.T)
         assert (y - a).norm() < 1.1 * (exact - a).norm()
+    # a block maximum above its rounded-down scale gets the top code: decoded as the scale
+    x = torch.zeros(3, 3)
+    x[0, 1] = x[1, 0] = 1.0 + 2.0**-9 + 2.0**-12  # rounds down to 1.0 in bf16
+    x[0, 2] = x[2, 0] = 0.25
+    qs = quantize_symmetric(x, cb, 4, 64, scale_dtype=torch.bfloat16)
+    assert float(qs.absmax[0]) == 1.0
+    assert float(dequantize_symmetric(qs, cb, 3, 4, 64)[0, 1]) == 1.0
     with pytest.raises(ValueError, match="square"):
         quantize_symmetric(torch.randn(3, 4), cb)
     with pytest.raises(ValueError, match="range"):
@@ -370,7 +379,7 @@ def test_scale_dtype_on_plain_quantize():
     u = torch.linalg.qr(torch.randn(100, 100))[0]
     q32 = quantize(u, cb, 4, 64, transpose=True)
     q16 = quantize(u, cb, 4, 64, transpose=True, scale_dtype=torch.float16)
-    assert q16.absmax.dtype == torch.float16 and torch.all(q16.absmax.float() >= q32.absmax)
+    assert q16.absmax.dtype == torch.float16 and torch.equal(q16.absmax, q32.absmax.half())  # nearest
     y32 = dequantize(q32, cb, u.shape, 4, 64, transpose=True)
     y16 = dequantize(q16, cb, u.shape, 4, 64, transpose=True)
     assert (y16 - u).norm() < 1.05 * (y32 - u).norm()

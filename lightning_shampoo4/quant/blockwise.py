@@ -22,9 +22,12 @@ triangle row has its own blocks, so ``absmax`` is flat with ``ceil((n-1-i) / blo
 entries for row i. Blocks inside rows gave a slightly lower error than blocks running across
 the flattened triangle (benchmarks/quant_speed.py) for about 2/n more bytes per n^2.
 
-``scale_dtype`` (fp16 / bf16) stores the absmax in 16 bits: it is rounded up to the next
-representable value and the block is normalized by that, so the block maximum stays within the
-codebook. fp16 scales need absmaxes in roughly [6e-5, 65504]; bf16 has fp32's range.
+``scale_dtype`` (fp16 / bf16) stores the absmax in 16 bits, rounded to the nearest
+representable value, and the block is normalized by that; a block maximum just above a
+rounded-down scale takes the codebook's end code. Rounding the scale up instead would inflate
+every block maximum by up to one ulp, a bias that compounds in a state re-quantized from itself
+(the Cholesky factor, EMA after EMA). fp16 scales need absmaxes in roughly [6e-5, 65504]; bf16
+has fp32's range.
 
 Implementation notes. The work runs in chunks of at most ``_CHUNK`` elements (whole rows, or
 runs of whole blocks of one long row) through small reused buffers, so temporaries stay bounded
@@ -255,12 +258,9 @@ def _indices(v: torch.Tensor, tables: _IndexTables, out: torch.Tensor, ws: _Work
         out.copy_(idx)
 
 
-def _round_scales_up(absmax: torch.Tensor, scale_dtype: torch.dtype) -> None:
-    """Replace fp32 ``absmax`` in place by the smallest ``scale_dtype`` value not below it."""
+def _round_scales(absmax: torch.Tensor, scale_dtype: torch.dtype) -> None:
+    """Replace fp32 ``absmax`` in place by the nearest ``scale_dtype`` value (ties to even)."""
     low = absmax.to(scale_dtype)
-    below = low.float() < absmax
-    bits = low.view(torch.int16)
-    bits.add_(below.to(torch.int16))  # positive finite values: the next one up is one ulp more
     if bool((torch.isinf(low) & torch.isfinite(absmax)).any()):
         raise ValueError(f"a block absmax exceeds the range of {scale_dtype} scales; use bf16 or fp32")
     absmax.copy_(low)
@@ -296,7 +296,7 @@ def _encode(
     if tail:
         torch.amax(mag[:, k:], dim=-1, out=absmax[:, nfull])
     if scale_dtype != torch.float32:
-        _round_scales_up(absmax, scale_dtype)
+        _round_scales(absmax, scale_dtype)
     safe = torch.where(absmax > 0, absmax, 1.0)
     if nfull:
         torch.div(
@@ -532,7 +532,7 @@ def _quantize_triangle(
         vals = torch.index_select(flat, 0, tri_at[s0:s1]).float()
         absmax.scatter_reduce_(0, block_of[s0:s1].long(), vals.abs_(), "amax")
     if scale_dtype != torch.float32:
-        _round_scales_up(absmax, scale_dtype)
+        _round_scales(absmax, scale_dtype)
     safe = torch.where(absmax > 0, absmax, 1.0)
     for s0 in range(0, numel, chunk):  # pass 2: normalized values -> codes
         s1 = min(numel, s0 + chunk)
