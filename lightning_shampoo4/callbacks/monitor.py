@@ -112,8 +112,9 @@ class QuantizedStateMonitor(ShampooCallback):
         ``root_nre_max``: worst factor. Only factors whose root has been computed. ``R`` uses
         the statistics as stored now, so when statistics were updated after the last root
         update the figure includes that staleness; logging on multiples of ``root_interval``
-        gives the pure quantization error. For ``quantize="preconditioner"`` (naive 4-bit) and
-        ``quantize="cholesky"`` / ``"cholesky8"``, ``R`` is the exact ``eigh`` root of the dequantized statistic.
+        gives the pure quantization error. For ``quantize="preconditioner"`` (naive 4-bit),
+        ``"cholesky"`` and ``"cholesky8"``, ``R`` is the exact ``eigh`` root of the dequantized
+        statistic.
     * ``eigval_min``, ``eigval_max``: extremes of the eigenvalues over all factors (stored
       Rayleigh quotients in eigen mode, ``eigvalsh`` of the factor otherwise);
       ``condition_max``: largest ``(lambda_max + rho) / (max(lambda_min, 0) + rho)``, the

@@ -260,10 +260,10 @@ def _indices(v: torch.Tensor, tables: _IndexTables, out: torch.Tensor, ws: _Work
 
 def _round_scales(absmax: torch.Tensor, scale_dtype: torch.dtype) -> None:
     """Replace fp32 ``absmax`` in place by the nearest ``scale_dtype`` value (ties to even)."""
-    low = absmax.to(scale_dtype)
-    if bool((torch.isinf(low) & torch.isfinite(absmax)).any()):
+    rounded = absmax.to(scale_dtype)
+    if bool((torch.isinf(rounded) & torch.isfinite(absmax)).any()):
         raise ValueError(f"a block absmax exceeds the range of {scale_dtype} scales; use bf16 or fp32")
-    absmax.copy_(low)
+    absmax.copy_(rounded)
 
 
 def _encode(

@@ -28,7 +28,8 @@ from .naive import NaiveStorage
 __all__ = ["FAILED", "OK", "RETRIED", "FactorConfig", "Storage", "Update", "storage_for"]
 
 _MODES: dict[str, type[Storage]] = {
-    "eigen": EigenStorage, "cholesky": CholeskyStorage, "cholesky8": Cholesky8Storage, "dense": DenseStorage, "naive": NaiveStorage,
+    "eigen": EigenStorage, "cholesky": CholeskyStorage, "cholesky8": Cholesky8Storage,
+    "dense": DenseStorage, "naive": NaiveStorage,
 }
 
 

@@ -45,7 +45,8 @@ class FactorConfig(NamedTuple):
         if bits == 32:
             mode = "dense"
         else:
-            mode = {"eigenvectors": "eigen", "cholesky": "cholesky", "cholesky8": "cholesky8", "preconditioner": "naive"}[group["quantize"]]
+            modes = {"eigenvectors": "eigen", "cholesky": "cholesky", "cholesky8": "cholesky8", "preconditioner": "naive"}
+            mode = modes[group["quantize"]]
         root_method = group["root_method"] or ("schur_newton" if mode == "naive" else "eigen")
         return cls(
             order=order,

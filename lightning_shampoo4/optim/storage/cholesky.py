@@ -4,8 +4,8 @@
 Optimization" (ICCV 2025, arXiv:2412.10663): the factor at ``bits`` with error feedback.
 ``cholesky8`` spends the same bytes differently: the factor with 8-bit codes and no error state
 (at ``bits=4``: one 8-bit triangle instead of two 4-bit ones), the root still at ``bits``.
-``benchmarks/drift.py`` measures it 3-4x closer to a float64 Shampoo (root NRE 0.09-0.12 against
-0.26-0.33 after 100 statistics updates), since an 8-bit rounding error is 16x smaller than the
+``benchmarks/drift.py`` measures it 3-4x closer to a float64 Shampoo (root NRE 0.08-0.10 against
+0.27-0.33 after 100 statistics updates), since an 8-bit rounding error is 16x smaller than the
 4-bit one that error feedback can only spread over the following updates.
 
 Stored: the lower Cholesky factor C of the statistic A = C C^T as ``chol_diag`` (fp32
