@@ -225,7 +225,8 @@ def test_drift_shadow_and_reference_storage():
     stat = exact.stats["L"]
     assert float((c.factor().double() - stat).norm() / stat.norm()) < 0.02
     # and, rounding to nearest, it is the optimizer's quantize="cholesky8" (measured: factors
-    # 0.0009 apart after 30 updates; the 4-bit roots of slightly different roots 0.036)
+    # 0.0024 apart after 30 updates, float64 against fp32 factorizations; the 4-bit roots of
+    # slightly different roots 0.045; the same reference with a 4-bit factor: 0.31 away)
     c = mod.CholeskyFactor(96)
     opt = mod.build_variant("cholesky8", 96, 80, 1)
     for t, grad in enumerate(mod.synthetic_stream(96, 80, 30), start=1):
@@ -233,5 +234,5 @@ def test_drift_shadow_and_reference_storage():
         c.update_root()
         opt.step(grad, t)
     ours = opt.factors()["L"]
-    assert float((ours.factor().double() - c.factor().double()).norm() / c.factor().double().norm()) < 0.005
+    assert float((ours.factor().double() - c.factor().double()).norm() / c.factor().double().norm()) < 0.01
     assert float((ours.root().double() - c.root().double()).norm() / c.root().double().norm()) < 0.1
