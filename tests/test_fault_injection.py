@@ -51,6 +51,8 @@ MODES = {
     "4bit-eigenvectors-sgd": dict(bits=4, base="sgd", lr=0.1),
     "32bit-sgd": dict(bits=32, base="sgd", lr=0.1),
     "4bit-preconditioner-sgd": dict(bits=4, quantize="preconditioner", base="sgd", lr=0.1),
+    "4bit-cholesky-adamw": dict(bits=4, quantize="cholesky"),
+    "4bit-cholesky8-adamw": dict(bits=4, quantize="cholesky8"),
 }
 N_PARAMS = 4  # weight, bias, weight, bias
 
@@ -62,6 +64,8 @@ RAN: list[str] = []
 def _storage(kw) -> str:
     if kw.get("bits", 4) == 32:
         return "dense"
+    if kw.get("quantize", "").startswith("cholesky"):
+        return "cholesky"
     return "naive" if kw.get("quantize") == "preconditioner" else "eigen"
 
 
@@ -70,7 +74,7 @@ def _linalg_target(kw):
     mode = _storage(kw)
     if mode == "eigen":
         return "qr", "stats"  # subspace iteration of every PU
-    if mode == "dense" or kw.get("root_method") == "eigen":
+    if mode in ("dense", "cholesky") or kw.get("root_method") == "eigen":
         return "eigh", "roots"  # the fp32 attempt of every PIRU (float64 retry on failure)
     return "matrix_norm", "roots"  # once per coupled-Newton PIRU
 
@@ -86,6 +90,9 @@ def _exception_targets(kw):
                 (kernels_mod, "quantize", "stats"), (kernels_mod, "dequantize", "stats")]
     elif mode == "dense":
         out += [(linalg_mod, "eigh_inverse_root", "roots"), (torch.linalg, "eigh", "roots")]
+    elif mode == "cholesky":  # the factorization of every PU, the eigh root of every PIRU
+        out += [(torch.linalg, "cholesky_ex", "stats"), (linalg_mod, "eigh_inverse_root", "roots"),
+                (torch.linalg, "eigh", "roots")]
     else:
         if kw.get("root_method") == "eigen":
             out.append((linalg_mod, "eigh_inverse_root", "roots"))
