@@ -25,6 +25,8 @@ Optimizers (all share one warm-up + cosine schedule, gradient clipping at norm 1
                 with error feedback (Li et al., arXiv 2412.10663), the second published 4-bit Shampoo.
 ``cholesky8``   Shampoo4bit(bits=4, quantize="cholesky8"): the same bytes as an 8-bit Cholesky factor
                 without error feedback, the root at 4 bits.
+``shampoo4_bf16`` (only when named in ``--optimizers``) Shampoo4bit(bits=4,
+                precondition_dtype="bfloat16"): the preconditioning matmuls in bf16.
 ``muon``        torch.optim.Muon (Newton-Schulz orthogonalised momentum, ``adjust_lr_fn=
                 "match_rms_adamw"`` so it shares AdamW's learning-rate scale) on the hidden 2-D
                 weight matrices; AdamW on embeddings, the output head, biases and norms, same lr.
@@ -64,7 +66,8 @@ from lightning_shampoo4 import Shampoo4bit
 
 NAME = "quality"
 OPTIMIZERS = ("adamw", "shampoo32", "naive4", "shampoo4", "shampoo4_m4", "cholesky4", "cholesky8", "muon")
-LABELS = {**LABELS, "shampoo4_m4": "4-bit Shampoo + 4-bit moments"}
+OPTIONAL = ("shampoo4_bf16",)  # run only when named
+LABELS = {**LABELS, "shampoo4_m4": "4-bit Shampoo + 4-bit moments", "shampoo4_bf16": "4-bit Shampoo, bf16 matmuls"}
 SHAMPOO_KW = {
     "shampoo32": dict(bits=32),
     "naive4": dict(bits=4, quantize="preconditioner"),
@@ -72,6 +75,7 @@ SHAMPOO_KW = {
     "shampoo4_m4": dict(bits=4, moment_bits=4),
     "cholesky4": SHAMPOO_VARIANTS["cholesky4"],
     "cholesky8": SHAMPOO_VARIANTS["cholesky8"],
+    "shampoo4_bf16": dict(bits=4, precondition_dtype="bfloat16"),
 }
 
 # -- task configurations -------------------------------------------------------------------
@@ -503,12 +507,12 @@ def plot_task(task: str, res: dict[str, Any], out: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = base_parser(__doc__.split("\n\n")[0], NAME)
     parser.add_argument("--tasks", nargs="+", default=["digits", "charlm"], choices=["digits", "charlm"])
-    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
+    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS + OPTIONAL)
     parser.add_argument("--seeds", type=int, default=None, help="seeds for the final runs (default 3; 1 with --quick)")
     parser.add_argument("--steps", type=int, default=None, help="override the training steps of every task")
     parser.add_argument("--lrs", type=float, nargs="+", default=None, help="override the learning-rate grid")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    parser.add_argument("--reuse", nargs="+", default=[], choices=OPTIMIZERS,
+    parser.add_argument("--reuse", nargs="+", default=[], choices=OPTIMIZERS + OPTIONAL,
                         help="take these optimizers' records from --reuse-from (same task settings only)")
     parser.add_argument("--reuse-from", type=Path, default=Path(__file__).resolve().parent / "results" / "quality.json",
                         help="the earlier results file for --reuse")

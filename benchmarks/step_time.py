@@ -54,7 +54,10 @@ Part ``optstep``: the optimizer step alone
   gradients and no contender can alter another's.
 * Contenders (``--contenders``): ``Shampoo4bit`` with ``bits=32``, ``bits=4`` (the default
   method), ``bits=8`` (block 256) and ``quantize="preconditioner"`` (naive 4-bit, its default
-  Schur-Newton root); ``torch.optim.AdamW(foreach=True)``; and ``DS32``, Meta's Distributed Shampoo
+  Schur-Newton root), ``quantize="cholesky"`` / ``"cholesky8"``; ``ours4_bf16`` / ``ours32_bf16``
+  (not run by default): ``bits=4`` / ``32`` with ``precondition_dtype="bfloat16"``, the
+  preconditioning matmuls in bf16 (fast only where the hardware has bf16 matrix units, e.g. AMX or
+  tensor cores); ``torch.optim.AdamW(foreach=True)``; and ``DS32``, Meta's Distributed Shampoo
   in fp32, when ``distributed_shampoo`` is importable (``--ds-path DIR`` or the environment variable
   ``DISTRIBUTED_SHAMPOO_PATH`` names a checkout to put on ``sys.path``; otherwise it is skipped and
   the reason recorded). Shared settings: lr 1e-3, betas (0.9, 0.999), eps 1e-8, decoupled weight
@@ -397,6 +400,7 @@ def train_part(args: Any, argv: list[str]) -> dict[str, Any]:
 
 # == part "optstep": the optimizer step alone on recorded gradients ==========================
 OPT_CONTENDERS = ("ours32", "ours4", "ours8", "naive4", "cholesky4", "cholesky8", "adamw", "ds32")
+BF16_CONTENDERS = ("ours4_bf16", "ours32_bf16")  # on request: fast only with bf16 matrix units
 OPT_LABELS = {
     "ours32": "Shampoo4bit bits=32",
     "ours4": "Shampoo4bit bits=4",
@@ -404,11 +408,14 @@ OPT_LABELS = {
     "naive4": "Shampoo4bit quantize=preconditioner",
     "cholesky4": "Shampoo4bit quantize=cholesky",
     "cholesky8": "Shampoo4bit quantize=cholesky8",
+    "ours4_bf16": "Shampoo4bit bits=4, bf16 matmuls",
+    "ours32_bf16": "Shampoo4bit bits=32, bf16 matmuls",
     "adamw": "AdamW (foreach)",
     "ds32": "DS32 (Distributed Shampoo fp32)",
 }
 OURS_VARIANT = {"ours32": "shampoo32", "ours4": "shampoo4", "ours8": "shampoo8", "naive4": "naive4",
-                "cholesky4": "cholesky4", "cholesky8": "cholesky8"}
+                "cholesky4": "cholesky4", "cholesky8": "cholesky8", "ours4_bf16": "shampoo4",
+                "ours32_bf16": "shampoo32"}
 WORKLOADS = ("vit_tiny", "mlp", "transformer")
 KINDS = ("steady", "stat", "root")
 AMORTIZE_AT = ((100, 500), (10, 50))
@@ -772,6 +779,8 @@ def make_contender(name: str, params: list[torch.Tensor], t1: int, t2: int, ds: 
         return make_ds32(ds, params, t2)
     kw = dict(**OPT_HP, base="adamw", shampoo_beta=SHAMPOO_BETA, matrix_eps=DAMPING, max_order=MAX_ORDER,
               stat_interval=t1, root_interval=t2, **SHAMPOO_VARIANTS[OURS_VARIANT[name]])
+    if name in BF16_CONTENDERS:
+        kw["precondition_dtype"] = "bfloat16"
     return Shampoo4bit(params, **kw), kw
 
 
@@ -1048,7 +1057,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train.add_argument("--device", default="cpu", help="cpu or cuda")
     opt = parser.add_argument_group("part optstep")
     opt.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
-    opt.add_argument("--contenders", nargs="+", default=list(OPT_CONTENDERS), choices=OPT_CONTENDERS)
+    opt.add_argument("--contenders", nargs="+", default=list(OPT_CONTENDERS), choices=OPT_CONTENDERS + BF16_CONTENDERS)
     opt.add_argument("--opt-stat-interval", type=int, default=5, help="T1 of the measured optimizer steps")
     opt.add_argument("--opt-root-interval", type=int, default=20, help="T2 of the measured optimizer steps (multiple of T1)")
     opt.add_argument("--opt-cycles", type=int, default=4, help="measured root intervals after the warm-up one")
