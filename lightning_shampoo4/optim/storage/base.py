@@ -99,13 +99,17 @@ class Storage:
         raise NotImplementedError
 
     # -- shared by every mode ------------------------------------------------------------
+    # the ``linalg`` function of ``root_method="schur_newton"`` (the naive baseline: the
+    # paper's early-stopped variant)
+    newton_root: str = "coupled_newton_inverse_root"
+
     def root_update(self, a: torch.Tensor) -> Update:
         """The root entries of statistic ``a``: its exact ``eigh`` inverse 4th root (float64
-        retry), or with ``root_method="schur_newton"`` the coupled Newton iteration."""
+        retry), or with ``root_method="schur_newton"`` the Newton iteration ``newton_root``."""
         if self.cfg.root_method == "eigen":
             result = linalg.eigh_inverse_root(a, 4, self.cfg.eps)
         else:
-            result = linalg.coupled_newton_inverse_root(a, 4, self.cfg.eps)
+            result = getattr(linalg, self.newton_root)(a, 4, self.cfg.eps)
         if result is None:
             return Update({}, FAILED)
         return Update(self.store("root", result.root, symmetric=True), RETRIED if result.retried else OK)

@@ -13,11 +13,12 @@ from collections.abc import Mapping
 
 import torch
 
-from ... import linalg
-from .base import FAILED, OK, RETRIED, Entries, Storage, Update, all_finite
+from .base import FAILED, OK, Entries, Storage, Update, all_finite
 
 
 class NaiveStorage(Storage):
+    newton_root = "newton_inverse_root_early_stop"  # the paper's baseline root
+
     def init(self, device: torch.device) -> Entries:
         eye = self.eye(device)
         return {**self.store("factor", self.cfg.eps * eye, symmetric=True), **self.store("root", eye, symmetric=True)}
@@ -32,11 +33,4 @@ class NaiveStorage(Storage):
         return Update(self.store("factor", a, symmetric=True), OK)
 
     def update_root(self, st: Mapping[str, torch.Tensor], fresh: Entries | None = None) -> Update:
-        a = self.statistic(st)
-        if self.cfg.root_method == "eigen":
-            result = linalg.eigh_inverse_root(a, 4, self.cfg.eps)
-        else:
-            result = linalg.newton_inverse_root_early_stop(a, 4, self.cfg.eps)
-        if result is None:
-            return Update({}, FAILED)
-        return Update(self.store("root", result.root, symmetric=True), RETRIED if result.retried else OK)
+        return self.root_update(self.statistic(st))
