@@ -75,7 +75,7 @@ DEFAULT_VARIANTS = (
 # the 4-bit pipeline (Björck, EMA, subspace iteration) with fp32 eigenvectors and root: its
 # error is the subspace iteration's tracking error alone, no quantization
 EXTRA_VARIANTS = {
-    "eigen32": dict(bits=4, min_quant_numel=2**62),
+    "eigen32": dict(bits=4, quantize="eigenvectors", min_quant_numel=2**62),
     "cholesky4": dict(bits=4, quantize="cholesky"),
     "cholesky4_noef": dict(bits=4, quantize="cholesky"),
 }

@@ -34,7 +34,8 @@ Shampoo settings are the paper's: block 64 (8-bit: 256, as in the paper's 8-bit 
 Linear-2, max order 1200, min_quant_numel 4096, and the package's root storage defaults
 (upper triangle, block 256, bf16 scales); base SGDM (lr 0.1, momentum 0.9, wd 5e-4) for
 ResNet / VGG and AdamW (lr 1e-3, wd 0.05) for ViT / Swin. ``shampoo4_m8`` / ``shampoo4_m4`` are
-4-bit Shampoo with ``moment_bits=8`` / ``4`` (the base optimizer's moments quantized).
+the paper's 4-bit eigenvector Shampoo with ``moment_bits=8`` / ``4`` (the base optimizer's
+moments quantized); ``cholesky8_m8`` / ``cholesky8_m4`` the same for the default storage.
 """
 
 from __future__ import annotations
@@ -75,16 +76,21 @@ MODELS = {"resnet34": "sgdm", "vgg19_bn": "sgdm", "vit_small": "adamw", "swin_ti
 MOMENT_VARIANTS: dict[str, dict[str, Any]] = {
     "shampoo4_m8": dict(SHAMPOO_VARIANTS["shampoo4"], moment_bits=8),
     "shampoo4_m4": dict(SHAMPOO_VARIANTS["shampoo4"], moment_bits=4),
+    "cholesky8_m8": dict(SHAMPOO_VARIANTS["cholesky8"], moment_bits=8),
+    "cholesky8_m4": dict(SHAMPOO_VARIANTS["cholesky8"], moment_bits=4),
 }
 VARIANT_KWARGS: dict[str, dict[str, Any]] = {**SHAMPOO_VARIANTS, **MOMENT_VARIANTS}
 VARIANTS = ("baseline", "shampoo32", "shampoo8", "naive4", "shampoo4", "cholesky4", "cholesky8", "shampoo4_m8",
-            "shampoo4_m4")
+            "shampoo4_m4", "cholesky8_m8", "cholesky8_m4")
 PEAK_VARIANTS = ("baseline", "shampoo32", "shampoo4", "shampoo4_m8", "shampoo4_m4")
 VARIANT_LABELS = {
     **LABELS,
-    "shampoo4": "4-bit Shampoo (fp32 moments)",
-    "shampoo4_m8": "4-bit Shampoo + 8-bit moments",
-    "shampoo4_m4": "4-bit Shampoo + 4-bit moments",
+    "shampoo4": "4-bit eigenvector Shampoo (fp32 moments)",
+    "shampoo4_m8": "4-bit eigenvector Shampoo + 8-bit moments",
+    "shampoo4_m4": "4-bit eigenvector Shampoo + 4-bit moments",
+    "cholesky8": "4-bit Shampoo, default storage (fp32 moments)",
+    "cholesky8_m8": "4-bit Shampoo, default storage + 8-bit moments",
+    "cholesky8_m4": "4-bit Shampoo, default storage + 4-bit moments",
 }
 # Paper Table 2: total peak GPU MB at batch 128 (first-order, + 32-bit Shampoo, + 4-bit Shampoo).
 PAPER_PEAK_MB = {

@@ -71,11 +71,11 @@ LABELS = {**LABELS, "shampoo4_m4": "4-bit Shampoo + 4-bit moments", "shampoo4_bf
 SHAMPOO_KW = {
     "shampoo32": dict(bits=32),
     "naive4": dict(bits=4, quantize="preconditioner"),
-    "shampoo4": dict(bits=4),
-    "shampoo4_m4": dict(bits=4, moment_bits=4),
+    "shampoo4": dict(bits=4, quantize="eigenvectors"),
+    "shampoo4_m4": dict(bits=4, quantize="eigenvectors", moment_bits=4),
     "cholesky4": SHAMPOO_VARIANTS["cholesky4"],
     "cholesky8": SHAMPOO_VARIANTS["cholesky8"],
-    "shampoo4_bf16": dict(bits=4, precondition_dtype="bfloat16"),
+    "shampoo4_bf16": dict(bits=4, quantize="eigenvectors", precondition_dtype="bfloat16"),
 }
 
 # -- task configurations -------------------------------------------------------------------

@@ -169,7 +169,7 @@ def test_every_variant_reduces_the_loss(variant):
 def test_state_layout_and_blocking():
     w = nn.Parameter(torch.randn(130, 3, 1, 50))  # squeezed -> 130 x 150, blocks of 100
     bias = nn.Parameter(torch.randn(130))
-    opt = Shampoo4bit([w, bias], max_order=100)
+    opt = Shampoo4bit([w, bias], max_order=100, quantize="eigenvectors")
     opt.init_state()
     st = opt.state[w]
     # rows 130 -> 100 + 30, cols 150 -> 100 + 50: four tiles
@@ -183,7 +183,8 @@ def test_state_layout_and_blocking():
 @pytest.mark.parametrize("n", [64, 384, 768, 1200])
 def test_4bit_second_order_state_is_about_ten_times_smaller(n):
     p4, p32 = nn.Parameter(torch.zeros(n, n)), nn.Parameter(torch.zeros(n, n))
-    o4, o32 = Shampoo4bit([p4], max_order=1200), Shampoo4bit([p32], bits=32, max_order=1200)
+    o4 = Shampoo4bit([p4], max_order=1200, quantize="eigenvectors")
+    o32 = Shampoo4bit([p32], bits=32, max_order=1200)
     o4.init_state()
     o32.init_state()
     r4, r32 = o4.memory_report(), o32.memory_report()
@@ -261,13 +262,26 @@ def test_resume_is_bit_identical(variant):
         assert opt_resumed.counters[k] == opt_full.counters[k], k
 
 
+@pytest.mark.parametrize("n, ratio", [(64, 8.65), (384, 10.08), (768, 10.24), (1200, 10.29)])
+def test_default_storage_is_cholesky8_and_no_larger_than_the_eigenvector_one(n, ratio):
+    p4, pe, p32 = (nn.Parameter(torch.zeros(n, n)) for _ in range(3))
+    o4 = Shampoo4bit([p4], max_order=1200)
+    oe = Shampoo4bit([pe], max_order=1200, quantize="eigenvectors")
+    o32 = Shampoo4bit([p32], bits=32, max_order=1200)
+    for o in (o4, oe, o32):
+        o.init_state()
+    assert o4.param_groups[0]["quantize"] == "cholesky8" and "0.L.chol_codes" in o4.state[p4]
+    r4, re, r32 = (o.memory_report()["second_order"] for o in (o4, oe, o32))
+    assert r4 < re and r32 / r4 == pytest.approx(ratio, abs=0.01)
+
+
 def test_load_keeps_codes_uint8_and_eigenvalues_fp32_for_bf16_params():
     src = nn.Linear(80, 80)
-    opt = Shampoo4bit(src.parameters(), stat_interval=1, root_interval=1)
+    opt = Shampoo4bit(src.parameters(), stat_interval=1, root_interval=1, quantize="eigenvectors")
     src(torch.randn(4, 80)).sum().backward()
     opt.step()
     dst = nn.Linear(80, 80).to(torch.bfloat16)
-    opt2 = Shampoo4bit(dst.parameters())
+    opt2 = Shampoo4bit(dst.parameters(), quantize="eigenvectors")
     opt2.load_state_dict(opt.state_dict())
     st = opt2.state[dst.weight]
     assert st["0.L.eigvecs_codes"].dtype == torch.uint8
@@ -286,7 +300,8 @@ def test_bf16_parameters_train():
         opt.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert opt.state[model[2].weight]["exp_avg"].dtype == torch.bfloat16
-    assert opt.state[model[2].weight]["0.L.eigvals"].dtype == torch.float32
+    st = opt.state[model[2].weight]
+    assert st["0.L.chol_diag"].dtype == st["0.L.root_diag"].dtype == torch.float32  # the default: cholesky8
 
 
 # -- failures ---------------------------------------------------------------------------------
@@ -388,7 +403,7 @@ def test_precondition_false_gives_a_group_no_shampoo_state():
     opt = Shampoo4bit([{"params": m[0].parameters(), "precondition": False}, {"params": m[1].parameters()}])
     opt.init_state()
     assert set(opt.state[m[0].weight]) == {"step", "exp_avg", "exp_avg_sq"}
-    assert "0.L.eigvals" in opt.state[m[1].weight]
+    assert "0.L.chol_codes" in opt.state[m[1].weight]
 
 
 def test_per_group_overrides_apply():
@@ -397,7 +412,7 @@ def test_per_group_overrides_apply():
                       min_quant_numel=0)
     opt.init_state()
     assert "0.L.factor" in opt.state[m[0].weight]
-    assert "0.L.eigvecs_codes" in opt.state[m[1].weight]
+    assert "0.L.chol_codes" in opt.state[m[1].weight]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -174,7 +174,7 @@ def test_paper_hyperparameters(name):
 
 
 @pytest.mark.parametrize(
-    "variant, bits, quantize", [("4bit", 4, "eigenvectors"), ("8bit", 8, "eigenvectors"), ("32bit", 32, "eigenvectors"), ("naive4bit", 4, "preconditioner")]
+    "variant, bits, quantize", [("4bit", 4, "cholesky8"), ("8bit", 8, "cholesky8"), ("32bit", 32, "eigenvectors"), ("naive4bit", 4, "preconditioner")]
 )
 def test_variants_resolve_to_shampoo_settings(variant, bits, quantize):
     kw = OptimizerConfig(variant=variant).shampoo_kwargs()
@@ -187,6 +187,8 @@ def test_moment_bits_reach_the_optimizer_and_its_name():
     r = get_recipe("vit_small_cifar100", overrides=["optimizer.moment_bits=4"])
     assert r.optimizer.shampoo_kwargs()["moment_bits"] == 4 and r.optimizer.describe() == "4-bit Shampoo + 4-bit AdamW"
     assert get_recipe("resnet34_cifar100").optimizer.moment_bits == 32  # the paper's fp32 moments by default
+    eigen = get_recipe("vit_small_cifar100", overrides=["optimizer.quantize=eigenvectors"]).optimizer
+    assert eigen.describe() == "4-bit eigenvector Shampoo + AdamW"
     assert get_recipe("resnet34_cifar100", **{"optimizer.moment_bits": 8}).optimizer.describe() == "4-bit Shampoo + 8-bit SGDM"
     with pytest.raises(RecipeError, match=r"optimizer\.moment_bits.*expected one of \[4, 8, 32\]"):
         get_recipe("vit_small_cifar100", overrides=["optimizer.moment_bits=2"])

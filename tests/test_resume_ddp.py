@@ -241,8 +241,8 @@ def _close(a, b, path="state"):
     """Equal up to rounding. DDP averages per-rank gradients, one process takes the mean over the
     whole batch: the gradients differ in their last bits, and a value that sits at a rounding
     boundary of a 4-bit code or a bf16 scale can flip and move that state (and what follows)
-    by about one code step. Measured: at most 1.2e-2 relative (AdamW's exp_avg) and 5.5 % of a
-    factor's codes; a rank using wrong or stale blocks would be off by order one."""
+    by about one code step. Measured: at most 1.2e-2 relative (AdamW's exp_avg) and 17.5 % of a
+    factor's 8-bit codes; a rank using wrong or stale blocks would be off by order one."""
     if isinstance(a, dict):
         assert a.keys() == b.keys(), path
         for k in a:
@@ -254,7 +254,13 @@ def _close(a, b, path="state"):
     elif isinstance(a, torch.Tensor) and a.is_floating_point():
         assert a.shape == b.shape and a.dtype == b.dtype and _rel(a, b) < 5e-2, path
     elif isinstance(a, torch.Tensor):  # quantized codes: allow codes flipped by rounding
-        assert a.shape == b.shape and (a != b).float().mean() < 0.1, path
+        assert a.shape == b.shape, path
+        if path.endswith("chol_codes"):  # the default's Cholesky factor: one 8-bit code per byte
+            step = (a.int() - b.int()).abs()
+        else:  # 4-bit codes, two per byte
+            step = torch.stack([((a & 15).int() - (b & 15).int()).abs(), ((a >> 4).int() - (b >> 4).int()).abs()])
+        # measured: at most 17.5 % of the 8-bit codes moved, 2.5 % by two steps
+        assert (step > 0).float().mean() < 0.25 and (step > 1).float().mean() < 0.05, path
     else:
         assert a == b, path
 

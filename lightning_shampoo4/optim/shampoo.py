@@ -91,7 +91,11 @@ class _LocalStates(NamedTuple):
 
 
 class Shampoo4bit(Optimizer):
-    """Shampoo whose preconditioners are 4-bit eigenvector matrices plus fp32 eigenvalues.
+    """Shampoo whose preconditioner state is stored at about 4 bits per element.
+
+    By default (``quantize="cholesky8"``) each Kronecker statistic is kept as its lower Cholesky
+    factor with 8-bit codes and its inverse root at 4 bits (one triangle each); with
+    ``quantize="eigenvectors"`` it is the paper's 4-bit eigenvector matrix plus fp32 eigenvalues.
 
     Args:
         params: iterable of parameters or of parameter-group dicts (any argument below can
@@ -105,12 +109,14 @@ class Shampoo4bit(Optimizer):
         base: the first-order optimizer fed with the preconditioned gradient, "adamw" or "sgd".
         bits: 4 or 8 for quantized state, 32 for plain 32-bit Shampoo.
         moment_bits: 32 (the parameter's dtype), 8 or 4: storage of the base optimizer's moments.
-        quantize: "eigenvectors" (the 4-bit Shampoo method), "cholesky" (each statistic as its
-            4- or 8-bit lower Cholesky factor with error feedback, Li et al., arXiv 2412.10663:
-            about the bytes of "eigenvectors", an exact ``eigh`` root at each root update),
-            "cholesky8" (the same with an 8-bit factor and no error feedback: the same bytes,
-            closer to 32-bit Shampoo; the root stays at ``bits``) or "preconditioner" (the
-            naive baseline that quantizes the factors and roots themselves).
+        quantize: what is stored quantized. "cholesky8" (default): each statistic as its lower
+            Cholesky factor with 8-bit codes, the inverse root at ``bits``, an exact ``eigh``
+            root at each root update; 2 % fewer bytes than "eigenvectors" and 3-4x closer to
+            32-bit Shampoo (``benchmarks/drift.py``). "eigenvectors": the paper's 4-bit Shampoo
+            (Wang et al. 2024), 4-bit eigenvectors plus fp32 eigenvalues. "cholesky": Li et al.,
+            arXiv 2412.10663, the Cholesky factor at ``bits`` with error feedback (about the
+            same bytes). "preconditioner": the naive baseline that quantizes the factors and
+            roots themselves.
         codebook: "linear2" (default), "dynamic" (dynamic tree) or "linear".
         block_size: elements per quantization block of the eigenvectors (one scale each).
         root_block_size: elements per quantization block of a stored inverse root (and of the
@@ -170,7 +176,7 @@ class Shampoo4bit(Optimizer):
         base: Literal["adamw", "sgd"] = "adamw",
         bits: Literal[4, 8, 32] = 4,
         moment_bits: Literal[4, 8, 32] = 32,
-        quantize: Literal["eigenvectors", "preconditioner", "cholesky", "cholesky8"] = "eigenvectors",
+        quantize: Literal["eigenvectors", "preconditioner", "cholesky", "cholesky8"] = "cholesky8",
         codebook: Literal["linear2", "dynamic", "linear"] = "linear2",
         block_size: int = 64,
         root_block_size: int = 256,

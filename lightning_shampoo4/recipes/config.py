@@ -38,8 +38,8 @@ VARIANTS = ("4bit", "32bit", "naive4bit", "8bit", "first_order")
 
 # What each Shampoo variant means in Shampoo4bit's terms: (bits, quantize).
 VARIANT_SETTINGS: dict[str, tuple[int, str]] = {
-    "4bit": (4, "eigenvectors"),
-    "8bit": (8, "eigenvectors"),
+    "4bit": (4, "cholesky8"),
+    "8bit": (8, "cholesky8"),
     "32bit": (32, "eigenvectors"),
     "naive4bit": (4, "preconditioner"),
 }
@@ -97,7 +97,7 @@ class OptimizerConfig:
     """The optimizer: a Shampoo variant grafted onto SGD or AdamW, or that base optimizer alone.
 
     Attributes:
-        variant: 4bit (4-bit Shampoo: quantized eigenvectors), 8bit, 32bit (fp32 Shampoo), naive4bit
+        variant: 4bit (4-bit Shampoo, the optimizer's default storage), 8bit, 32bit (fp32 Shampoo), naive4bit
             (quantizes the preconditioners themselves), or first_order (plain torch SGD / AdamW).
         base: the first-order optimizer: sgd (with momentum) or adamw.
         lr: learning rate (peak, before the schedule).
@@ -193,7 +193,8 @@ class OptimizerConfig:
         return kwargs
 
     def describe(self) -> str:
-        """Short human name, e.g. ``4-bit Shampoo + SGDM``, ``4-bit Shampoo + 4-bit AdamW`` or ``AdamW``."""
+        """Short human name, e.g. ``4-bit Shampoo + SGDM`` (the default storage), ``4-bit eigenvector
+        Shampoo + 4-bit AdamW`` (the paper's method) or ``AdamW``."""
         base = "AdamW" if self.base == "adamw" else ("SGDM" if self.momentum else "SGD")
         if not self.is_shampoo:
             return base
@@ -203,8 +204,8 @@ class OptimizerConfig:
             kind = f"naive {kind}"
         elif kw["bits"] < 32 and kw["quantize"] == "cholesky":
             kind = f"{kind} Cholesky"
-        elif kw["bits"] < 32 and kw["quantize"] == "cholesky8":
-            kind = f"{kind} Cholesky (8-bit factor)"
+        elif kw["bits"] < 32 and kw["quantize"] == "eigenvectors":
+            kind = f"{kind} eigenvector"
         if kw["moment_bits"] != 32:
             base = f"{kw['moment_bits']}-bit {base}"
         return f"{kind} Shampoo + {base}"

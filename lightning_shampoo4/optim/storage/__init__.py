@@ -11,7 +11,7 @@ mode          chosen by                                   module
 ============  ==========================================  ==================================
 ``eigen``     ``bits`` 4 / 8, ``quantize="eigenvectors"``  :mod:`.eigen` (the paper)
 ``cholesky``  ``bits`` 4 / 8, ``quantize="cholesky"``      :mod:`.cholesky` (Li et al., 2025)
-``cholesky8`` ``bits`` 4 / 8, ``quantize="cholesky8"``     :mod:`.cholesky` (8-bit factor)
+``cholesky8`` ``bits`` 4 / 8, ``quantize="cholesky8"``     :mod:`.cholesky` (8-bit factor; default)
 ``dense``     ``bits=32``                                  :mod:`.dense`
 ``naive``     ``bits`` 4 / 8, ``quantize="preconditioner"`` :mod:`.naive` (baseline)
 ============  ==========================================  ==================================
