@@ -19,12 +19,13 @@ Optimizers (all share one warm-up + cosine schedule, gradient clipping at norm 1
 ``naive4``      Shampoo4bit(bits=4, quantize="preconditioner"): the factors and roots themselves
                 quantized, the root taken by the paper's naive baseline (coupled Newton, at most
                 10 iterations, early stop).
-``shampoo4``    Shampoo4bit(bits=4): 4-bit eigenvectors, the paper's method.
-``shampoo4_m4`` Shampoo4bit(bits=4, moment_bits=4): the same with AdamW's moments at 4 bits.
+``shampoo4``    Shampoo4bit(bits=4, quantize="eigenvectors"): 4-bit eigenvectors, the paper's method.
+``shampoo4_m4`` the same with AdamW's moments at 4 bits (``moment_bits=4``).
 ``cholesky4``   Shampoo4bit(bits=4, quantize="cholesky"): the statistics' Cholesky factors at 4 bits
                 with error feedback (Li et al., arXiv 2412.10663), the second published 4-bit Shampoo.
-``cholesky8``   Shampoo4bit(bits=4, quantize="cholesky8"): the same bytes as an 8-bit Cholesky factor
-                without error feedback, the root at 4 bits.
+``cholesky8``   Shampoo4bit(bits=4, quantize="cholesky8"), the default storage: the same bytes as an
+                8-bit Cholesky factor without error feedback, the root at 4 bits.
+``cholesky8_m4`` the same with AdamW's moments at 4 bits (``moment_bits=4``).
 ``shampoo4_bf16`` (only when named in ``--optimizers``) Shampoo4bit(bits=4,
                 precondition_dtype="bfloat16"): the preconditioning matmuls in bf16.
 ``muon``        torch.optim.Muon (Newton-Schulz orthogonalised momentum, ``adjust_lr_fn=
@@ -65,9 +66,12 @@ from _common import LABELS, SHAMPOO_VARIANTS, base_parser, setup_run, table, wri
 from lightning_shampoo4 import Shampoo4bit
 
 NAME = "quality"
-OPTIMIZERS = ("adamw", "shampoo32", "naive4", "shampoo4", "shampoo4_m4", "cholesky4", "cholesky8", "muon")
+OPTIMIZERS = ("adamw", "shampoo32", "naive4", "shampoo4", "shampoo4_m4", "cholesky4", "cholesky8", "cholesky8_m4",
+              "muon")
 OPTIONAL = ("shampoo4_bf16",)  # run only when named
-LABELS = {**LABELS, "shampoo4_m4": "4-bit Shampoo + 4-bit moments", "shampoo4_bf16": "4-bit Shampoo, bf16 matmuls"}
+LABELS = {**LABELS, "shampoo4_m4": "4-bit eigenvector Shampoo + 4-bit moments",
+          "cholesky8_m4": "4-bit Shampoo (default) + 4-bit moments",
+          "shampoo4_bf16": "4-bit eigenvector Shampoo, bf16 matmuls"}
 SHAMPOO_KW = {
     "shampoo32": dict(bits=32),
     "naive4": dict(bits=4, quantize="preconditioner"),
@@ -75,6 +79,7 @@ SHAMPOO_KW = {
     "shampoo4_m4": dict(bits=4, quantize="eigenvectors", moment_bits=4),
     "cholesky4": SHAMPOO_VARIANTS["cholesky4"],
     "cholesky8": SHAMPOO_VARIANTS["cholesky8"],
+    "cholesky8_m4": dict(SHAMPOO_VARIANTS["cholesky8"], moment_bits=4),
     "shampoo4_bf16": dict(bits=4, quantize="eigenvectors", precondition_dtype="bfloat16"),
 }
 
