@@ -31,7 +31,7 @@ from typing import Any
 from .configure import GroupedShampoo4bit, configure_shampoo, shampoo_param_groups
 from .optim import Shampoo4bit
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Lightning-facing names, imported on first access (PEP 562): name -> submodule.
 _LAZY = {

@@ -505,3 +505,23 @@ def test_moment_bits_is_checked_and_frozen_once_state_exists():
     opt.param_groups[0]["moment_bits"] = 8
     with pytest.raises(ValueError, match="moment_bits 4 -> 8"):
         opt.step()
+
+
+def test_a_checkpoint_resumes_with_the_storage_it_was_saved_with():
+    """An eigenvector-method checkpoint (the default before 0.2.0) resumed by an optimizer built
+    with today's default continues as the eigenvector method, bit for bit."""
+    model = _model()
+    opt = Shampoo4bit(model.parameters(), quantize="eigenvectors", stat_interval=1, root_interval=2,
+                      min_quant_numel=64)
+    _train(model, opt, 3)
+    saved_params, saved = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    _train(model, opt, 3, seed=2)
+    resumed = _model()
+    resumed.load_state_dict(saved_params)
+    opt2 = Shampoo4bit(resumed.parameters(), stat_interval=1, root_interval=2, min_quant_numel=64)
+    opt2.load_state_dict(saved)
+    assert opt2.param_groups[0]["quantize"] == "eigenvectors"
+    _train(resumed, opt2, 3, seed=2)
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    assert any(k.endswith("eigvecs_codes") for k in opt2.state[resumed[0].weight])
