@@ -25,8 +25,10 @@ and root (its error is the subspace iteration's tracking error alone). ``oneshot
 shadow's exact eigenvectors quantized once to 4 bits (4 Björck steps), the root built from them
 with the exact eigenvalues and stored like the optimizer's root - the error floor of a
 4-bit-eigenvector state that never re-quantizes (no statistic: it is the shadow's own).
-``exactroot4``: the shadow's exact root stored at 4 bits like the optimizer's root - the floor of
-any state whose root is stored that way, however exact its statistic.
+``exactroot4``: the shadow's exact root stored at 4 bits like the eigenvector storage's root
+(Linear-2, blocks of 256) - the floor of any state whose root is stored that way, however exact
+its statistic; ``exactroot4_default``: the same with the default storage's root layout
+(Linear-1.5, blocks of 40).
 ``cholesky4``: ``quantize="cholesky"``, 4 bits (the Cholesky factor of the statistic with error
 feedback, Li et al. 2025); ``cholesky4_noef``: the same with the error feedback switched off.
 ``cholesky8``: ``quantize="cholesky8"``, 4 bits: the Cholesky factor with 8-bit codes and no
@@ -62,6 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import QUICK_DIR, SHAMPOO_VARIANTS, base_parser, setup_run, table, write_result
 
 from lightning_shampoo4 import Shampoo4bit, linalg
+from lightning_shampoo4.optim.validation import STORAGE_DEFAULTS, STORAGE_FALLBACK
 from lightning_shampoo4.quant import dequantize, dequantize_symmetric, get_codebook, quantize, quantize_symmetric
 
 NAME = "drift"
@@ -70,7 +73,7 @@ EPS = 1e-6
 CHECKPOINTS = (1, 20, 100, 500)
 DEFAULT_VARIANTS = (
     "shampoo4", "shampoo8", "eigen32", "shampoo32", "naive4", "oneshot4", "cholesky4", "cholesky4_noef",
-    "hh8", "hh8x2", "hh8x3", "hh8r4x2", "cholesky8", "chol8sr", "exactroot4",
+    "hh8", "hh8x2", "hh8x3", "hh8r4x2", "cholesky8", "chol8sr", "exactroot4", "exactroot4_default",
 )
 # the 4-bit pipeline (Björck, EMA, subspace iteration) with fp32 eigenvectors and root: its
 # error is the subspace iteration's tracking error alone, no quantization
@@ -268,11 +271,13 @@ class FactorPairVariant:
         return None if None in sizes else sum(sizes)
 
 
-# The optimizer's default storage: Linear-2 codes, bf16 block scales, eigenvectors in blocks of
+# The eigenvector storage's layout: Linear-2 codes, bf16 block scales, eigenvectors in blocks of
 # 64 along each eigenvector, symmetric roots as fp32 diagonal + strict upper triangle in blocks
-# of 256 (``Shampoo4bit`` defaults ``block_size``, ``root_block_size``, ``scale_dtype``).
+# of 256 (``Shampoo4bit``'s storage settings for quantize="eigenvectors").
 SCALE_DTYPE = torch.bfloat16
-ROOT_BLOCK = 256
+ROOT_BLOCK = STORAGE_FALLBACK["root_block_size"]
+# the default storage's (quantize="cholesky8"): its codebook, factor block, root block
+C8 = STORAGE_DEFAULTS["cholesky8"]
 
 
 def _qdq_eigvecs(v: torch.Tensor, bits: int = 4, block: int = 64) -> torch.Tensor:
@@ -282,9 +287,9 @@ def _qdq_eigvecs(v: torch.Tensor, bits: int = 4, block: int = 64) -> torch.Tenso
     return dequantize(q, cb, tuple(v.shape), bits, block, transpose=True).double()
 
 
-def _qdq_symmetric(x: torch.Tensor, bits: int = 4, block: int = ROOT_BLOCK) -> torch.Tensor:
+def _qdq_symmetric(x: torch.Tensor, bits: int = 4, block: int = ROOT_BLOCK, codebook: str = "linear2") -> torch.Tensor:
     """A symmetric matrix stored as fp32 diagonal + quantized strict upper triangle, and back."""
-    cb = get_codebook("linear2", bits)
+    cb = get_codebook(codebook, bits)
     q = quantize_symmetric(x.float(), cb, bits, block, scale_dtype=SCALE_DTYPE)
     return dequantize_symmetric(q, cb, x.shape[0], bits, block).double()
 
@@ -299,14 +304,21 @@ def oneshot_root(stat: torch.Tensor, eps: float = EPS, bjorck_steps: int = 4,
     return _qdq_symmetric((vq * (w + eps * w.max()).pow(-0.25)) @ vq.T)
 
 
-def exact_root4(stat: torch.Tensor, eps: float = EPS, eig: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """The exact root of ``stat`` stored as the optimizer stores its 4-bit roots."""
+def exact_root4(stat: torch.Tensor, eps: float = EPS, eig: tuple[torch.Tensor, torch.Tensor] | None = None,
+                *, block: int = ROOT_BLOCK, codebook: str = "linear2") -> torch.Tensor:
+    """The exact root of ``stat`` stored as the eigenvector storage stores its 4-bit roots."""
     root = exact_root(stat, eps, eig)
-    return _qdq_symmetric(root) if stat.shape[0] ** 2 >= 4096 else root
+    return _qdq_symmetric(root, 4, block, codebook) if stat.shape[0] ** 2 >= 4096 else root
+
+
+def exact_root4_default(stat: torch.Tensor, eps: float = EPS,
+                        eig: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The exact root of ``stat`` stored as the default storage stores its 4-bit roots."""
+    return exact_root4(stat, eps, eig, block=C8["root_block_size"], codebook=C8["codebook"])
 
 
 # references computed from the shadow's statistic at each measurement (no state of their own)
-SHADOW_REFERENCES = {"oneshot4": oneshot_root, "exactroot4": exact_root4}
+SHADOW_REFERENCES = {"oneshot4": oneshot_root, "exactroot4": exact_root4, "exactroot4_default": exact_root4_default}
 
 
 class HouseholderFactor:
@@ -398,9 +410,11 @@ class CholeskyFactor:
     (unbiased), so re-quantizing at each update does not accumulate a rounding bias.
     """
 
-    def __init__(self, n: int, *, bits: int = 8, block: int = 64, stochastic: bool = False, root_bits: int = 4,
+    def __init__(self, n: int, *, bits: int = 8, block: int = C8["block_size"], codebook: str = C8["codebook"],
+                 root_block: int = C8["root_block_size"], stochastic: bool = False, root_bits: int = 4,
                  beta: float = BETA, eps: float = EPS, seed: int = 0):
         self.n, self.bits, self.block, self.stochastic, self.root_bits = n, bits, block, stochastic, root_bits
+        self.codebook, self.root_block = codebook, root_block
         self.beta, self.eps = beta, eps
         self.quantized = n * n >= 4096
         self.chol = eps**0.5 * torch.eye(n)
@@ -411,7 +425,7 @@ class CholeskyFactor:
         """C as its stored codes give it back."""
         if not self.quantized:
             return c
-        cb = get_codebook("linear2", self.bits)
+        cb = get_codebook(self.codebook, self.bits)
         q = quantize_symmetric(c.T.contiguous(), cb, self.bits, self.block, scale_dtype=SCALE_DTYPE)
         if self.stochastic:
             from lightning_shampoo4.quant.blockwise import _triangle_index
@@ -436,7 +450,8 @@ class CholeskyFactor:
 
     def update_root(self) -> None:
         root = exact_root((self.chol @ self.chol.T).double(), self.eps)
-        self._root = (_qdq_symmetric(root, self.root_bits) if self.quantized else root).float()
+        self._root = (_qdq_symmetric(root, self.root_bits, self.root_block, self.codebook) if self.quantized
+                      else root).float()
 
     def factor(self) -> torch.Tensor:
         return self.chol @ self.chol.T

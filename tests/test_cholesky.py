@@ -360,7 +360,7 @@ def test_memory_report_is_exact_and_close_to_the_eigen_mode():
     assert 0.85 < ratio < 1.15, ratio
 
 
-def test_cholesky8_takes_the_bytes_of_cholesky_less_one_set_of_scales():
+def test_cholesky8_stores_one_8bit_triangle_and_one_4bit_root_at_fewer_bytes_than_cholesky():
     n = 256
     reports = {}
     for quantize in ("cholesky", "cholesky8"):
@@ -374,11 +374,14 @@ def test_cholesky8_takes_the_bytes_of_cholesky_less_one_set_of_scales():
             v.numel() * v.element_size() for k, v in st.items() if k[0].isdigit())
     tri = n * (n - 1) // 2
     blocks = lambda size: sum(-(-(n - 1 - i) // size) for i in range(n - 1))  # noqa: E731
-    # per factor: one strict triangle of 8-bit codes with bf16 scales per 64 along each column
-    # and C's fp32 diagonal, the 4-bit root as in cholesky mode
-    per_factor = tri + 2 * blocks(64) + 4 * n + (tri + 1) // 2 + 2 * blocks(256) + 4 * n
+    # per factor: one strict triangle of 8-bit codes with one bf16 scale per column (blocks of up to
+    # 1200 down each column) and C's fp32 diagonal, the 4-bit root's triangle in blocks of 40
+    per_factor = tri + 2 * blocks(1200) + 4 * n + (tri + 1) // 2 + 2 * blocks(40) + 4 * n
     assert reports["cholesky8"]["second_order"] == 2 * per_factor
-    assert reports["cholesky"]["second_order"] - reports["cholesky8"]["second_order"] == 2 * 2 * blocks(64)
+    # cholesky: two 4-bit triangles (C and its error) in blocks of 64, the root in blocks of 256
+    per_factor = 2 * ((tri + 1) // 2 + 2 * blocks(64)) + 4 * n + (tri + 1) // 2 + 2 * blocks(256) + 4 * n
+    assert reports["cholesky"]["second_order"] == 2 * per_factor
+    assert reports["cholesky8"]["second_order"] < reports["cholesky"]["second_order"]
 
 
 # -- failures -------------------------------------------------------------------------------------

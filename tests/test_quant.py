@@ -26,16 +26,21 @@ LINEAR2_4 = [-1, -0.7511, -0.5378, -0.3600, -0.2178, -0.1111, -0.0400, 0, 0.0044
              0.2178, 0.3600, 0.5378, 0.7511, 1]
 DYNAMIC_4 = [-0.8875, -0.6625, -0.4375, -0.2125, -0.0775, -0.0325, -0.0055, 0, 0.0055, 0.0325, 0.0775,
              0.2125, 0.4375, 0.6625, 0.8875, 1]
+# sign(d) |d|^1.5 on linspace(-1, 1, 16) with -1/15 moved to 0, written out by hand
+LINEAR15_4 = [-1, -(13 / 15) ** 1.5, -(11 / 15) ** 1.5, -(9 / 15) ** 1.5, -(7 / 15) ** 1.5, -(5 / 15) ** 1.5,
+              -(3 / 15) ** 1.5, 0, (1 / 15) ** 1.5, (3 / 15) ** 1.5, (5 / 15) ** 1.5, (7 / 15) ** 1.5,
+              (9 / 15) ** 1.5, (11 / 15) ** 1.5, (13 / 15) ** 1.5, 1]
 SHAPES = [(1,), (7,), (1, 1), (3, 5), (64, 64), (65, 65), (33, 70), (4, 3, 130)]
 
 
 def test_4bit_codebooks_match_spec():
     assert get_codebook("linear2", 4).tolist() == pytest.approx(LINEAR2_4, abs=5e-5)
     assert get_codebook("dynamic", 4).tolist() == pytest.approx(DYNAMIC_4, abs=5e-5)
+    assert get_codebook("linear1.5", 4).tolist() == pytest.approx(LINEAR15_4, abs=1e-6)
     assert get_codebook("linear", 4).tolist() == pytest.approx(torch.linspace(-1, 1, 16).tolist())
 
 
-@pytest.mark.parametrize("name", ["linear2", "dynamic", "linear"])
+@pytest.mark.parametrize("name", ["linear2", "linear1.5", "dynamic", "linear"])
 def test_8bit_codebooks_are_sorted_and_span_unit_interval(name):
     cb = get_codebook(name, 8)
     assert cb.numel() == 256 and cb.dtype == torch.float32

@@ -117,11 +117,15 @@ class Shampoo4bit(Optimizer):
             arXiv 2412.10663, the Cholesky factor at ``bits`` with error feedback (about the
             same bytes). "preconditioner": the naive baseline that quantizes the factors and
             roots themselves.
-        codebook: "linear2" (default), "dynamic" (dynamic tree) or "linear".
-        block_size: elements per quantization block of the eigenvectors (one scale each).
+        codebook: the quantization map: "linear2", "linear1.5", "dynamic" (dynamic tree) or
+            "linear". None (default): "linear1.5" for "cholesky8", "linear2" otherwise.
+        block_size: elements per quantization block of the eigenvectors, or of a column of a
+            Cholesky factor (one scale each). None (default): 1200 for "cholesky8" (one scale
+            per column of a factor up to ``max_order``), 64 otherwise.
         root_block_size: elements per quantization block of a stored inverse root (and of the
             naive baseline's statistic); these are symmetric, so only their strict upper
-            triangle is stored, beside an fp32 diagonal.
+            triangle is stored, beside an fp32 diagonal. None (default): 40 for "cholesky8",
+            256 otherwise.
         scale_dtype: dtype of the per-block scales ("bfloat16", "float16" or "float32").
         min_quant_numel: factors with fewer elements stay fp32.
         max_order: largest factor order; larger dims are split into blocks.
@@ -177,9 +181,9 @@ class Shampoo4bit(Optimizer):
         bits: Literal[4, 8, 32] = 4,
         moment_bits: Literal[4, 8, 32] = 32,
         quantize: Literal["eigenvectors", "preconditioner", "cholesky", "cholesky8"] = "cholesky8",
-        codebook: Literal["linear2", "dynamic", "linear"] = "linear2",
-        block_size: int = 64,
-        root_block_size: int = 256,
+        codebook: Literal["linear2", "linear1.5", "dynamic", "linear"] | None = None,
+        block_size: int | None = None,
+        root_block_size: int | None = None,
         scale_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16",
         min_quant_numel: int = 4096,
         max_order: int = 1200,
@@ -224,7 +228,7 @@ class Shampoo4bit(Optimizer):
             start_preconditioning_step=start_preconditioning_step,
             precondition=precondition,
         )
-        validate_group(defaults)
+        validate_group(defaults, resolve=False)  # each group resolves its own mode's storage settings
         if isinstance(distributed, bool):  # YAML reads a bare ``off`` as False
             distributed = "auto" if distributed else "off"
         self._layer = D.DistributedLayer(distributed, distributed_dtype)  # validates both

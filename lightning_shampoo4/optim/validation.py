@@ -85,8 +85,24 @@ def _pair(name: str, value, what: str) -> tuple:
     return tuple(value)
 
 
-def validate_group(g: dict) -> None:
-    """Validate one parameter group's hyper-parameters in place (raises ValueError)."""
+# What ``None`` means for the storage settings, per ``quantize`` mode: the values each mode was
+# measured with. The default Cholesky storage keeps its 8-bit factor with one scale per column
+# run of up to 1200 entries and its 4-bit root in blocks of 40, both with the linear1.5 map: at
+# no more bytes than the eigenvector storage, the preconditioned direction stays closest to the
+# exact one (benchmarks/drift.py).
+STORAGE_DEFAULTS = {
+    "cholesky8": dict(codebook="linear1.5", block_size=1200, root_block_size=40),
+}
+STORAGE_FALLBACK = dict(codebook="linear2", block_size=64, root_block_size=256)
+
+
+def validate_group(g: dict, *, resolve: bool = True) -> None:
+    """Validate one parameter group's hyper-parameters in place (raises ValueError).
+
+    ``resolve``: replace a ``None`` codebook / block size / root block size by the value of the
+    group's ``quantize`` mode (``STORAGE_DEFAULTS``), so a group and its checkpoint hold what its
+    state was stored with; the optimizer's ``defaults`` keep ``None`` so that each group takes
+    its own mode's values."""
     g["lr"] = _number("lr", g["lr"], 0.0)
     b1, b2 = _pair("betas", g["betas"], "(beta1, beta2), each in [0, 1)")
     g["betas"] = (_number("betas[0]", b1, 0.0, 1.0), _number("betas[1]", b2, 0.0, 1.0))
@@ -102,9 +118,15 @@ def validate_group(g: dict) -> None:
     g["moment_bits"] = _scalar(g["moment_bits"])
     _choice("moment_bits", g["moment_bits"], MOMENT_BITS)
     _choice("quantize", g["quantize"], QUANTIZE)
-    _choice("codebook", g["codebook"], CODEBOOKS)
-    g["block_size"] = _integer("block_size", g["block_size"], 1)
-    g["root_block_size"] = _integer("root_block_size", g["root_block_size"], 1)
+    if resolve:
+        for key, value in {**STORAGE_FALLBACK, **STORAGE_DEFAULTS.get(g["quantize"], {})}.items():
+            if g[key] is None:
+                g[key] = value
+    if not (g["codebook"] is None and not resolve):
+        _choice("codebook", g["codebook"], CODEBOOKS)
+    for key in ("block_size", "root_block_size"):
+        if not (g[key] is None and not resolve):
+            g[key] = _integer(key, g[key], 1)
     _choice("scale_dtype", g["scale_dtype"], SCALE_DTYPES)
     g["min_quant_numel"] = _integer("min_quant_numel", g["min_quant_numel"], 0)
     g["max_order"] = _integer("max_order", g["max_order"], 1)

@@ -4,6 +4,10 @@ Three maps are offered (SPEC.md section 2):
 
 * ``linear2`` ("linear square", the default): ``sign(d) * d**2`` over a uniform grid ``d``
   with one grid point moved to zero. Dense near zero, where most eigenvector entries live.
+* ``linear1.5``: ``sign(d) * |d|**1.5`` over the same grid: between linear2 and a uniform
+  grid. The default storage's Cholesky factor and inverse root use it: a root's entries are
+  spread more evenly than an eigenvector's, and this map keeps the preconditioned direction
+  closest to the exact one (``benchmarks/drift.py``).
 * ``dynamic``: the signed dynamic tree of bitsandbytes, a decimal-exponent map.
 * ``linear``: a uniform grid, the plain baseline.
 """
@@ -14,7 +18,7 @@ import functools
 
 import torch
 
-CODEBOOKS = ("linear2", "dynamic", "linear")
+CODEBOOKS = ("linear2", "linear1.5", "dynamic", "linear")
 BITS = (4, 8)
 
 
@@ -25,11 +29,21 @@ def _check(name: str, bits: int) -> None:
         raise ValueError(f"bits={bits!r} is not supported by a codebook; choose one of {BITS}")
 
 
-def linear2_values(bits: int) -> list[float]:
-    """Linear-2: d = linspace(-1, 1, 2**b), d[2**(b-1) - 1] = 0, value = sign(d) * d**2."""
+def _power_values(bits: int, power: float) -> list[float]:
+    """d = linspace(-1, 1, 2**b), d[2**(b-1) - 1] = 0, value = sign(d) * |d|**power."""
     d = torch.linspace(-1.0, 1.0, 2**bits, dtype=torch.float64)
     d[2 ** (bits - 1) - 1] = 0.0
-    return (torch.sign(d) * d * d).tolist()
+    return (torch.sign(d) * d.abs() ** power).tolist()
+
+
+def linear2_values(bits: int) -> list[float]:
+    """Linear-2: d = linspace(-1, 1, 2**b), d[2**(b-1) - 1] = 0, value = sign(d) * d**2."""
+    return _power_values(bits, 2.0)
+
+
+def linear15_values(bits: int) -> list[float]:
+    """Linear-1.5: the same grid, value = sign(d) * |d|**1.5."""
+    return _power_values(bits, 1.5)
 
 
 def dynamic_values(bits: int) -> list[float]:
@@ -51,7 +65,7 @@ def linear_values(bits: int) -> list[float]:
     return torch.linspace(-1.0, 1.0, 2**bits, dtype=torch.float64).tolist()
 
 
-_MAKERS = {"linear2": linear2_values, "dynamic": dynamic_values, "linear": linear_values}
+_MAKERS = {"linear2": linear2_values, "linear1.5": linear15_values, "dynamic": dynamic_values, "linear": linear_values}
 
 
 @functools.lru_cache(maxsize=None)

@@ -2,11 +2,15 @@
 
 ``cholesky`` is Li, Ding, Toh and Zhou, "Memory-Efficient 4-bit Preconditioned Stochastic
 Optimization" (ICCV 2025, arXiv:2412.10663): the factor at ``bits`` with error feedback.
-``cholesky8`` spends the same bytes differently: the factor with 8-bit codes and no error state
-(at ``bits=4``: one 8-bit triangle instead of two 4-bit ones), the root still at ``bits``.
-``benchmarks/drift.py`` measures it 3-4x closer to a float64 Shampoo (root NRE 0.08-0.10 against
-0.27-0.33 after 100 statistics updates), since an 8-bit rounding error is 16x smaller than the
-4-bit one that error feedback can only spread over the following updates.
+``cholesky8``, the optimizer's default, spends about the same bytes differently: the factor with
+8-bit codes and no error state (at ``bits=4``: one 8-bit triangle instead of two 4-bit ones),
+the root still at ``bits``. An 8-bit rounding error is 16x smaller than the 4-bit one that error
+feedback can only spread over the following updates, so ``benchmarks/drift.py`` measures it 3-4x
+closer to a float64 Shampoo. Its storage settings (``validation.STORAGE_DEFAULTS``) were chosen
+on that benchmark: one scale per factor column (8 bits leave room for a column's range) pays for
+root blocks of 40, and the Linear-1.5 map suits a root's entries, which are spread more evenly
+than an eigenvector's; the preconditioned direction then keeps a cosine of 0.97 to the exact
+one, at fewer bytes than the eigenvector storage.
 
 Stored: the lower Cholesky factor C of the statistic A = C C^T as ``chol_diag`` (fp32
 diagonal) plus its quantized strict lower triangle (``chol_codes``, ``chol_absmax``: the
