@@ -236,3 +236,16 @@ def test_drift_shadow_and_reference_storage():
     ours = opt.factors()["L"]
     assert float((ours.factor().double() - c.factor().double()).norm() / c.factor().double().norm()) < 0.01
     assert float((ours.root().double() - c.root().double()).norm() / c.root().double().norm()) < 0.1
+
+
+def test_rebuild_quick(tmp_path):
+    mod = _load("rebuild")
+    mod.main(["--quick", "--out", str(tmp_path)])
+    data = _read(tmp_path, "rebuild")
+    assert set(data["results"]) == {"default", "eigenvectors"}
+    for layout, by_order in data["results"].items():
+        assert set(by_order) == {"64", "96"}
+        for rec in by_order.values():
+            assert 0 < rec["decode_ms"] <= rec["rebuild_ms"] * 1.5 and rec["matmul_ms"] > 0
+            assert rec["rebuild_over_matmul"] == rec["rebuild_ms"] / rec["matmul_ms"]
+    assert data["settings"]["layouts"]["default"] == {"codebook": "linear1.5", "root_block_size": 40}
