@@ -111,7 +111,7 @@ class Shampoo4bit(Optimizer):
         moment_bits: 32 (the parameter's dtype), 8 or 4: storage of the base optimizer's moments.
         quantize: what is stored quantized. "cholesky8" (default): each statistic as its lower
             Cholesky factor with 8-bit codes, the inverse root at ``bits``, an exact ``eigh``
-            root at each root update; about 1 % fewer bytes than "eigenvectors" and 4-6x closer
+            root at each root update; about 1 % fewer bytes than "eigenvectors" and 4-7x closer
             to 32-bit Shampoo (``benchmarks/drift.py``). "eigenvectors": the paper's 4-bit Shampoo
             (Wang et al. 2024), 4-bit eigenvectors plus fp32 eigenvalues. "cholesky": Li et al.,
             arXiv 2412.10663, the Cholesky factor at ``bits`` with error feedback (about the

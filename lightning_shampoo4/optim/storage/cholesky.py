@@ -5,7 +5,7 @@ Optimization" (ICCV 2025, arXiv:2412.10663): the factor at ``bits`` with error f
 ``cholesky8``, the optimizer's default, spends about the same bytes differently: the factor with
 8-bit codes and no error state (at ``bits=4``: one 8-bit triangle instead of two 4-bit ones),
 the root still at ``bits``. An 8-bit rounding error is 16x smaller than the 4-bit one that error
-feedback can only spread over the following updates, so ``benchmarks/drift.py`` measures it 4-6x
+feedback can only spread over the following updates, so ``benchmarks/drift.py`` measures it 4-7x
 closer to a float64 Shampoo. Its storage settings (``validation.STORAGE_DEFAULTS``) were chosen
 on that benchmark: one scale per factor column (8 bits leave room for a column's range) pays for
 root blocks of 40, and the Linear-1.5 map suits a root's entries, which are spread more evenly
