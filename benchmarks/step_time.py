@@ -156,6 +156,7 @@ from lightning_shampoo4 import (
     Shampoo4bit,
     kernels,
 )
+from lightning_shampoo4.kernels import cpu_rows
 from lightning_shampoo4.models import create_model
 
 NAME = "step_time"
@@ -537,13 +538,23 @@ class StepProbe(TorchDispatchMode):
         self._finalizers.clear()
 
 
+CPU_ROWS_OP = "lightning_shampoo4.cpu_rows.symmetric_rows"
+
+
 def probed_step(opt: torch.optim.Optimizer) -> StepProbe:
     """``opt.step()`` under a :class:`StepProbe`, with ``Tensor.tolist`` and
-    ``torch.cuda.synchronize`` wrapped to count their calls as syncs."""
+    ``torch.cuda.synchronize`` wrapped to count their calls as syncs, and every call of the CPU
+    root-rebuild kernel (invisible to the dispatcher) counted as one kernel op."""
     probe = StepProbe()
     calls: Counter[str] = Counter()
     had_tolist = "tolist" in torch.Tensor.__dict__
     orig_tolist, orig_sync = torch.Tensor.tolist, torch.cuda.synchronize
+    orig_rows = cpu_rows.symmetric_rows
+
+    def rows(*args, **kwargs):
+        done = orig_rows(*args, **kwargs)
+        probe.ops[CPU_ROWS_OP] += bool(done)
+        return done
 
     def tolist(self, *args, **kwargs):
         probe.read(self, "Tensor.tolist")
@@ -553,7 +564,7 @@ def probed_step(opt: torch.optim.Optimizer) -> StepProbe:
         calls["torch.cuda.synchronize"] += 1
         return orig_sync(*args, **kwargs)
 
-    torch.Tensor.tolist, torch.cuda.synchronize = tolist, synchronize
+    torch.Tensor.tolist, torch.cuda.synchronize, cpu_rows.symmetric_rows = tolist, synchronize, rows
     try:
         with probe:
             opt.step()
@@ -562,7 +573,7 @@ def probed_step(opt: torch.optim.Optimizer) -> StepProbe:
             torch.Tensor.tolist = orig_tolist
         else:
             del torch.Tensor.tolist
-        torch.cuda.synchronize = orig_sync
+        torch.cuda.synchronize, cpu_rows.symmetric_rows = orig_sync, orig_rows
         probe.close()
     probe.syncs.update(calls)
     return probe

@@ -456,12 +456,12 @@ def test_quantize_symmetric_one_pass_equals_row_chunked(n, bits, bs, scale_dtype
 
 
 def test_a_large_root_is_applied_without_a_dense_copy():
-    """grad @ root with a stored root of order 1000 works through the decoded triangle and one
-    panel: its temporaries stay below one dense fp32 copy of the root (rebuilding the root whole,
-    as the torch path did before, needs that copy plus the decoded triangle)."""
-    from lightning_shampoo4.kernels import QuantizedMatrix, reference
+    """grad @ root with a stored root above ``PANEL_ORDER`` works a panel of rows at a time: with
+    the CPU kernel its temporaries stay below one dense fp32 copy of the root (rebuilding the root
+    whole needs that copy); the torch rebuild gives the same product."""
+    from lightning_shampoo4.kernels import QuantizedMatrix, cpu_rows, reference
 
-    n, m = 1000, 64
+    n, m = reference.PANEL_ORDER + 52, 16
     cb = get_codebook()
     a = torch.randn(n, n)
     q = quantize_symmetric(a + a.T, cb, 4, 256, scale_dtype=torch.bfloat16)
@@ -469,5 +469,8 @@ def test_a_large_root_is_applied_without_a_dense_copy():
     g, eye = torch.randn(m, n), torch.eye(m)
     dense = dequantize_symmetric(q, cb, n, 4, 256)
     assert torch.allclose(reference.precondition(g, eye, root), g @ dense, rtol=1e-4, atol=1e-4)
-    assert temp_bytes(lambda: reference.precondition(g, eye, root)) < 4 * n * n
+    if cpu_rows.available():
+        rows = cpu_rows.symmetric_rows
+        assert torch.equal(reference.precondition(g, eye, root, rows=rows), reference.precondition(g, eye, root))
+        assert temp_bytes(lambda: reference.precondition(g, eye, root, rows=rows)) < 4 * n * n
     assert temp_bytes(lambda: g @ dequantize_symmetric(q, cb, n, 4, 256)) > 4 * n * n

@@ -1,6 +1,13 @@
-"""Pure-torch implementations of the kernel entry points: run anywhere, define correctness."""
+"""Pure-torch implementations of the kernel entry points: run anywhere, define correctness.
+
+``rows`` (``materialize``, ``precondition``): an optional writer of rows of a stored symmetric
+root, ``rows(root, r0, r1, out) -> bool`` (False: not for this root), that replaces the torch
+rebuild of those rows; the CPU kernel (:mod:`.cpu_rows`) plugs in here, bit-identically.
+"""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -9,9 +16,15 @@ from .types import QuantizedMatrix
 
 __all__ = ["dequantize", "materialize", "precondition", "quantize"]
 
+RowsFn = Callable[[QuantizedMatrix, int, int, torch.Tensor], bool]
+
 
 def materialize(
-    root: torch.Tensor | QuantizedMatrix, dtype: torch.dtype = torch.float32, *, out: torch.Tensor | None = None
+    root: torch.Tensor | QuantizedMatrix,
+    dtype: torch.dtype = torch.float32,
+    *,
+    out: torch.Tensor | None = None,
+    rows: RowsFn | None = None,
 ) -> torch.Tensor:
     """A dense ``dtype`` matrix from a dense or quantized root.
 
@@ -21,6 +34,12 @@ def materialize(
     if isinstance(root, torch.Tensor):
         return root.to(dtype)
     n = root.order
+    if root.symmetric and rows is not None:
+        dense = out if out is not None and dtype == torch.float32 else torch.empty(n, n, device=root.codes.device)
+        if rows(root, 0, n, dense):
+            if out is None:
+                return dense.to(dtype)
+            return out if out is dense else out.copy_(dense)
     if root.symmetric:
         q = Quantized(root.codes, root.absmax, root.diag)
         return dequantize_symmetric(q, root.codebook, n, root.bits, root.block_size, dtype=dtype, out=out)
@@ -40,35 +59,69 @@ def precondition(
     left: torch.Tensor | QuantizedMatrix,
     right: torch.Tensor | QuantizedMatrix,
     dtype: torch.dtype = torch.float32,
+    *,
+    rows: RowsFn | None = None,
 ) -> torch.Tensor:
     """``left @ grad @ right`` in ``dtype`` matmuls, returned in fp32.
 
-    A quantized symmetric root is applied in panels of rows rebuilt one at a time
-    (``grad @ right`` as ``(right @ grad^T)^T``), so no dense copy of it exists: the step's
-    transient memory stays near the 32-bit step's, which reads its stored dense roots.
+    A quantized root is rebuilt dense for its matmul (the step's jobs run largest root first, so
+    this adds little to the step's peak: ``optim.preconditioning``). A symmetric root of order
+    above ``PANEL_ORDER`` is applied in panels of rows rebuilt one at a time (``grad @ right`` as
+    ``(right @ grad^T)^T``), so with the CPU kernel no dense copy of it exists (the torch rebuild
+    of such an order still makes one: its gather index would be larger). Panels cost speed: a matmul per
+    quarter of the root, interleaved with its rebuild, took 13 % longer steps on the MLP of
+    ``benchmarks/step_time.py`` than one rebuild and one matmul.
     """
     if not (_panelled(left) or _panelled(right)):
-        return (materialize(left, dtype) @ grad.to(dtype) @ materialize(right, dtype)).float()
-    g_r_t = _apply(right, grad.to(dtype).mT, dtype)  # (grad @ right)^T
-    return _apply(left, g_r_t.mT, dtype).float()
+        # the larger root is rebuilt first and freed before the other: one product less held beside it
+        if _order(right) > _order(left):
+            x = grad.to(dtype) @ materialize(right, dtype, rows=rows)
+            return (materialize(left, dtype, rows=rows) @ x).float()
+        x = materialize(left, dtype, rows=rows) @ grad.to(dtype)
+        return (x @ materialize(right, dtype, rows=rows)).float()
+    g_r_t = _apply(right, grad.to(dtype).mT, dtype, rows)  # (grad @ right)^T
+    return _apply(left, g_r_t.mT, dtype, rows).float()
+
+
+PANEL_ORDER = 2048  # a dense fp32 root above this takes more than 16 MiB
+
+
+def _order(root: torch.Tensor | QuantizedMatrix) -> int:
+    return root.shape[-1] if isinstance(root, torch.Tensor) else root.order
 
 
 def _panelled(root: torch.Tensor | QuantizedMatrix) -> bool:
-    return isinstance(root, QuantizedMatrix) and root.symmetric and root.order > 256
+    return isinstance(root, QuantizedMatrix) and root.symmetric and root.order > PANEL_ORDER
 
 
 def _panel_rows(order: int) -> int:
-    """A quarter of the root a panel: measured as fast as one matmul with the whole root."""
+    """A quarter of the root a panel."""
     return -(-order // 4)
 
 
-def _apply(root: torch.Tensor | QuantizedMatrix, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _panels(root: QuantizedMatrix, rows: RowsFn | None):
+    """``(r0, r1, fp32 panel)`` of a symmetric root through one reused buffer: from ``rows``
+    when it reads the root, else from the torch rebuild (:func:`symmetric_panels`)."""
+    n, step = root.order, _panel_rows(root.order)
+    if rows is not None:
+        buf = torch.empty(step * n, device=root.codes.device)
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            panel = buf[: (r1 - r0) * n].view(r1 - r0, n)
+            if not rows(root, r0, r1, panel):
+                break
+            yield r0, r1, panel
+        else:
+            return
+    q = Quantized(root.codes, root.absmax, root.diag)
+    yield from symmetric_panels(q, root.codebook, n, root.bits, root.block_size, rows=step)
+
+
+def _apply(root: torch.Tensor | QuantizedMatrix, x: torch.Tensor, dtype: torch.dtype, rows: RowsFn | None) -> torch.Tensor:
     """``root @ x`` in ``dtype``; a panelled root a panel of rows at a time."""
     if not _panelled(root):
-        return materialize(root, dtype) @ x
+        return materialize(root, dtype, rows=rows) @ x
     out = torch.empty(root.order, x.shape[1], dtype=dtype, device=x.device)
-    q = Quantized(root.codes, root.absmax, root.diag)
-    rows = _panel_rows(root.order)
-    for r0, r1, panel in symmetric_panels(q, root.codebook, root.order, root.bits, root.block_size, rows=rows):
+    for r0, r1, panel in _panels(root, rows):
         torch.mm(panel.to(dtype), x, out=out[r0:r1])
     return out

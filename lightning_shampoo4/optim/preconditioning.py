@@ -3,7 +3,8 @@
 A transformer's layers give many blocks of one shape: for the torch backend they are stacked
 and run as two ``bmm`` (quantized roots dequantized in one batched call), instead of one
 dequantization and two matmuls per block. A batch is capped at ``MAX_BATCH_BYTES`` of stacked
-roots so the step's temporaries stay bounded. With the Triton backend every block goes to the
+roots so the step's temporaries stay bounded; the batches holding the most bytes of dense roots
+run first, when the fewest finished results are held beside them. With the Triton backend every block goes to the
 fused kernel, which dequantizes root tiles inside the matmul.
 """
 
@@ -15,7 +16,6 @@ import torch
 
 from .. import kernels
 from ..kernels import QuantizedMatrix
-from ..kernels.reference import materialize
 from ..quant import Quantized, dequantize
 
 MAX_BATCH_BYTES = 32 * 2**20
@@ -38,7 +38,7 @@ def _fmt(root: torch.Tensor | QuantizedMatrix) -> tuple:
             root.absmax.dtype)
 
 
-def _stack(roots: list, dtype: torch.dtype) -> torch.Tensor:
+def _stack(roots: list, dtype: torch.dtype, backend: str) -> torch.Tensor:
     """``k x n x n`` dense roots in ``dtype``; quantized ones dequantized in one call."""
     first = roots[0]
     if isinstance(first, torch.Tensor):
@@ -47,7 +47,7 @@ def _stack(roots: list, dtype: torch.dtype) -> torch.Tensor:
     if first.symmetric or (first.bits == 4 and (n * n) % 2):  # layouts that do not concatenate
         out = torch.empty(k, n, n, dtype=torch.float32, device=first.codes.device)
         for i, r in enumerate(roots):
-            materialize(r, torch.float32, out=out[i])
+            kernels.materialize(r, torch.float32, out=out[i], backend=backend)
         return out.to(dtype)
     codes = torch.cat([r.codes for r in roots])
     absmax = torch.cat([r.absmax for r in roots])
@@ -74,9 +74,14 @@ def run(jobs: list[Job], skip: list[bool] | None = None) -> list[torch.Tensor]:
             continue
         key = (job.grad.shape, job.grad.device, job.dtype, _fmt(job.left), _fmt(job.right))
         batches.setdefault(key, []).append(i)
-    for idx in batches.values():
+    def root_bytes(idx: list[int]) -> int:
         m, n = jobs[idx[0]].grad.shape
-        per_item = 4 * (m * m + n * n)
+        return 4 * (m * m + n * n)
+
+    # batches as they come, then lone blocks largest root first (the step's peak: a lone block's
+    # dense rebuilds meet the fewest finished results)
+    for idx in sorted(batches.values(), key=lambda idx: (len(idx) == 1, -root_bytes(idx) if len(idx) == 1 else 0)):
+        per_item = root_bytes(idx)
         step = max(1, MAX_BATCH_BYTES // per_item)
         for s in range(0, len(idx), step):
             chunk = idx[s : s + step]
@@ -87,11 +92,11 @@ def run(jobs: list[Job], skip: list[bool] | None = None) -> list[torch.Tensor]:
                     continue
             if alone:
                 j = jobs[chunk[0]]
-                out[chunk[0]] = kernels.precondition(j.grad, j.left, j.right, dtype=j.dtype, backend="torch")
+                out[chunk[0]] = kernels.precondition(j.grad, j.left, j.right, dtype=j.dtype, backend=j.backend)
                 continue
-            dtype = jobs[chunk[0]].dtype
-            left = _stack([jobs[i].left for i in chunk], dtype)
-            right = _stack([jobs[i].right for i in chunk], dtype)
+            dtype, backend = jobs[chunk[0]].dtype, jobs[chunk[0]].backend
+            left = _stack([jobs[i].left for i in chunk], dtype, backend)
+            right = _stack([jobs[i].right for i in chunk], dtype, backend)
             grads = torch.stack([jobs[i].grad for i in chunk]).to(dtype)
             res = torch.bmm(torch.bmm(left, grads), right).float()
             for i, r in zip(chunk, res.unbind(0)):

@@ -462,14 +462,16 @@ def dequantize(
 
 
 # -- symmetric matrices: fp32 diagonal, quantized strict upper triangle --------------------------
-def _triangle_layout(n: int, block_size: int) -> tuple[list[int], list[int]]:
-    """First flat element and first block of every triangle row 0 .. n-1 (row n-1 is empty)."""
+@functools.lru_cache(maxsize=64)
+def _triangle_layout(n: int, block_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """First flat element and first block of every triangle row 0 .. n-1 (row n-1 is empty);
+    cached per order, as every store of a symmetric matrix needs it."""
     starts, blocks = [0], [0]
     for i in range(n - 1):
         length = n - 1 - i
         starts.append(starts[-1] + length)
         blocks.append(blocks[-1] + -(-length // block_size))
-    return starts, blocks
+    return tuple(starts), tuple(blocks)
 
 
 @functools.lru_cache(maxsize=16)

@@ -9,7 +9,7 @@ import torch
 
 from ... import kernels, linalg
 from ...kernels import QuantizedMatrix
-from ...quant import Quantized, dequantize_symmetric, get_codebook, packed_numel, quantize_symmetric
+from ...quant import Quantized, get_codebook, packed_numel, quantize_symmetric
 
 OK, RETRIED, FAILED = "ok", "retried", "failed"
 SCALE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -177,8 +177,9 @@ class Storage:
         n = cfg.order
         codebook = self.codebook(st[f"{name}_codes"].device)
         if symmetric:
-            q = Quantized(st[f"{name}_codes"], st[f"{name}_absmax"], st[f"{name}_diag"])
-            return dequantize_symmetric(q, codebook, n, cfg.bits, cfg.root_block_size)
+            stored = QuantizedMatrix(st[f"{name}_codes"], st[f"{name}_absmax"], st[f"{name}_diag"], n,
+                                     codebook, cfg.bits, cfg.root_block_size, symmetric=True)
+            return kernels.materialize(stored, backend=cfg.backend)
         q = Quantized(st[f"{name}_codes"], st[f"{name}_absmax"], None)
         return kernels.dequantize(q, codebook, (n, n), cfg.bits, cfg.block_size, transpose=transpose, backend=cfg.backend)
 

@@ -123,11 +123,11 @@ class CholeskyStorage(Storage):
         ``eps * max_i A_ii`` added to the diagonal. A non-finite statistic fails at once."""
         beta = self.cfg.beta
         a = torch.addmm(m, c, c.mT, beta=1 - beta, alpha=beta)
-        if not all_finite(a):
-            return None, FAILED  # an overflowing statistic never enters the state
         factor = _factorize(a)
         if factor is not None:
             return factor, OK
+        if not all_finite(a):  # checked only now: a non-finite A never factorizes
+            return None, FAILED  # an overflowing statistic never enters the state
         c64 = c.double()
         a = torch.addmm(m.double(), c64, c64.mT, beta=1 - beta, alpha=beta)
         factor = _factorize(a)
@@ -146,8 +146,13 @@ class Cholesky8Storage(CholeskyStorage):
 
 
 def _factorize(a: torch.Tensor) -> torch.Tensor | None:
-    """The lower Cholesky factor of ``a`` in fp32 with a positive diagonal, or None."""
+    """The lower Cholesky factor of ``a`` in fp32 with a positive diagonal, or None; None too
+    when ``a`` is not finite (the factorization reads only its lower triangle).
+
+    Finiteness is read from sums, one pass each without a boolean copy and one host sync in all:
+    a NaN or inf makes the sum non-finite. A finite ``a`` whose sum overflows fp32 (entries near
+    1e38 / n^2) counts as non-finite, as its products would overflow too."""
     factor, info = torch.linalg.cholesky_ex(a)
     factor = factor.float()
-    ok = (info == 0) & torch.isfinite(factor).all() & (factor.diagonal() > 0).all()
+    ok = (info == 0) & torch.isfinite(a.sum()) & torch.isfinite(factor.sum()) & (factor.diagonal() > 0).all()
     return factor if bool(ok) else None

@@ -1,0 +1,159 @@
+/* Rows r0 .. r1-1 of a symmetric matrix stored as an fp32 diagonal plus its 4- or 8-bit strict
+ * upper triangle (lightning_shampoo4.quant.blockwise, "Symmetric storage"), written as dense fp32.
+ *
+ * Layout: triangle row t (0 .. n-2) holds x[t, t+1:], n-1-t values starting at flat element
+ * S_t = sum_{k<t} (n-1-k); it is cut into blocks of `block` values, each with one fp32 scale,
+ * the blocks of row t starting at scale B_t = sum_{k<t} ceil((n-1-k) / block), fp32 or bf16. With 4 bits, flat
+ * element p is the low nibble of byte p/2 when p is even, the high nibble when odd; with 8 bits,
+ * byte p. A value is
+ * lut[code] * scale, one fp32 multiply: the same rounding as the torch reference, so the result
+ * is bit-identical to it.
+ *
+ * Entries right of the diagonal of row i are triangle row i read in order; entries left of it
+ * (x[i, j] = x[j, i], j < i) are column i of the triangle: they are decoded 16 triangle rows at a
+ * time into a small tile and written transposed, so every read and write stays sequential.
+ * With AVX-512 a 4-bit codebook's 16 values sit in one register and 16 codes are looked up at once.
+ */
+#include <stdint.h>
+#include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+#define TILE 16   /* triangle rows per tile of the left part */
+#define WIDTH 64  /* output rows rebuilt together (64 rows of order 1024: 256 KiB) */
+
+#ifdef __AVX512F__
+/* The codes of flat elements q .. q+15 as 16 bytes, from `bytes` loaded at byte q/2. */
+static inline __m128i nibbles(__m128i bytes, int64_t q) {
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(bytes, low4);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
+    const __m128i nib = _mm_unpacklo_epi8(lo, hi); /* elements 2*(q/2) .. 2*(q/2)+15 in order */
+    return (q & 1) ? _mm_alignr_epi8(_mm_unpackhi_epi8(lo, hi), nib, 1) : nib;
+}
+#endif
+
+/* dst[k] = lut[4-bit code of flat element p + k] * s, k = 0 .. len-1 */
+static void decode_run4(const uint8_t *codes, int64_t p, int64_t len, float s, const float *lut, float *dst) {
+    int64_t k = 0;
+#ifdef __AVX512F__
+    const __m512 vlut = _mm512_loadu_ps(lut);
+    const __m512 vs = _mm512_set1_ps(s);
+    for (; k + 16 <= len; k += 16) {
+        const int64_t q = p + k;
+        const uint8_t *b = codes + (q >> 1);
+        __m128i bytes = _mm_loadl_epi64((const __m128i *)b); /* 8 bytes: elements q .. q+15 if q is even */
+        if (q & 1) bytes = _mm_insert_epi8(bytes, b[8], 8);  /* odd q: element q+15 is in the 9th byte */
+        const __m512 v = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(nibbles(bytes, q)), vlut);
+        _mm512_storeu_ps(dst + k, _mm512_mul_ps(v, vs));
+    }
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+    if (k < len) { /* the last 1 .. 15 elements: only their bytes are read, only theirs written */
+        const int64_t q = p + k, rem = len - k;
+        const int64_t nbytes = ((q + rem - 1) >> 1) - (q >> 1) + 1;
+        const __m128i bytes = _mm_maskz_loadu_epi8((__mmask16)((1u << nbytes) - 1u), codes + (q >> 1));
+        const __m512 v = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(nibbles(bytes, q)), vlut);
+        _mm512_mask_storeu_ps(dst + k, (__mmask16)((1u << rem) - 1u), _mm512_mul_ps(v, vs));
+        return;
+    }
+#endif
+#endif
+    for (; k < len; ++k) {
+        const int64_t q = p + k;
+        dst[k] = lut[(codes[q >> 1] >> ((q & 1) << 2)) & 0x0F] * s;
+    }
+}
+
+/* dst[k] = lut[8-bit code of flat element p + k] * s, k = 0 .. len-1 (a 256-entry table) */
+static void decode_run8(const uint8_t *codes, int64_t p, int64_t len, float s, const float *lut, float *dst) {
+    int64_t k = 0;
+#ifdef __AVX512F__
+    const __m512 vs = _mm512_set1_ps(s);
+    for (; k + 16 <= len; k += 16) {
+        const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + p + k)));
+        _mm512_storeu_ps(dst + k, _mm512_mul_ps(_mm512_i32gather_ps(idx, lut, 4), vs));
+    }
+#endif
+    for (; k < len; ++k) dst[k] = lut[codes[p + k]] * s;
+}
+
+static void decode_run(int bits, const uint8_t *codes, int64_t p, int64_t len, float s, const float *lut,
+                       float *dst) {
+    if (bits == 4)
+        decode_run4(codes, p, len, s, lut, dst);
+    else
+        decode_run8(codes, p, len, s, lut, dst);
+}
+
+/* Scale i: fp32, or bf16 (the upper half of an fp32, so widening it is exact). */
+static inline float scale_at(const void *scales, int bf16, int64_t i) {
+    if (!bf16) return ((const float *)scales)[i];
+    const uint32_t bits = (uint32_t)((const uint16_t *)scales)[i] << 16;
+    float s;
+    memcpy(&s, &bits, sizeof s);
+    return s;
+}
+
+/* Values at positions a .. b-1 of triangle row t (flat start S, first scale B) into dst. */
+static void decode_row(int bits, const uint8_t *codes, const void *scales, int bf16, const float *lut,
+                       int64_t block, int64_t S, int64_t B, int64_t a, int64_t b, float *dst) {
+    for (int64_t pos = a; pos < b;) {
+        const int64_t blk = pos / block;
+        int64_t end = (blk + 1) * block;
+        if (end > b) end = b;
+        decode_run(bits, codes, S + pos, end - pos, scale_at(scales, bf16, B + blk), lut, dst + (pos - a));
+        pos = end;
+    }
+}
+
+static int64_t blocks_of(int64_t len, int64_t block) { return (len + block - 1) / block; }
+
+void ls4_symmetric_rows(int64_t bits, const uint8_t *codes, const void *scales, int64_t bf16_scales,
+                        const float *diag, const float *lut,
+                        int64_t n, int64_t block, int64_t r0, int64_t r1, float *out, int64_t ld) {
+    float tile[TILE * WIDTH];
+    int64_t Su = 0, Bu = 0; /* flat start and first scale of triangle row i, the next output row */
+    for (int64_t t = 0; t < r0; ++t) {
+        Su += n - 1 - t;
+        Bu += blocks_of(n - 1 - t, block);
+    }
+    /* WIDTH output rows at a time, left part then right part, so they are written while cached */
+    for (int64_t i0 = r0; i0 < r1; i0 += WIDTH) {
+        const int64_t i1 = (i0 + WIDTH < r1) ? i0 + WIDTH : r1;
+        int64_t S = 0, B = 0; /* of triangle row j */
+        /* left of the diagonal: x[i, j] for j < i, from triangle rows j = 0 .. i1-2 */
+        for (int64_t j0 = 0; j0 < i1 - 1; j0 += TILE) {
+            const int64_t jn = (j0 + TILE < i1 - 1) ? TILE : i1 - 1 - j0;
+            for (int64_t jj = 0; jj < jn; ++jj) { /* tile[jj][i - i0] = x[j, i] for j < i */
+                const int64_t j = j0 + jj, ia = (i0 > j + 1) ? i0 : j + 1;
+                if (ia < i1) decode_row(bits, codes, scales, bf16_scales, lut, block, S, B, ia - j - 1, i1 - j - 1, tile + jj * WIDTH + (ia - i0));
+                S += n - 1 - j;
+                B += blocks_of(n - 1 - j, block);
+            }
+            for (int64_t i = (i0 > j0 + 1 ? i0 : j0 + 1); i < i1; ++i) {
+                float *row = out + (i - r0) * ld + j0;
+                int64_t valid = i - j0; /* tile rows j0 + jj with j0 + jj < i */
+                if (valid > jn) valid = jn;
+#ifdef __AVX512F__
+                const __m512i vidx = _mm512_add_epi32(
+                    _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                       _mm512_set1_epi32(WIDTH)),
+                    _mm512_set1_epi32((int)(i - i0)));
+                const __mmask16 m = (__mmask16)((1u << valid) - 1u);
+                _mm512_mask_storeu_ps(row, m, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, vidx, tile, 4));
+#else
+                for (int64_t jj = 0; jj < valid; ++jj) row[jj] = tile[jj * WIDTH + (i - i0)];
+#endif
+            }
+        }
+        /* the diagonal and right of it: triangle row i read in order */
+        for (int64_t i = i0; i < i1; ++i) {
+            float *row = out + (i - r0) * ld;
+            row[i] = diag[i];
+            if (i < n - 1) decode_row(bits, codes, scales, bf16_scales, lut, block, Su, Bu, 0, n - 1 - i, row + i + 1);
+            Su += n - 1 - i;
+            Bu += blocks_of(n - 1 - i, block);
+        }
+    }
+}

@@ -1,0 +1,165 @@
+"""The CPU kernel that rebuilds stored symmetric roots: bit-identical to the torch rebuild."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from lightning_shampoo4 import Shampoo4bit, kernels
+from lightning_shampoo4.kernels import QuantizedMatrix, cpu_rows, reference
+from lightning_shampoo4.quant import dequantize_symmetric, get_codebook, quantize_symmetric
+
+needs_kernel = pytest.mark.skipif(not cpu_rows.available(), reason="no C compiler to build the CPU kernel")
+
+
+def _root(n: int, block: int, *, scale_dtype=torch.bfloat16, codebook="linear1.5", bits=4, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, n, generator=gen)
+    x = x + x.T
+    x[torch.rand(n, n, generator=gen) < 0.05] = 0.0  # some zero blocks and exact zeros
+    cb = get_codebook(codebook, bits)
+    q = quantize_symmetric(x, cb, bits, block, scale_dtype=scale_dtype)
+    return QuantizedMatrix(q.codes, q.absmax, q.diag, n, cb, bits, block, True), q
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [1, 2, 3, 16, 17, 63, 255, 256, 257, 601])
+@pytest.mark.parametrize("block", [1, 3, 40, 256, 4096])
+def test_rows_equal_the_torch_rebuild_bit_for_bit(n, block):
+    for scale_dtype in (torch.float32, torch.bfloat16):
+        root, q = _root(n, block, scale_dtype=scale_dtype, seed=n * block)
+        ref = dequantize_symmetric(q, root.codebook, n, 4, block)
+        out = torch.full((n, n), float("nan"))
+        assert cpu_rows.symmetric_rows(root, 0, n, out)
+        assert torch.equal(out, ref)
+        for r0, r1 in {(0, 1), (n // 3, n // 2 + 1), (max(0, n - 5), n), (n // 2, n // 2)}:
+            if r1 < r0:
+                continue
+            panel = torch.full((r1 - r0, n), float("nan"))
+            assert cpu_rows.symmetric_rows(root, r0, r1, panel)
+            assert torch.equal(panel, ref[r0:r1]), (r0, r1)
+
+
+@needs_kernel
+def test_rows_into_a_strided_panel_and_a_linear2_codebook():
+    root, q = _root(130, 64, codebook="linear2", scale_dtype=torch.float16)
+    ref = dequantize_symmetric(q, root.codebook, 130, 4, 64)
+    wide = torch.zeros(20, 200)
+    assert cpu_rows.symmetric_rows(root, 7, 27, wide[:, :130])
+    assert torch.equal(wide[:, :130], ref[7:27])
+    assert wide[:, 130:].abs().sum() == 0  # nothing written past the rows
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [2, 17, 300])
+def test_rows_of_an_8_bit_triangle(n):
+    root, q = _root(n, 1200, codebook="linear1.5", bits=8, seed=n)
+    ref = dequantize_symmetric(q, root.codebook, n, 8, 1200)
+    out = torch.full((n, n), float("nan"))
+    assert cpu_rows.symmetric_rows(root, 0, n, out) and torch.equal(out, ref)
+    panel = torch.full((n - n // 2, n), float("nan"))
+    assert cpu_rows.symmetric_rows(root, n // 2, n, panel) and torch.equal(panel, ref[n // 2 :])
+
+
+def test_rows_leave_other_roots_to_torch():
+    root, _ = _root(40, 16)
+    for other in (root._replace(codebook=root.codebook.bfloat16()), root._replace(symmetric=False)):
+        assert not cpu_rows.applies(other)
+        assert not cpu_rows.symmetric_rows(other, 0, 40, torch.empty(40, 40))
+
+
+@needs_kernel
+def test_rows_reject_bad_outputs_and_truncated_roots():
+    root, _ = _root(50, 40)
+    with pytest.raises(ValueError, match="output"):
+        cpu_rows.symmetric_rows(root, 0, 50, torch.empty(50, 49))
+    with pytest.raises(ValueError, match="output"):
+        cpu_rows.symmetric_rows(root, 0, 50, torch.empty(50, 50, dtype=torch.float64))
+    with pytest.raises(ValueError, match="output"):
+        cpu_rows.symmetric_rows(root, 10, 60, torch.empty(50, 50))
+    with pytest.raises(ValueError, match="code bytes"):
+        cpu_rows.symmetric_rows(root._replace(codes=root.codes[:-1]), 0, 50, torch.empty(50, 50))
+    with pytest.raises(ValueError, match="scales"):
+        cpu_rows.symmetric_rows(root._replace(absmax=root.absmax[:-1]), 0, 50, torch.empty(50, 50))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_precondition_with_the_kernel_equals_torch(dtype):
+    gen = torch.Generator().manual_seed(3)
+    left, _ = _root(300, 40, seed=1)  # panelled (order > 256)
+    right, _ = _root(77, 40, seed=2)
+    grad = torch.randn(300, 77, generator=gen)
+    auto = kernels.precondition(grad, left, right, dtype=dtype, backend="auto")
+    plain = kernels.precondition(grad, left, right, dtype=dtype, backend="torch")
+    assert torch.equal(auto, plain)
+    ref = (dequantize_symmetric(left[:3], left.codebook, 300, 4, 40).double() @ grad.double()
+           @ dequantize_symmetric(right[:3], right.codebook, 77, 4, 40).double())
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    assert (auto.double() - ref).abs().max() <= tol * ref.abs().max()
+    dense = kernels.materialize(left, dtype, backend="auto")
+    assert torch.equal(dense, reference.materialize(left, dtype))
+    out = torch.empty(300, 300, dtype=dtype)
+    assert kernels.materialize(left, dtype, out=out, backend="auto") is out and torch.equal(out, dense)
+
+
+def _train(backend: str) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(33, 300), torch.nn.Tanh(), torch.nn.Linear(300, 300),
+                                torch.nn.Tanh(), torch.nn.Linear(300, 5))
+    opt = Shampoo4bit(model.parameters(), lr=1e-2, stat_interval=2, root_interval=4, kernel_backend=backend)
+    data = torch.randn(12, 64, 33, generator=torch.Generator().manual_seed(1))
+    for x in data:
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@needs_kernel
+def test_training_with_the_kernel_is_bit_identical_to_torch(monkeypatch):
+    calls = []
+    real = cpu_rows.symmetric_rows
+    monkeypatch.setattr(cpu_rows, "symmetric_rows", lambda *a: calls.append(a[1:3]) or real(*a))
+    fast = _train("auto")
+    assert calls, "the steady steps on the CPU rebuild their roots with the kernel"
+    calls.clear()
+    plain = _train("torch")
+    assert not calls
+    for a, b in zip(fast, plain):
+        assert torch.equal(a, b)
+
+
+def test_a_kernel_that_does_not_compile_falls_back_to_torch(tmp_path, monkeypatch, caplog):
+    broken = tmp_path / "broken.c"
+    broken.write_text("this is not C\n")
+    monkeypatch.setattr(cpu_rows, "SOURCE", broken)
+    monkeypatch.setenv(cpu_rows.CACHE_ENV_VAR, str(tmp_path / "cache"))
+    cpu_rows._kernel.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=cpu_rows.__name__):
+            assert not cpu_rows.available()
+        if caplog.records:  # a compiler was found, and failed
+            assert "could not be built" in caplog.text
+        cache = tmp_path / "cache"
+        assert not (cache.exists() and any(cache.iterdir()))  # the failed build left nothing behind
+        root, q = _root(40, 8)
+        grad = torch.randn(40, 40)
+        assert torch.equal(kernels.precondition(grad, root, root, backend="auto"),
+                           kernels.precondition(grad, root, root, backend="torch"))
+    finally:
+        cpu_rows._kernel.cache_clear()
+
+
+@needs_kernel
+def test_the_built_kernel_is_cached_per_machine(tmp_path, monkeypatch):
+    monkeypatch.setenv(cpu_rows.CACHE_ENV_VAR, str(tmp_path))
+    import shutil
+
+    compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    first = cpu_rows._build(compiler)
+    stamp = first.stat().st_mtime_ns
+    assert cpu_rows._build(compiler) == first and first.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
