@@ -4,16 +4,17 @@ Every steady step of a quantized ``Shampoo4bit`` rebuilds each stored inverse ro
 diagonal + 4-bit strict upper triangle) as a dense fp32 matrix before multiplying the gradient
 block by it; a 32-bit root is used as it is. This script times, per element of an n x n root:
 
-* ``rebuild``: ``quant.dequantize_symmetric`` into a reused output, as the steady step does;
-  split into ``decode`` (the triangle's codes looked up and scaled: ``_symmetric_source``) and
+* ``rebuild``: ``quant.dequantize_symmetric`` into a reused output, the torch rebuild; split
+  into ``decode`` (the triangle's codes looked up and scaled: ``_symmetric_source``) and
   ``gather`` (every element of the matrix gathered from it through the cached int32 index);
+* ``kernel`` (CPU): the C kernel of ``kernels.cpu_rows`` into the same output, as the steady
+  step does on a CPU where it could be built; checked equal to the torch rebuild bit for bit;
 * ``matmul``: ``G @ R`` with ``G`` of ``--rows`` rows (fp32), the product the rebuild feeds.
 
 for the default storage's root layout (Linear-1.5, blocks of 40) and the eigenvector storage's
 (Linear-2, blocks of 256), bf16 scales. CPU: best of ``--repeats`` calls in thread CPU time;
-CUDA (``--device cuda``): CUDA events. The ratio rebuild / matmul is the share of a steady step's
-preconditioning spent outside the matmul, which no storage of 4-bit roots avoids on a device
-without a kernel that multiplies by the codes directly.
+CUDA (``--device cuda``): CUDA events. The ratios rebuild / matmul and kernel / matmul are the
+share of a steady step's preconditioning spent outside the matmul.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import base_parser, setup_run, table, write_result
 
+from lightning_shampoo4.kernels import QuantizedMatrix, cpu_rows
 from lightning_shampoo4.optim.validation import STORAGE_DEFAULTS, STORAGE_FALLBACK
 from lightning_shampoo4.quant import dequantize_symmetric, get_codebook, quantize_symmetric
 from lightning_shampoo4.quant.blockwise import _symmetric_source, _triangle_index
@@ -84,9 +86,17 @@ def measure(n: int, rows: int, layout: str, device: torch.device, repeats: int) 
     rebuilt = torch.index_select(src, 0, full_at).view(n, n)
     if not torch.equal(rebuilt, dequantize_symmetric(q, cb, n, 4, block)):
         raise AssertionError(f"decode + gather differs from dequantize_symmetric at n={n} ({layout})")
-    for key in ("rebuild", "matmul"):
-        rec[f"{key}_ns_per_element"] = rec[f"{key}_ms"] * 1e6 / (n * n)
+    root = QuantizedMatrix(q.codes, q.absmax, q.diag, n, cb, 4, block, symmetric=True)
+    if device.type == "cpu" and cpu_rows.available():
+        rec["kernel_ms"] = best(lambda: cpu_rows.symmetric_rows(root, 0, n, out))
+        if not torch.equal(out, rebuilt):
+            raise AssertionError(f"the CPU kernel differs from dequantize_symmetric at n={n} ({layout})")
+    for key in ("rebuild", "kernel", "matmul"):
+        if f"{key}_ms" in rec:
+            rec[f"{key}_ns_per_element"] = rec[f"{key}_ms"] * 1e6 / (n * n)
     rec["rebuild_over_matmul"] = rec["rebuild_ms"] / rec["matmul_ms"]
+    if "kernel_ms" in rec:
+        rec["kernel_over_matmul"] = rec["kernel_ms"] / rec["matmul_ms"]
     return rec
 
 
@@ -109,18 +119,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results[layout] = {}
         for n in orders:
             rec = results[layout][str(n)] = measure(n, args.rows, layout, device, repeats)
-            rows.append([layout, n, rec["rebuild_ms"], rec["decode_ms"], rec["gather_ms"], rec["matmul_ms"],
-                         rec["rebuild_ns_per_element"], rec["matmul_ns_per_element"], rec["rebuild_over_matmul"]])
+            rows.append([layout, n, rec["rebuild_ms"], rec["decode_ms"], rec["gather_ms"], rec.get("kernel_ms"),
+                         rec["matmul_ms"], rec["rebuild_ns_per_element"], rec.get("kernel_ns_per_element"),
+                         rec["matmul_ns_per_element"], rec["rebuild_over_matmul"], rec.get("kernel_over_matmul")])
             print(f"[rebuild] {layout} n={n}: rebuild {rec['rebuild_ms']:.3f} ms, matmul {rec['matmul_ms']:.3f} ms",
                   flush=True)
     print()
-    print(table(["layout", "n", "rebuild ms", "decode ms", "gather ms", f"matmul ms ({args.rows} rows)",
-                 "rebuild ns/el", "matmul ns/el", "rebuild / matmul"], rows))
+    print(table(["layout", "n", "rebuild ms", "decode ms", "gather ms", "kernel ms", f"matmul ms ({args.rows} rows)",
+                 "rebuild ns/el", "kernel ns/el", "matmul ns/el", "rebuild / matmul", "kernel / matmul"], rows))
     payload = {
         "settings": {"orders": orders, "rows": args.rows, "repeats": repeats, "device": str(device),
                      "threads": args.threads, "layouts": {k: {"codebook": c, "root_block_size": b}
                                                           for k, (c, b) in LAYOUTS.items()},
-                     "timing": "best of repeats; CPU: thread CPU time; CUDA: CUDA events"},
+                     "timing": "best of repeats; CPU: thread CPU time; CUDA: CUDA events",
+                     "cpu_kernel": device.type == "cpu" and cpu_rows.available()},
         "results": results,
     }
     path = write_result(args.out, NAME, payload, run, argv)

@@ -247,4 +247,6 @@ def test_rebuild_quick(tmp_path):
         assert set(by_order) == {"64", "96"}
         for rec in by_order.values():  # (the script itself checks decode + gather == the rebuild, bit for bit)
             assert all(rec[k] > 0 for k in ("rebuild_ms", "decode_ms", "gather_ms", "matmul_ms"))
+            # (and the CPU kernel's rebuild equals it, where it was built)
+            assert ("kernel_ms" in rec) == data["settings"]["cpu_kernel"]
     assert data["settings"]["layouts"]["default"] == {"codebook": "linear1.5", "root_block_size": 40}

@@ -26,7 +26,7 @@ def _root(n: int, block: int, *, scale_dtype=torch.bfloat16, codebook="linear1.5
 
 @needs_kernel
 @pytest.mark.parametrize("n", [1, 2, 3, 16, 17, 63, 255, 256, 257, 601])
-@pytest.mark.parametrize("block", [1, 3, 40, 256, 4096])
+@pytest.mark.parametrize("block", [1, 3, 16, 17, 40, 256, 4096])
 def test_rows_equal_the_torch_rebuild_bit_for_bit(n, block):
     for scale_dtype in (torch.float32, torch.bfloat16):
         root, q = _root(n, block, scale_dtype=scale_dtype, seed=n * block)

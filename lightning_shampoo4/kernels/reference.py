@@ -73,8 +73,9 @@ def precondition(
     ``benchmarks/step_time.py`` than one rebuild and one matmul.
     """
     if not (_panelled(left) or _panelled(right)):
-        # the larger root is rebuilt first and freed before the other: one product less held beside it
-        if _order(right) > _order(left):
+        # a larger stored right root is rebuilt first and freed before the left one is: one
+        # product less is held beside it (dense roots are read as they are, in the usual order)
+        if isinstance(right, QuantizedMatrix) and right.order > _order(left):
             x = grad.to(dtype) @ materialize(right, dtype, rows=rows)
             return (materialize(left, dtype, rows=rows) @ x).float()
         x = materialize(left, dtype, rows=rows) @ grad.to(dtype)
