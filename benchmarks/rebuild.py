@@ -7,7 +7,7 @@ block by it; a 32-bit root is used as it is. This script times, per element of a
 * ``rebuild``: ``quant.dequantize_symmetric`` into a reused output, the torch rebuild; split
   into ``decode`` (the triangle's codes looked up and scaled: ``_symmetric_source``) and
   ``gather`` (every element of the matrix gathered from it through the cached int32 index);
-* ``kernel`` (CPU): the C kernel of ``kernels.cpu_rows`` into the same output, as the steady
+* ``kernel`` (CPU): the C kernel of ``kernels.cpu`` into the same output, as the steady
   step does on a CPU where it could be built; checked equal to the torch rebuild bit for bit;
 * ``matmul``: ``G @ R`` with ``G`` of ``--rows`` rows (fp32), the product the rebuild feeds.
 
@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import base_parser, setup_run, table, write_result
 
-from lightning_shampoo4.kernels import QuantizedMatrix, cpu_rows
+from lightning_shampoo4.kernels import QuantizedMatrix, cpu
 from lightning_shampoo4.optim.validation import STORAGE_DEFAULTS, STORAGE_FALLBACK
 from lightning_shampoo4.quant import dequantize_symmetric, get_codebook, quantize_symmetric
 from lightning_shampoo4.quant.blockwise import _symmetric_source, _triangle_index
@@ -87,8 +87,8 @@ def measure(n: int, rows: int, layout: str, device: torch.device, repeats: int) 
     if not torch.equal(rebuilt, dequantize_symmetric(q, cb, n, 4, block)):
         raise AssertionError(f"decode + gather differs from dequantize_symmetric at n={n} ({layout})")
     root = QuantizedMatrix(q.codes, q.absmax, q.diag, n, cb, 4, block, symmetric=True)
-    if device.type == "cpu" and cpu_rows.available():
-        rec["kernel_ms"] = best(lambda: cpu_rows.symmetric_rows(root, 0, n, out))
+    if device.type == "cpu" and cpu.available():
+        rec["kernel_ms"] = best(lambda: cpu.symmetric_rows(root, 0, n, out))
         if not torch.equal(out, rebuilt):
             raise AssertionError(f"the CPU kernel differs from dequantize_symmetric at n={n} ({layout})")
     for key in ("rebuild", "kernel", "matmul"):
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "threads": args.threads, "layouts": {k: {"codebook": c, "root_block_size": b}
                                                           for k, (c, b) in LAYOUTS.items()},
                      "timing": "best of repeats; CPU: thread CPU time; CUDA: CUDA events",
-                     "cpu_kernel": device.type == "cpu" and cpu_rows.available()},
+                     "cpu_kernel": device.type == "cpu" and cpu.available()},
         "results": results,
     }
     path = write_result(args.out, NAME, payload, run, argv)

@@ -156,7 +156,7 @@ from lightning_shampoo4 import (
     Shampoo4bit,
     kernels,
 )
-from lightning_shampoo4.kernels import cpu_rows
+from lightning_shampoo4.kernels import cpu
 from lightning_shampoo4.models import create_model
 
 NAME = "step_time"
@@ -538,7 +538,7 @@ class StepProbe(TorchDispatchMode):
         self._finalizers.clear()
 
 
-CPU_ROWS_OP = "lightning_shampoo4.cpu_rows.symmetric_rows"
+CPU_ROWS_OP = "lightning_shampoo4.kernels.cpu.symmetric_rows"
 
 
 def probed_step(opt: torch.optim.Optimizer) -> StepProbe:
@@ -549,7 +549,7 @@ def probed_step(opt: torch.optim.Optimizer) -> StepProbe:
     calls: Counter[str] = Counter()
     had_tolist = "tolist" in torch.Tensor.__dict__
     orig_tolist, orig_sync = torch.Tensor.tolist, torch.cuda.synchronize
-    orig_rows = cpu_rows.symmetric_rows
+    orig_rows = cpu.symmetric_rows
 
     def rows(*args, **kwargs):
         done = orig_rows(*args, **kwargs)
@@ -564,7 +564,7 @@ def probed_step(opt: torch.optim.Optimizer) -> StepProbe:
         calls["torch.cuda.synchronize"] += 1
         return orig_sync(*args, **kwargs)
 
-    torch.Tensor.tolist, torch.cuda.synchronize, cpu_rows.symmetric_rows = tolist, synchronize, rows
+    torch.Tensor.tolist, torch.cuda.synchronize, cpu.symmetric_rows = tolist, synchronize, rows
     try:
         with probe:
             opt.step()
@@ -573,7 +573,7 @@ def probed_step(opt: torch.optim.Optimizer) -> StepProbe:
             torch.Tensor.tolist = orig_tolist
         else:
             del torch.Tensor.tolist
-        torch.cuda.synchronize, cpu_rows.symmetric_rows = orig_sync, orig_rows
+        torch.cuda.synchronize, cpu.symmetric_rows = orig_sync, orig_rows
         probe.close()
     probe.syncs.update(calls)
     return probe

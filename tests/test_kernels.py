@@ -402,7 +402,7 @@ def test_precondition_with_panelled_symmetric_roots(m, n, monkeypatch):
     """Large stored symmetric roots (here: above order 256) are applied a panel of rows at a time,
     never whole; the product is the float64 product of the rebuilt roots (to fp32 rounding),
     and the CPU kernel's panels give it bit for bit."""
-    from lightning_shampoo4.kernels import cpu_rows
+    from lightning_shampoo4.kernels import cpu
     from lightning_shampoo4.quant import dequantize_symmetric, quantize_symmetric
 
     monkeypatch.setattr(reference, "PANEL_ORDER", 256)
@@ -422,5 +422,5 @@ def test_precondition_with_panelled_symmetric_roots(m, n, monkeypatch):
     want = dl.double() @ g.double() @ dr.double()
     assert got.dtype == torch.float32 and got.shape == (m, n)
     assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
-    if cpu_rows.available():
-        assert torch.equal(reference.precondition(g, left, right, rows=cpu_rows.symmetric_rows), got)
+    if cpu.available():
+        assert torch.equal(reference.precondition(g, left, right, rows=cpu.symmetric_rows), got)

@@ -6,7 +6,7 @@ variable ``LIGHTNING_SHAMPOO4_KERNELS`` (``auto`` / ``torch`` / ``triton``) over
 ``"auto"`` for a whole process.
 
 ``"auto"`` uses Triton for CUDA tensors only. On the CPU, ``"auto"`` rebuilds stored symmetric
-roots with the C kernel of :mod:`.cpu_rows` when it could be built (bit-identical to the torch
+roots with the C kernel of :mod:`.cpu` when it could be built (bit-identical to the torch
 rebuild, about 3x faster); ``"torch"`` keeps every call in torch ops. Forcing ``"triton"`` on CPU tensors works in
 Triton's interpreter (``TRITON_INTERPRET=1`` set before the kernels are first imported; this
 is how the test-suite checks the kernels on machines without a GPU) and raises a clear error
@@ -37,6 +37,7 @@ __all__ = [
     "materialize",
     "precondition",
     "quantize",
+    "quantize_symmetric",
     "resolve_backend",
     "triton_available",
     "triton_interpreted",
@@ -175,14 +176,34 @@ def dequantize(
 
 
 def _rows(backend: str, device: torch.device) -> reference.RowsFn | None:
-    """The CPU kernel's row writer where ``backend`` allows it on ``device``, else None."""
+    """The CPU kernel's row writer where ``backend`` allows the CPU kernels on ``device``, else None."""
     if torch.device(device).type != "cpu" or resolve_backend(backend, device) != "torch":
         return None
     if backend == "torch" or os.environ.get(ENV_VAR, "").strip().lower() == "torch":
         return None
-    from . import cpu_rows
+    from . import cpu
 
-    return cpu_rows.symmetric_rows
+    return cpu.symmetric_rows
+
+
+def quantize_symmetric(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    bits: int = 4,
+    block_size: int = 64,
+    *,
+    scale_dtype: torch.dtype = torch.float32,
+    backend: str = "auto",
+) -> Quantized:
+    """Store symmetric ``x``; see :func:`lightning_shampoo4.quant.quantize_symmetric` (on the CPU
+    through the C kernel where ``backend`` allows it, bit for bit)."""
+    if _rows(backend, x.device) is not None:
+        from . import cpu
+
+        q = cpu.quantize_symmetric(x, codebook, bits, block_size, scale_dtype)
+        if q is not None:
+            return q
+    return reference.quantize_symmetric(x, codebook, bits, block_size, scale_dtype=scale_dtype)
 
 
 def materialize(

@@ -2,7 +2,7 @@
 
 ``rows`` (``materialize``, ``precondition``): an optional writer of rows of a stored symmetric
 root, ``rows(root, r0, r1, out) -> bool`` (False: not for this root), that replaces the torch
-rebuild of those rows; the CPU kernel (:mod:`.cpu_rows`) plugs in here, bit-identically.
+rebuild of those rows; the CPU kernel (:mod:`.cpu`) plugs in here, bit-identically.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from typing import Callable
 
 import torch
 
-from ..quant import Quantized, dequantize, dequantize_symmetric, quantize, symmetric_panels
+from ..quant import Quantized, dequantize, dequantize_symmetric, quantize, quantize_symmetric, symmetric_panels
 from .types import QuantizedMatrix
 
-__all__ = ["dequantize", "materialize", "precondition", "quantize"]
+__all__ = ["dequantize", "materialize", "precondition", "quantize", "quantize_symmetric"]
 
 RowsFn = Callable[[QuantizedMatrix, int, int, torch.Tensor], bool]
 

@@ -9,7 +9,7 @@ import torch
 
 from ... import kernels, linalg
 from ...kernels import QuantizedMatrix
-from ...quant import Quantized, get_codebook, packed_numel, quantize_symmetric
+from ...quant import Quantized, get_codebook, packed_numel
 
 OK, RETRIED, FAILED = "ok", "retried", "failed"
 SCALE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -145,7 +145,8 @@ class Storage:
             return self._describe(name, symmetric)
         codebook = self.codebook(x.device)
         if symmetric:
-            q = quantize_symmetric(x, codebook, cfg.bits, cfg.root_block_size, scale_dtype=cfg.scale_dtype)
+            q = kernels.quantize_symmetric(x, codebook, cfg.bits, cfg.root_block_size, scale_dtype=cfg.scale_dtype,
+                                           backend=cfg.backend)
             return {f"{name}_codes": q.codes, f"{name}_absmax": q.absmax, f"{name}_diag": q.diag}
         q = kernels.quantize(
             x, codebook, cfg.bits, cfg.block_size, transpose=transpose, scale_dtype=cfg.scale_dtype, backend=cfg.backend

@@ -183,3 +183,108 @@ void ls4_symmetric_rows(int64_t bits, const uint8_t *codes, const void *scales, 
         }
     }
 }
+
+/* ---- quantizing: the strict upper triangle of x into codes and one scale per block ---------- */
+
+/* The nearest bf16 (ties to even) as the upper half of an fp32: the rounding of Tensor.to(bfloat16). */
+static inline uint32_t bf16_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+}
+
+/* The codebook index of normalized value v: how many of the nm sorted midpoints lie strictly
+ * below it (mids holds them padded with +inf to `size`, a power of two). */
+static inline int code_of(float v, const float *mids, int size) {
+    int idx = 0;
+    for (int step = size >> 1; step > 0; step >>= 1)
+        if (mids[idx + step - 1] < v) idx += step;
+    return idx;
+}
+
+#ifdef __AVX512F__
+/* code_of for 16 values; a 4-bit codebook's padded midpoints sit in one register */
+static inline __m512i codes_of16(__m512 v, const float *mids, int size) {
+    __m512i idx = _mm512_setzero_si512();
+    if (size == 16) {
+        const __m512 vm = _mm512_loadu_ps(mids);
+        for (int step = 8; step > 0; step >>= 1) {
+            const __m512i probe = _mm512_add_epi32(idx, _mm512_set1_epi32(step - 1));
+            const __mmask16 lt = _mm512_cmp_ps_mask(_mm512_permutexvar_ps(probe, vm), v, _CMP_LT_OQ);
+            idx = _mm512_mask_add_epi32(idx, lt, idx, _mm512_set1_epi32(step));
+        }
+        return idx;
+    }
+    for (int step = size >> 1; step > 0; step >>= 1) {
+        const __m512i probe = _mm512_add_epi32(idx, _mm512_set1_epi32(step - 1));
+        const __mmask16 lt = _mm512_cmp_ps_mask(_mm512_i32gather_ps(probe, mids, 4), v, _CMP_LT_OQ);
+        idx = _mm512_mask_add_epi32(idx, lt, idx, _mm512_set1_epi32(step));
+    }
+    return idx;
+}
+#endif
+
+/* Quantize the strict upper triangle of the n x n fp32 matrix x (x[i][j] at x + i*rs + j*cs)
+ * in the layout above: scales (fp32, or bf16 bits when bf16_scales) and codes (4-bit packed or
+ * 8-bit). mids: the codebook's midpoints padded with +inf to `size` (16 or 256). `work`: room
+ * for 2n fp32. Returns 0; 1 when a value is not finite, 2 when a scale overflows bf16 (what was
+ * written is then incomplete: the caller falls back to the torch quantizer, which reports it). */
+int64_t ls4_quantize_symmetric(int64_t bits, const float *x, int64_t rs, int64_t cs, int64_t n, int64_t block,
+                               const float *mids, int64_t size, int64_t bf16_scales, uint8_t *codes,
+                               void *scales, float *work) {
+    uint8_t *row_codes = (uint8_t *)(work + n);
+    int64_t p = 0, nb = 0; /* flat element, block */
+    for (int64_t i = 0; i + 1 < n; ++i) {
+        const int64_t len = n - 1 - i;
+        const float *src = x + i * rs + (i + 1) * cs;
+        const float *row = src;
+        if (cs != 1) { /* a transposed view: gather the row first */
+            for (int64_t k = 0; k < len; ++k) work[k] = src[k * cs];
+            row = work;
+        }
+        for (int64_t b0 = 0; b0 < len; b0 += block, ++nb) {
+            const int64_t b1 = (b0 + block < len) ? b0 + block : len;
+            float amax = 0.0f;
+            int finite = 1;
+            for (int64_t k = b0; k < b1; ++k) {
+                const float a = row[k] < 0 ? -row[k] : row[k];
+                finite &= a <= 3.402823466e38f; /* false for inf and NaN */
+                amax = a > amax ? a : amax;
+            }
+            if (!finite) return 1;
+            if (bf16_scales) {
+                const uint32_t h = bf16_bits(amax);
+                if ((h & 0x7F80u) == 0x7F80u) return 2; /* rounded up to inf */
+                ((uint16_t *)scales)[nb] = (uint16_t)h;
+                const uint32_t u = h << 16;
+                memcpy(&amax, &u, sizeof amax); /* blocks are normalized by the stored scale */
+            } else {
+                ((float *)scales)[nb] = amax;
+            }
+            const float safe = amax > 0 ? amax : 1.0f;
+            int64_t k = b0;
+#ifdef __AVX512F__
+            const __m512 vs = _mm512_set1_ps(safe);
+            for (; k + 16 <= b1; k += 16) {
+                const __m512i c = codes_of16(_mm512_div_ps(_mm512_loadu_ps(row + k), vs), mids, (int)size);
+                _mm_storeu_si128((__m128i *)(row_codes + k), _mm512_cvtepi32_epi8(c));
+            }
+#endif
+            for (; k < b1; ++k) row_codes[k] = (uint8_t)code_of(row[k] / safe, mids, (int)size);
+        }
+        if (bits == 8) {
+            memcpy(codes + p, row_codes, (size_t)len);
+        } else { /* element q: low nibble of byte q/2 when even, high when odd */
+            int64_t k = 0;
+            if (p & 1) {
+                codes[p >> 1] = (uint8_t)(codes[p >> 1] | (row_codes[0] << 4));
+                k = 1;
+            }
+            uint8_t *dst = codes + ((p + k) >> 1);
+            for (; k + 1 < len; k += 2) *dst++ = (uint8_t)(row_codes[k] | (row_codes[k + 1] << 4));
+            if (k < len) *dst = row_codes[k]; /* its high nibble: the next row's first code, or 0 */
+        }
+        p += len;
+    }
+    return 0;
+}

@@ -1,12 +1,13 @@
-"""The CPU kernel that rebuilds rows of a stored symmetric 4-bit root (``csrc/symmetric_rows.c``).
+"""The CPU kernel that rebuilds rows of a stored symmetric matrix (``csrc/symmetric.c``).
 
-Every steady step on the CPU rebuilds each stored inverse root as dense fp32 before its matmul.
-In torch ops that is a decode of the triangle plus a gather of every element through an int32
-index, about 1.1 ns per element on one core, half the cost of the matmul it feeds
-(``benchmarks/rebuild.py``). The C kernel decodes 16 codes per instruction from a codebook held
-in one register (AVX-512; plain C elsewhere) and writes the rows in order, about 3x faster, and
-bit-identical to the torch rebuild: each value is the same single fp32 product. It runs on one
-thread: split over two threads in a pool it was slower on a 2-core machine (memory-bound).
+Every steady step on the CPU rebuilds each stored inverse root (4-bit) as dense fp32 before its
+matmul, and every statistics update the 8-bit Cholesky factor. In torch ops that is a decode of
+the triangle plus a gather of every element through an int32 index, about 1.0-1.4 ns per element
+on one core, half the cost of the matmul it feeds (``benchmarks/rebuild.py``). The C kernel
+looks up 16 codes per instruction from a codebook held in one register (AVX-512; plain C
+elsewhere) and writes the rows in order, about 3x faster, and bit-identical to the torch rebuild:
+each value is the same single fp32 product. It runs on one thread: split over two threads in a
+pool it was slower on a 2-core machine (memory-bound).
 
 The kernel is compiled once per machine with the system C compiler (``$CC`` or ``cc``), as
 ``torch.compile`` does for its CPU kernels, and cached under ``$LIGHTNING_SHAMPOO4_CACHE``
@@ -20,22 +21,26 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
+from ..quant import Quantized
+from ..quant.codebooks import midpoints
 from .types import QuantizedMatrix
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "symmetric_rows.c"
+SOURCE = Path(__file__).resolve().parent / "csrc" / "symmetric.c"
 CACHE_ENV_VAR = "LIGHTNING_SHAMPOO4_CACHE"
-FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=gnu99")
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu99")
 
 
 def _cache_dir() -> Path:
@@ -64,11 +69,17 @@ def _build(compiler: str) -> Path:
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS).encode(),
                                      _cpu_signature().encode()])).hexdigest()[:16]
-    cache = _cache_dir()
-    target = cache / f"symmetric_rows-{key}.so"
-    if target.exists():
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
+    name = f"symmetric-{key}.so"
+    for cache in (_cache_dir(), Path(tempfile.gettempdir()) / "lightning_shampoo4-kernels"):  # e.g. a read-only home
+        if (cache / name).exists():
+            return cache / name
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            if os.access(cache, os.W_OK):
+                break
+        except OSError:
+            continue
+    target = cache / name
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)  # built beside, then renamed: concurrent builds are safe
     os.close(fd)
     try:
@@ -83,28 +94,36 @@ def _build(compiler: str) -> Path:
     return target
 
 
+class _Library(NamedTuple):
+    rows: ctypes._CFuncPtr
+    quantize: ctypes._CFuncPtr
+
+
 @functools.lru_cache(maxsize=None)
-def _kernel():
-    """The kernel's entry point, or None when it cannot be built here (tried once per process)."""
+def _library() -> _Library | None:
+    """The kernels' entry points, or None when they cannot be built here (tried once per process)."""
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
         log.info("lightning_shampoo4: no C compiler found; stored roots are rebuilt with torch ops")
         return None
     try:
-        fn = ctypes.CDLL(str(_build(compiler))).ls4_symmetric_rows
+        lib = ctypes.CDLL(str(_build(compiler)))
+        rows, quantize = lib.ls4_symmetric_rows, lib.ls4_quantize_symmetric
     except Exception as err:  # noqa: BLE001 - any failure means: use torch ops
         log.warning("lightning_shampoo4: the CPU kernel could not be built (%s); stored roots are rebuilt with "
                     "torch ops", err)
         return None
-    fn.restype = None
-    fn.argtypes = ([ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
-                   + [ctypes.c_int64] * 4 + [ctypes.c_void_p, ctypes.c_int64])
-    return fn
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    rows.restype = None
+    rows.argtypes = [i64, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64, ptr, i64]
+    quantize.restype = i64
+    quantize.argtypes = [i64, ptr, i64, i64, i64, i64, ptr, i64, i64, ptr, ptr, ptr]
+    return _Library(rows, quantize)
 
 
 def available() -> bool:
-    """Whether the kernel is built and loaded (building it on the first call)."""
-    return _kernel() is not None
+    """Whether the kernels are built and loaded (building them on the first call)."""
+    return _library() is not None
 
 
 def applies(root: QuantizedMatrix) -> bool:
@@ -127,8 +146,8 @@ def _sizes(n: int, block: int) -> tuple[int, int]:
 def symmetric_rows(root: QuantizedMatrix, r0: int, r1: int, out: torch.Tensor) -> bool:
     """Write rows ``r0 .. r1-1`` of ``root`` into the fp32 ``out`` (``(r1 - r0, n)``, rows
     contiguous); False (nothing written) when the kernel is unavailable or does not read ``root``."""
-    fn = _kernel()
-    if fn is None or not applies(root):
+    lib = _library()
+    if lib is None or not applies(root):
         return False
     n = root.order
     if not (0 <= r0 <= r1 <= n) or out.dtype != torch.float32 or out.device.type != "cpu" \
@@ -147,6 +166,34 @@ def symmetric_rows(root: QuantizedMatrix, r0: int, r1: int, out: torch.Tensor) -
     scales = root.absmax.contiguous() if root.absmax.dtype == torch.bfloat16 else root.absmax.float().contiguous()
     diag = root.diag.to(torch.float32).contiguous()
     lut = root.codebook.contiguous()
-    fn(root.bits, codes.data_ptr(), scales.data_ptr(), scales.dtype == torch.bfloat16, diag.data_ptr(), lut.data_ptr(), n, root.block_size, r0, r1,
+    lib.rows(root.bits, codes.data_ptr(), scales.data_ptr(), scales.dtype == torch.bfloat16, diag.data_ptr(), lut.data_ptr(), n, root.block_size, r0, r1,
        out.data_ptr(), out.stride(0))
     return True
+
+
+def quantize_symmetric(
+    x: torch.Tensor, codebook: torch.Tensor, bits: int, block_size: int, scale_dtype: torch.dtype
+) -> Quantized | None:
+    """``quant.quantize_symmetric(x, ...)`` bit for bit, or None where the kernel does not apply:
+    no kernel, not a CPU matrix, a codebook other than a 4- or 8-bit fp32 one, fp16 scales, or a
+    value that is not finite or a scale that overflows (the torch quantizer handles and reports
+    those)."""
+    lib = _library()
+    if (lib is None or x.device.type != "cpu" or x.dim() != 2 or x.shape[0] != x.shape[1] or bits not in (4, 8)
+            or codebook.dtype != torch.float32 or codebook.numel() != 2**bits
+            or scale_dtype not in (torch.float32, torch.bfloat16) or block_size < 1):
+        return None
+    x = x.detach()
+    if x.dtype != torch.float32:
+        x = x.float()
+    n = x.shape[0]
+    mids = torch.cat([midpoints(codebook.cpu()), torch.tensor([math.inf])]).contiguous()
+    values, nscales = _sizes(n, block_size)
+    codes = torch.empty((values + 1) // 2 if bits == 4 else values, dtype=torch.uint8)
+    scales = torch.empty(nscales, dtype=scale_dtype)
+    work = torch.empty(2 * max(n, 1))
+    failed = lib.quantize(bits, x.data_ptr(), x.stride(0), x.stride(1), n, block_size, mids.data_ptr(), mids.numel(),
+                          scale_dtype == torch.bfloat16, codes.data_ptr(), scales.data_ptr(), work.data_ptr())
+    if failed:
+        return None
+    return Quantized(codes, scales, x.diagonal().to(torch.float32, copy=True))

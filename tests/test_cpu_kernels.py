@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from lightning_shampoo4 import Shampoo4bit, kernels
-from lightning_shampoo4.kernels import QuantizedMatrix, cpu_rows, reference
+from lightning_shampoo4.kernels import QuantizedMatrix, cpu, reference
 from lightning_shampoo4.quant import dequantize_symmetric, get_codebook, quantize_symmetric
 
-needs_kernel = pytest.mark.skipif(not cpu_rows.available(), reason="no C compiler to build the CPU kernel")
+needs_kernel = pytest.mark.skipif(not cpu.available(), reason="no C compiler to build the CPU kernel")
 
 
 def _root(n: int, block: int, *, scale_dtype=torch.bfloat16, codebook="linear1.5", bits=4, seed=0):
@@ -32,14 +32,66 @@ def test_rows_equal_the_torch_rebuild_bit_for_bit(n, block):
         root, q = _root(n, block, scale_dtype=scale_dtype, seed=n * block)
         ref = dequantize_symmetric(q, root.codebook, n, 4, block)
         out = torch.full((n, n), float("nan"))
-        assert cpu_rows.symmetric_rows(root, 0, n, out)
+        assert cpu.symmetric_rows(root, 0, n, out)
         assert torch.equal(out, ref)
         for r0, r1 in {(0, 1), (n // 3, n // 2 + 1), (max(0, n - 5), n), (n // 2, n // 2)}:
             if r1 < r0:
                 continue
             panel = torch.full((r1 - r0, n), float("nan"))
-            assert cpu_rows.symmetric_rows(root, r0, r1, panel)
+            assert cpu.symmetric_rows(root, r0, r1, panel)
             assert torch.equal(panel, ref[r0:r1]), (r0, r1)
+
+
+def _same(a, b) -> bool:
+    return all(torch.equal(x, y) and x.dtype == y.dtype for x, y in zip(a, b))
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [1, 2, 3, 16, 33, 255, 257, 600])
+@pytest.mark.parametrize("bits, block", [(4, 1), (4, 16), (4, 40), (4, 256), (8, 17), (8, 1200)])
+def test_quantizing_equals_the_torch_quantizer_bit_for_bit(n, bits, block):
+    gen = torch.Generator().manual_seed(n * block + bits)
+    x = torch.randn(n, n, generator=gen) * torch.logspace(-3, 3, n)[None, :]
+    x[torch.rand(n, n, generator=gen) < 0.05] = 0.0
+    x[: n // 4, : n // 4] = 0.0  # whole zero blocks
+    cb = get_codebook("linear1.5", bits)
+    for scale_dtype in (torch.float32, torch.bfloat16):
+        ref = quantize_symmetric(x, cb, bits, block, scale_dtype=scale_dtype)
+        got = cpu.quantize_symmetric(x, cb, bits, block, scale_dtype)
+        assert got is not None and _same(got, ref), scale_dtype
+    lower = torch.randn(n, n, generator=gen).tril()  # a transposed view, as the Cholesky factor is stored
+    assert _same(cpu.quantize_symmetric(lower.mT, cb, bits, block, torch.bfloat16),
+                 quantize_symmetric(lower.mT, cb, bits, block, scale_dtype=torch.bfloat16))
+
+
+@needs_kernel
+def test_quantizing_midpoints_and_other_codebooks_exactly():
+    for name in ("linear2", "dynamic", "linear"):
+        cb = get_codebook(name, 4)
+        mids = (cb[:-1] + cb[1:]) / 2
+        x = torch.zeros(6, 6)
+        x[0, 1:] = torch.tensor([1.0, -1.0, 0.5, 0.0, -0.0])
+        x[1, 2:] = mids[[0, 7, 14, 3]] * 2.0  # exactly on midpoints once normalized by a block max of 2
+        x[1, 2] = 2.0
+        x[2:, 2:] += torch.randn(4, 4)
+        ref = quantize_symmetric(x, cb, 4, 3, scale_dtype=torch.float32)
+        assert _same(cpu.quantize_symmetric(x, cb, 4, 3, torch.float32), ref), name
+
+
+@needs_kernel
+def test_quantizing_leaves_what_it_does_not_handle_to_torch():
+    cb = get_codebook("linear1.5", 4)
+    x = torch.randn(20, 20)
+    for bad in (float("nan"), float("inf")):
+        y = x.clone()
+        y[3, 9] = bad
+        assert cpu.quantize_symmetric(y, cb, 4, 8, torch.bfloat16) is None
+    assert cpu.quantize_symmetric(torch.full((4, 4), 3.4e38), cb, 4, 8, torch.bfloat16) is None  # scale -> inf
+    assert cpu.quantize_symmetric(x, cb, 4, 8, torch.float16) is None
+    assert cpu.quantize_symmetric(x, cb.bfloat16(), 4, 8, torch.float32) is None
+    assert cpu.quantize_symmetric(x.double(), cb, 4, 8, torch.float32) is not None
+    with pytest.raises(ValueError, match="range"):  # the dispatcher's fallback reports it
+        kernels.quantize_symmetric(torch.full((4, 4), 7e4), cb, 4, 8, scale_dtype=torch.float16)
 
 
 @needs_kernel
@@ -47,7 +99,7 @@ def test_rows_into_a_strided_panel_and_a_linear2_codebook():
     root, q = _root(130, 64, codebook="linear2", scale_dtype=torch.float16)
     ref = dequantize_symmetric(q, root.codebook, 130, 4, 64)
     wide = torch.zeros(20, 200)
-    assert cpu_rows.symmetric_rows(root, 7, 27, wide[:, :130])
+    assert cpu.symmetric_rows(root, 7, 27, wide[:, :130])
     assert torch.equal(wide[:, :130], ref[7:27])
     assert wide[:, 130:].abs().sum() == 0  # nothing written past the rows
 
@@ -58,31 +110,31 @@ def test_rows_of_an_8_bit_triangle(n):
     root, q = _root(n, 1200, codebook="linear1.5", bits=8, seed=n)
     ref = dequantize_symmetric(q, root.codebook, n, 8, 1200)
     out = torch.full((n, n), float("nan"))
-    assert cpu_rows.symmetric_rows(root, 0, n, out) and torch.equal(out, ref)
+    assert cpu.symmetric_rows(root, 0, n, out) and torch.equal(out, ref)
     panel = torch.full((n - n // 2, n), float("nan"))
-    assert cpu_rows.symmetric_rows(root, n // 2, n, panel) and torch.equal(panel, ref[n // 2 :])
+    assert cpu.symmetric_rows(root, n // 2, n, panel) and torch.equal(panel, ref[n // 2 :])
 
 
 def test_rows_leave_other_roots_to_torch():
     root, _ = _root(40, 16)
     for other in (root._replace(codebook=root.codebook.bfloat16()), root._replace(symmetric=False)):
-        assert not cpu_rows.applies(other)
-        assert not cpu_rows.symmetric_rows(other, 0, 40, torch.empty(40, 40))
+        assert not cpu.applies(other)
+        assert not cpu.symmetric_rows(other, 0, 40, torch.empty(40, 40))
 
 
 @needs_kernel
 def test_rows_reject_bad_outputs_and_truncated_roots():
     root, _ = _root(50, 40)
     with pytest.raises(ValueError, match="output"):
-        cpu_rows.symmetric_rows(root, 0, 50, torch.empty(50, 49))
+        cpu.symmetric_rows(root, 0, 50, torch.empty(50, 49))
     with pytest.raises(ValueError, match="output"):
-        cpu_rows.symmetric_rows(root, 0, 50, torch.empty(50, 50, dtype=torch.float64))
+        cpu.symmetric_rows(root, 0, 50, torch.empty(50, 50, dtype=torch.float64))
     with pytest.raises(ValueError, match="output"):
-        cpu_rows.symmetric_rows(root, 10, 60, torch.empty(50, 50))
+        cpu.symmetric_rows(root, 10, 60, torch.empty(50, 50))
     with pytest.raises(ValueError, match="code bytes"):
-        cpu_rows.symmetric_rows(root._replace(codes=root.codes[:-1]), 0, 50, torch.empty(50, 50))
+        cpu.symmetric_rows(root._replace(codes=root.codes[:-1]), 0, 50, torch.empty(50, 50))
     with pytest.raises(ValueError, match="scales"):
-        cpu_rows.symmetric_rows(root._replace(absmax=root.absmax[:-1]), 0, 50, torch.empty(50, 50))
+        cpu.symmetric_rows(root._replace(absmax=root.absmax[:-1]), 0, 50, torch.empty(50, 50))
 
 
 @needs_kernel
@@ -121,8 +173,8 @@ def _train(backend: str) -> list[torch.Tensor]:
 @needs_kernel
 def test_training_with_the_kernel_is_bit_identical_to_torch(monkeypatch):
     calls = []
-    real = cpu_rows.symmetric_rows
-    monkeypatch.setattr(cpu_rows, "symmetric_rows", lambda *a: calls.append(a[1:3]) or real(*a))
+    real = cpu.symmetric_rows
+    monkeypatch.setattr(cpu, "symmetric_rows", lambda *a: calls.append(a[1:3]) or real(*a))
     fast = _train("auto")
     assert calls, "the steady steps on the CPU rebuild their roots with the kernel"
     calls.clear()
@@ -135,12 +187,12 @@ def test_training_with_the_kernel_is_bit_identical_to_torch(monkeypatch):
 def test_a_kernel_that_does_not_compile_falls_back_to_torch(tmp_path, monkeypatch, caplog):
     broken = tmp_path / "broken.c"
     broken.write_text("this is not C\n")
-    monkeypatch.setattr(cpu_rows, "SOURCE", broken)
-    monkeypatch.setenv(cpu_rows.CACHE_ENV_VAR, str(tmp_path / "cache"))
-    cpu_rows._kernel.cache_clear()
+    monkeypatch.setattr(cpu, "SOURCE", broken)
+    monkeypatch.setenv(cpu.CACHE_ENV_VAR, str(tmp_path / "cache"))
+    cpu._library.cache_clear()
     try:
-        with caplog.at_level(logging.WARNING, logger=cpu_rows.__name__):
-            assert not cpu_rows.available()
+        with caplog.at_level(logging.WARNING, logger=cpu.__name__):
+            assert not cpu.available()
         if caplog.records:  # a compiler was found, and failed
             assert "could not be built" in caplog.text
         cache = tmp_path / "cache"
@@ -150,16 +202,29 @@ def test_a_kernel_that_does_not_compile_falls_back_to_torch(tmp_path, monkeypatc
         assert torch.equal(kernels.precondition(grad, root, root, backend="auto"),
                            kernels.precondition(grad, root, root, backend="torch"))
     finally:
-        cpu_rows._kernel.cache_clear()
+        cpu._library.cache_clear()
 
 
 @needs_kernel
 def test_the_built_kernel_is_cached_per_machine(tmp_path, monkeypatch):
-    monkeypatch.setenv(cpu_rows.CACHE_ENV_VAR, str(tmp_path))
+    monkeypatch.setenv(cpu.CACHE_ENV_VAR, str(tmp_path))
     import shutil
 
     compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    first = cpu_rows._build(compiler)
+    first = cpu._build(compiler)
     stamp = first.stat().st_mtime_ns
-    assert cpu_rows._build(compiler) == first and first.stat().st_mtime_ns == stamp
+    assert cpu._build(compiler) == first and first.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
+
+
+@needs_kernel
+def test_an_unwritable_cache_falls_back_to_the_temporary_directory(tmp_path, monkeypatch):
+    import shutil
+    import tempfile
+
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a directory")
+    monkeypatch.setenv(cpu.CACHE_ENV_VAR, str(blocked / "cache"))
+    compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    path = cpu._build(compiler)
+    assert path.parent == cpu.Path(tempfile.gettempdir()) / "lightning_shampoo4-kernels" and path.exists()
