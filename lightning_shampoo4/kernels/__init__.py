@@ -175,11 +175,16 @@ def dequantize(
                 lambda: reference.dequantize(q, codebook, shape, bits, block_size, transpose=transpose, dtype=dtype))
 
 
-def _rows(backend: str, device: torch.device) -> reference.RowsFn | None:
-    """The CPU kernel's row writer where ``backend`` allows the CPU kernels on ``device``, else None."""
+def _cpu_kernels(backend: str, device: torch.device) -> bool:
+    """Whether ``backend`` lets the C kernels of :mod:`.cpu` run for tensors on ``device``."""
     if torch.device(device).type != "cpu" or resolve_backend(backend, device) != "torch":
-        return None
-    if backend == "torch" or os.environ.get(ENV_VAR, "").strip().lower() == "torch":
+        return False
+    return backend != "torch" and os.environ.get(ENV_VAR, "").strip().lower() != "torch"
+
+
+def _rows(backend: str, device: torch.device) -> reference.RowsFn | None:
+    """The CPU kernel's row writer where the C kernels may run, else None (the torch rebuild)."""
+    if not _cpu_kernels(backend, device):
         return None
     from . import cpu
 
@@ -197,7 +202,7 @@ def quantize_symmetric(
 ) -> Quantized:
     """Store symmetric ``x``; see :func:`lightning_shampoo4.quant.quantize_symmetric` (on the CPU
     through the C kernel where ``backend`` allows it, bit for bit)."""
-    if _rows(backend, x.device) is not None:
+    if _cpu_kernels(backend, x.device):
         from . import cpu
 
         q = cpu.quantize_symmetric(x, codebook, bits, block_size, scale_dtype)

@@ -130,6 +130,7 @@ def applies(root: QuantizedMatrix) -> bool:
     """Whether the kernel reads this root: symmetric, 4- or 8-bit, on the CPU, fp32 codebook."""
     return (
         root.symmetric
+        and root.diag is not None
         and root.bits in (4, 8)
         and root.codes.device.type == "cpu"
         and root.codebook.dtype == torch.float32

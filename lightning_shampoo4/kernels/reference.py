@@ -64,13 +64,14 @@ def precondition(
 ) -> torch.Tensor:
     """``left @ grad @ right`` in ``dtype`` matmuls, returned in fp32.
 
-    A quantized root is rebuilt dense for its matmul (the step's jobs run largest root first, so
-    this adds little to the step's peak: ``optim.preconditioning``). A symmetric root of order
-    above ``PANEL_ORDER`` is applied in panels of rows rebuilt one at a time (``grad @ right`` as
-    ``(right @ grad^T)^T``), so with the CPU kernel no dense copy of it exists (the torch rebuild
-    of such an order still makes one: its gather index would be larger). Panels cost speed: a matmul per
-    quarter of the root, interleaved with its rebuild, took 13 % longer steps on the MLP of
-    ``benchmarks/step_time.py`` than one rebuild and one matmul.
+    A quantized root is rebuilt dense for its matmul (lone blocks run largest roots first, so
+    this adds nothing to the step's peak on the benchmarked models: ``optim.preconditioning``). A
+    symmetric root of order above ``PANEL_ORDER`` is applied in panels of rows rebuilt one at a
+    time (``grad @ right`` as ``(right @ grad^T)^T``), so with the CPU kernel no dense copy of it
+    exists (the torch rebuild of such an order still makes one: its gather index would be
+    larger). Panels cost speed: a matmul per quarter of the root, interleaved with its rebuild,
+    took 13 % longer steps on the MLP of ``benchmarks/step_time.py`` than one rebuild and one
+    matmul.
     """
     if not (_panelled(left) or _panelled(right)):
         # a larger stored right root is rebuilt first and freed before the left one is: one
@@ -109,7 +110,7 @@ def _panels(root: QuantizedMatrix, rows: RowsFn | None):
         for r0 in range(0, n, step):
             r1 = min(n, r0 + step)
             panel = buf[: (r1 - r0) * n].view(r1 - r0, n)
-            if not rows(root, r0, r1, panel):
+            if not rows(root, r0, r1, panel):  # the writer does not read this root: the first call tells
                 break
             yield r0, r1, panel
         else:

@@ -3,9 +3,9 @@
 A transformer's layers give many blocks of one shape: for the torch backend they are stacked
 and run as two ``bmm`` (quantized roots dequantized in one batched call), instead of one
 dequantization and two matmuls per block. A batch is capped at ``MAX_BATCH_BYTES`` of stacked
-roots so the step's temporaries stay bounded; the batches holding the most bytes of dense roots
-run first, when the fewest finished results are held beside them. With the Triton backend every block goes to the
-fused kernel, which dequantizes root tiles inside the matmul.
+roots so the step's temporaries stay bounded; lone blocks follow the batches, largest roots
+first, when the fewest finished results are held beside their dense rebuilds. With the Triton
+backend every block goes to the fused kernel, which dequantizes root tiles inside the matmul.
 """
 
 from __future__ import annotations
@@ -74,13 +74,16 @@ def run(jobs: list[Job], skip: list[bool] | None = None) -> list[torch.Tensor]:
             continue
         key = (job.grad.shape, job.grad.device, job.dtype, _fmt(job.left), _fmt(job.right))
         batches.setdefault(key, []).append(i)
+
     def root_bytes(idx: list[int]) -> int:
         m, n = jobs[idx[0]].grad.shape
         return 4 * (m * m + n * n)
 
-    # batches as they come, then lone blocks largest root first (the step's peak: a lone block's
-    # dense rebuilds meet the fewest finished results)
-    for idx in sorted(batches.values(), key=lambda idx: (len(idx) == 1, -root_bytes(idx) if len(idx) == 1 else 0)):
+    # batches as they come, then lone blocks largest roots first: their dense rebuilds then meet
+    # the fewest finished results (the step's peak memory)
+    batched = [idx for idx in batches.values() if len(idx) > 1]
+    lone = sorted((idx for idx in batches.values() if len(idx) == 1), key=root_bytes, reverse=True)
+    for idx in batched + lone:
         per_item = root_bytes(idx)
         step = max(1, MAX_BATCH_BYTES // per_item)
         for s in range(0, len(idx), step):
