@@ -5,7 +5,8 @@ Where things are:
 * :class:`Shampoo4bit` (``optim/``): the optimizer; depends on torch only.
 * ``quant/``: codebooks and block-wise quantization (the pure-torch reference).
 * ``linalg``: Björck, subspace iteration, inverse roots.
-* ``kernels/``: Triton kernels and the dispatcher the optimizer calls.
+* ``kernels/``: the dispatcher the optimizer calls; Triton kernels for CUDA, and C kernels
+  (``kernels/cpu.py``, compiled on first use) that store and rebuild symmetric matrices on the CPU.
 * :func:`configure_shampoo` (``configure.py``): optimizer + parameter groups + schedule for
   a LightningModule's ``configure_optimizers``.
 * ``callbacks/``: :class:`PreconditionerSchedule`, :class:`QuantizedStateMonitor`,
