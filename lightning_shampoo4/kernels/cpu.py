@@ -40,7 +40,10 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "symmetric.c"
 CACHE_ENV_VAR = "LIGHTNING_SHAMPOO4_CACHE"
-FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu99")
+# -march=native turns on AVX-512 where the CPU has it (x86 only: Apple's clang rejects it on arm64,
+# where the plain C path is compiled)
+_ARCH = ("-march=native",) if platform.machine().lower() in ("x86_64", "amd64") else ()
+FLAGS = ("-O3", *_ARCH, "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu99")
 
 
 def _cache_dir() -> Path:
