@@ -228,3 +228,23 @@ def test_an_unwritable_cache_falls_back_to_the_temporary_directory(tmp_path, mon
     compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     path = cpu._build(compiler)
     assert path.parent == cpu.Path(tempfile.gettempdir()) / "lightning_shampoo4-kernels" and path.exists()
+
+
+@needs_kernel
+def test_the_plain_c_path_without_avx512_is_exact_too(tmp_path, monkeypatch):
+    """The kernels as compiled for a CPU without AVX-512 (the plain C loops) give the same bits."""
+    monkeypatch.setattr(cpu, "FLAGS", tuple(f for f in cpu.FLAGS if not f.startswith("-march")))
+    monkeypatch.setenv(cpu.CACHE_ENV_VAR, str(tmp_path))
+    cpu._library.cache_clear()
+    try:
+        assert cpu.available()
+        for n, bits, block in [(1, 4, 40), (37, 4, 40), (300, 4, 16), (129, 8, 1200), (64, 4, 3)]:
+            root, q = _root(n, block, bits=bits, seed=n)
+            ref = dequantize_symmetric(q, root.codebook, n, bits, block)
+            out = torch.full((n, n), float("nan"))
+            assert cpu.symmetric_rows(root, 0, n, out) and torch.equal(out, ref), (n, bits, block)
+            x = torch.randn(n, n)
+            assert _same(cpu.quantize_symmetric(x, root.codebook, bits, block, torch.bfloat16),
+                         quantize_symmetric(x, root.codebook, bits, block, scale_dtype=torch.bfloat16)), (n, bits)
+    finally:
+        cpu._library.cache_clear()
