@@ -248,3 +248,19 @@ def test_the_plain_c_path_without_avx512_is_exact_too(tmp_path, monkeypatch):
                          quantize_symmetric(x, root.codebook, bits, block, scale_dtype=torch.bfloat16)), (n, bits)
     finally:
         cpu._library.cache_clear()
+
+
+@needs_kernel
+def test_rows_split_over_threads_equal_one_thread(monkeypatch):
+    root, q = _root(1000, 40, seed=5)
+    ref = dequantize_symmetric(q, root.codebook, 1000, 4, 40)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(cpu.PARALLEL_FROM_THREADS)
+        assert cpu._pieces(1000, 1000) == cpu.PARALLEL_FROM_THREADS
+        out = torch.full((1000, 1000), float("nan"))
+        assert cpu.symmetric_rows(root, 0, 1000, out) and torch.equal(out, ref)
+        panel = torch.full((350, 1000), float("nan"))
+        assert cpu.symmetric_rows(root, 333, 683, panel) and torch.equal(panel, ref[333:683])
+    finally:
+        torch.set_num_threads(threads)

@@ -6,8 +6,8 @@ the triangle plus a gather of every element through an int32 index, about 1.0-1.
 on one core, half the cost of the matmul it feeds (``benchmarks/rebuild.py``). The C kernel
 looks up 16 codes per instruction from a codebook held in one register (AVX-512; plain C
 elsewhere) and writes the rows in order, about 3x faster, and bit-identical to the torch rebuild:
-each value is the same single fp32 product. It runs on one thread: split over two threads in a
-pool it was slower on a 2-core machine (memory-bound).
+each value is the same single fp32 product. With 4 or more torch threads a large rebuild is
+split by rows over them (``PARALLEL_FROM_THREADS``).
 
 The kernel is compiled once per machine with the system C compiler (``$CC`` or ``cc``), as
 ``torch.compile`` does for its CPU kernels, and cached under ``$LIGHTNING_SHAMPOO4_CACHE``
@@ -17,6 +17,7 @@ The kernel is compiled once per machine with the system C compiler (``$CC`` or `
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import functools
 import hashlib
@@ -170,9 +171,40 @@ def symmetric_rows(root: QuantizedMatrix, r0: int, r1: int, out: torch.Tensor) -
     scales = root.absmax.contiguous() if root.absmax.dtype == torch.bfloat16 else root.absmax.float().contiguous()
     diag = root.diag.to(torch.float32).contiguous()
     lut = root.codebook.contiguous()
-    lib.rows(root.bits, codes.data_ptr(), scales.data_ptr(), scales.dtype == torch.bfloat16, diag.data_ptr(), lut.data_ptr(), n, root.block_size, r0, r1,
-       out.data_ptr(), out.stride(0))
+    args = (codes.data_ptr(), scales.data_ptr(), scales.dtype == torch.bfloat16, diag.data_ptr(), lut.data_ptr(),
+            n, root.block_size)
+    ld = out.stride(0)
+
+    def rows(a: int, b: int) -> None:  # ctypes releases the GIL: pieces run in parallel
+        lib.rows(root.bits, *args, a, b, out.data_ptr() + (a - r0) * ld * 4, ld)
+
+    pieces = _pieces(r1 - r0, n)
+    if pieces == 1:
+        rows(r0, r1)
+        return True
+    bounds = [r0 + (r1 - r0) * k // pieces for k in range(pieces + 1)]  # every row costs about n
+    for f in [_pool(pieces).submit(rows, a, b) for a, b in zip(bounds, bounds[1:])]:
+        f.result()
     return True
+
+
+# Rows are split over threads only from this many torch threads on: on a 2-core machine two
+# threads were slower than one (the rebuild is memory-bound; 0.44 vs 0.35 ms at order 900), and
+# from 4 threads on the torch gather the kernel replaces would run in parallel too.
+PARALLEL_FROM_THREADS = 4
+PARALLEL_MIN_ELEMENTS = 1 << 17  # per piece
+
+
+def _pieces(rows: int, n: int) -> int:
+    threads = torch.get_num_threads()
+    if threads < PARALLEL_FROM_THREADS:
+        return 1
+    return max(1, min(threads, rows, rows * n // PARALLEL_MIN_ELEMENTS))
+
+
+@functools.lru_cache(maxsize=4)
+def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="lightning_shampoo4_rows")
 
 
 def quantize_symmetric(
