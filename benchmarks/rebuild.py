@@ -9,6 +9,8 @@ block by it; a 32-bit root is used as it is. This script times, per element of a
   ``gather`` (every element of the matrix gathered from it through the cached int32 index);
 * ``kernel`` (CPU): the C kernel of ``kernels.cpu`` into the same output, as the steady
   step does on a CPU where it could be built; checked equal to the torch rebuild bit for bit;
+* ``store`` / ``kernel_store`` (CPU): storing the root (a root update), torch quantizer against
+  the C kernel, checked equal bit for bit;
 * ``matmul``: ``G @ R`` with ``G`` of ``--rows`` rows (fp32), the product the rebuild feeds.
 
 for the default storage's root layout (Linear-1.5, blocks of 40) and the eigenvector storage's
@@ -69,8 +71,8 @@ def measure(n: int, rows: int, layout: str, device: torch.device, repeats: int) 
     gen = torch.Generator().manual_seed(n)
     a = torch.randn(n, n, generator=gen, dtype=torch.float64)
     w, v = torch.linalg.eigh(a @ a.T / n + 1e-3 * torch.eye(n, dtype=torch.float64))
-    root = ((v * w.pow(-0.25)) @ v.T).float().to(device)  # the inverse 4th root of a random SPD matrix
-    q = quantize_symmetric(root, cb, 4, block, scale_dtype=torch.bfloat16)
+    root_dense = ((v * w.pow(-0.25)) @ v.T).float().to(device)  # the inverse 4th root of a random SPD matrix
+    q = quantize_symmetric(root_dense, cb, 4, block, scale_dtype=torch.bfloat16)
     out = torch.empty(n, n, device=device)
     g = torch.randn(rows, n, generator=gen).to(device)
     full_at, _, _ = _triangle_index(n, block, out.device)
@@ -91,6 +93,12 @@ def measure(n: int, rows: int, layout: str, device: torch.device, repeats: int) 
         rec["kernel_ms"] = best(lambda: cpu.symmetric_rows(root, 0, n, out))
         if not torch.equal(out, rebuilt):
             raise AssertionError(f"the CPU kernel differs from dequantize_symmetric at n={n} ({layout})")
+        # storing the root (at a root update): the torch quantizer against the kernel, bit for bit
+        rec["store_ms"] = best(lambda: quantize_symmetric(root_dense, cb, 4, block, scale_dtype=torch.bfloat16))
+        rec["kernel_store_ms"] = best(lambda: cpu.quantize_symmetric(root_dense, cb, 4, block, torch.bfloat16))
+        stored = cpu.quantize_symmetric(root_dense, cb, 4, block, torch.bfloat16)
+        if stored is None or not all(torch.equal(x, y) for x, y in zip(stored, q)):
+            raise AssertionError(f"the CPU kernel stores differently from quantize_symmetric at n={n} ({layout})")
     for key in ("rebuild", "kernel", "matmul"):
         if f"{key}_ms" in rec:
             rec[f"{key}_ns_per_element"] = rec[f"{key}_ms"] * 1e6 / (n * n)
@@ -121,12 +129,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rec = results[layout][str(n)] = measure(n, args.rows, layout, device, repeats)
             rows.append([layout, n, rec["rebuild_ms"], rec["decode_ms"], rec["gather_ms"], rec.get("kernel_ms"),
                          rec["matmul_ms"], rec["rebuild_ns_per_element"], rec.get("kernel_ns_per_element"),
-                         rec["matmul_ns_per_element"], rec["rebuild_over_matmul"], rec.get("kernel_over_matmul")])
+                         rec["matmul_ns_per_element"], rec["rebuild_over_matmul"], rec.get("kernel_over_matmul"),
+                         rec.get("store_ms"), rec.get("kernel_store_ms")])
             print(f"[rebuild] {layout} n={n}: rebuild {rec['rebuild_ms']:.3f} ms, matmul {rec['matmul_ms']:.3f} ms",
                   flush=True)
     print()
     print(table(["layout", "n", "rebuild ms", "decode ms", "gather ms", "kernel ms", f"matmul ms ({args.rows} rows)",
-                 "rebuild ns/el", "kernel ns/el", "matmul ns/el", "rebuild / matmul", "kernel / matmul"], rows))
+                 "rebuild ns/el", "kernel ns/el", "matmul ns/el", "rebuild / matmul", "kernel / matmul",
+                 "store ms", "kernel store ms"], rows))
     payload = {
         "settings": {"orders": orders, "rows": args.rows, "repeats": repeats, "device": str(device),
                      "threads": args.threads, "layouts": {k: {"codebook": c, "root_block_size": b}

@@ -544,7 +544,9 @@ CPU_ROWS_OP = "lightning_shampoo4.kernels.cpu.symmetric_rows"
 def probed_step(opt: torch.optim.Optimizer) -> StepProbe:
     """``opt.step()`` under a :class:`StepProbe`, with ``Tensor.tolist`` and
     ``torch.cuda.synchronize`` wrapped to count their calls as syncs, and every call of the CPU
-    root-rebuild kernel (invisible to the dispatcher) counted as one kernel op."""
+    root-rebuild kernel (invisible to the dispatcher) counted as one kernel op. The CPU
+    quantizer kernel, which runs only at statistics and root updates (one call per stored
+    matrix), is not counted: those steps' op counts leave it out."""
     probe = StepProbe()
     calls: Counter[str] = Counter()
     had_tolist = "tolist" in torch.Tensor.__dict__

@@ -251,7 +251,7 @@ def test_the_plain_c_path_without_avx512_is_exact_too(tmp_path, monkeypatch):
 
 
 @needs_kernel
-def test_rows_split_over_threads_equal_one_thread(monkeypatch):
+def test_rows_split_over_threads_equal_one_thread():
     root, q = _root(1000, 40, seed=5)
     ref = dequantize_symmetric(q, root.codebook, 1000, 4, 40)
     threads = torch.get_num_threads()

@@ -34,6 +34,7 @@ from typing import NamedTuple
 import torch
 
 from ..quant import Quantized
+from ..quant.blockwise import _triangle_layout
 from ..quant.codebooks import midpoints
 from .types import QuantizedMatrix
 
@@ -142,12 +143,6 @@ def applies(root: QuantizedMatrix) -> bool:
     )
 
 
-@functools.lru_cache(maxsize=64)
-def _sizes(n: int, block: int) -> tuple[int, int]:
-    """Values and scales of an order-n symmetric root's triangle stored in blocks of ``block``."""
-    return n * (n - 1) // 2, sum(-(-length // block) for length in range(1, n))
-
-
 def symmetric_rows(root: QuantizedMatrix, r0: int, r1: int, out: torch.Tensor) -> bool:
     """Write rows ``r0 .. r1-1`` of ``root`` into the fp32 ``out`` (``(r1 - r0, n)``, rows
     contiguous); False (nothing written) when the kernel is unavailable or does not read ``root``."""
@@ -159,7 +154,8 @@ def symmetric_rows(root: QuantizedMatrix, r0: int, r1: int, out: torch.Tensor) -
             or tuple(out.shape) != (r1 - r0, n) or out.stride(1) != 1:
         raise ValueError(f"rows {r0}..{r1} of an order-{n} root need an fp32 CPU (rows, {n}) output with "
                          f"contiguous rows, got {tuple(out.shape)} {out.dtype} on {out.device}")
-    values, nscales = _sizes(n, root.block_size)
+    starts, blocks = _triangle_layout(n, root.block_size)
+    values, nscales = starts[-1], blocks[-1]
     code_bytes = (values + 1) // 2 if root.bits == 4 else values
     if root.codes.numel() < code_bytes or root.absmax.numel() < nscales or root.diag.numel() < n:
         raise ValueError(f"an order-{n} root in blocks of {root.block_size} needs {code_bytes} code bytes, "
@@ -224,7 +220,8 @@ def quantize_symmetric(
         x = x.float()
     n = x.shape[0]
     mids = torch.cat([midpoints(codebook.cpu()), torch.tensor([math.inf])]).contiguous()
-    values, nscales = _sizes(n, block_size)
+    starts, blocks = _triangle_layout(n, block_size)
+    values, nscales = starts[-1], blocks[-1]
     codes = torch.empty((values + 1) // 2 if bits == 4 else values, dtype=torch.uint8)
     scales = torch.empty(nscales, dtype=scale_dtype)
     work = torch.empty(2 * max(n, 1))
