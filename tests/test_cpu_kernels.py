@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import logging
+import os
+import subprocess
+import warnings
 
 import pytest
 import torch
@@ -184,17 +186,18 @@ def test_training_with_the_kernel_is_bit_identical_to_torch(monkeypatch):
         assert torch.equal(a, b)
 
 
-def test_a_kernel_that_does_not_compile_falls_back_to_torch(tmp_path, monkeypatch, caplog):
+def test_a_kernel_that_does_not_compile_falls_back_to_torch(tmp_path, monkeypatch):
     broken = tmp_path / "broken.c"
     broken.write_text("this is not C\n")
     monkeypatch.setattr(cpu, "SOURCE", broken)
     monkeypatch.setenv(cpu.CACHE_ENV_VAR, str(tmp_path / "cache"))
     cpu._library.cache_clear()
     try:
-        with caplog.at_level(logging.WARNING, logger=cpu.__name__):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             assert not cpu.available()
-        if caplog.records:  # a compiler was found, and failed
-            assert "could not be built" in caplog.text
+        if _compiler():  # a compiler was found, and failed: one warning says so
+            assert [str(w.message) for w in caught if "could not be built" in str(w.message)]
         cache = tmp_path / "cache"
         assert not (cache.exists() and any(cache.iterdir()))  # the failed build left nothing behind
         root, q = _root(40, 8)
@@ -205,29 +208,111 @@ def test_a_kernel_that_does_not_compile_falls_back_to_torch(tmp_path, monkeypatc
         cpu._library.cache_clear()
 
 
+def _compiler() -> str | None:
+    import shutil
+
+    return shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def test_no_compiler_is_one_warning_that_names_the_slower_path(monkeypatch):
+    monkeypatch.setattr(cpu.shutil, "which", lambda name: None)
+    cpu._library.cache_clear()
+    try:
+        with pytest.warns(cpu.KernelWarning, match="no C compiler") as caught:
+            assert not cpu.available()
+            assert not cpu.available()  # tried once per process: no second warning
+        assert len(caught) == 1
+        message = str(caught[0].message)
+        assert "torch ops" in message and "gcc" in message and "$CC" in message
+    finally:
+        cpu._library.cache_clear()
+
+
 @needs_kernel
 def test_the_built_kernel_is_cached_per_machine(tmp_path, monkeypatch):
-    monkeypatch.setenv(cpu.CACHE_ENV_VAR, str(tmp_path))
-    import shutil
-
-    compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    first = cpu._build(compiler)
+    cache = tmp_path / "fresh" / "cache"
+    monkeypatch.setenv(cpu.CACHE_ENV_VAR, str(cache))
+    first = cpu._build(_compiler())
+    assert cache.stat().st_mode & 0o777 == 0o700  # created private
     stamp = first.stat().st_mtime_ns
-    assert cpu._build(compiler) == first and first.stat().st_mtime_ns == stamp
-    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
+    assert cpu._build(_compiler()) == first and first.stat().st_mtime_ns == stamp
+    assert [p.name for p in cache.iterdir()] == [first.name]  # no temporary left behind
 
 
 @needs_kernel
-def test_an_unwritable_cache_falls_back_to_the_temporary_directory(tmp_path, monkeypatch):
-    import shutil
-    import tempfile
-
+def test_an_unwritable_cache_builds_in_a_private_temporary_directory(tmp_path, monkeypatch):
     blocked = tmp_path / "a_file"
     blocked.write_text("not a directory")
     monkeypatch.setenv(cpu.CACHE_ENV_VAR, str(blocked / "cache"))
-    compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    path = cpu._build(compiler)
-    assert path.parent == cpu.Path(tempfile.gettempdir()) / "lightning_shampoo4-kernels" and path.exists()
+    with pytest.raises(PermissionError):
+        cpu._build(_compiler())
+    with pytest.warns(cpu.KernelWarning, match="private temporary directory"):
+        with cpu._kernel_path(_compiler()) as path:
+            assert path.exists() and path.parent.stat().st_mode & 0o777 == 0o700
+            assert path.parent.stat().st_uid == os.geteuid()
+    assert not path.parent.exists()  # removed once loaded
+
+
+def _plant(path, marker) -> None:
+    """A library whose load would run code: it writes ``marker`` from a constructor."""
+    src = path.with_suffix(".c")
+    src.write_text(f"""#include <stdio.h>
+__attribute__((constructor)) static void planted(void) {{ FILE *f = fopen("{marker}", "w"); if (f) fclose(f); }}
+void ls4_symmetric_rows(void) {{}}
+long long ls4_quantize_symmetric(void) {{ return 1; }}
+""")
+    subprocess.run([_compiler(), "-shared", "-fPIC", "-o", str(path), str(src)], check=True)
+    src.unlink()
+
+
+def _another_users(path, monkeypatch) -> None:
+    """Make ``path`` belong to another user: really where we may chown, else as the loader sees it."""
+    if os.geteuid() == 0:
+        os.chown(path, 65534, 65534)
+    else:
+        monkeypatch.setattr(cpu.os, "geteuid", lambda real=os.geteuid(): real + 1)
+
+
+@needs_kernel
+@pytest.mark.parametrize("owner", ["library", "directory"])
+def test_a_library_of_another_user_is_never_loaded(tmp_path, monkeypatch, owner):
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    monkeypatch.setenv(cpu.CACHE_ENV_VAR, str(cache))
+    planted = cache / cpu._library_name(_compiler())
+    marker = tmp_path / "planted-code-ran"
+    _plant(planted, marker)
+    if owner == "library" or os.geteuid() == 0:
+        _another_users(planted if owner == "library" else cache, monkeypatch)
+    else:  # without root, a directory of another user is one the loader does not see as ours
+        monkeypatch.setattr(cpu.os, "geteuid", lambda real=os.geteuid(): real + 1)
+    cpu._library.cache_clear()
+    try:
+        with pytest.warns(cpu.KernelWarning, match="private temporary directory"):
+            lib = cpu._library()
+        assert not marker.exists(), "the planted library was loaded"
+        if os.geteuid() == 0 or owner == "library":
+            assert lib is not None  # compiled afresh in a private place, and it works
+            root, q = _root(37, 8, seed=2)
+            out = torch.empty(37, 37)
+            assert cpu.symmetric_rows(root, 0, 37, out)
+            assert torch.equal(out, dequantize_symmetric(q, root.codebook, 37, 4, 8))
+        assert planted.exists()  # nothing of the other user's is touched
+    finally:
+        cpu._library.cache_clear()
+
+
+@needs_kernel
+def test_a_cache_that_others_can_write_is_closed_and_its_files_checked(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    os.chmod(cache, 0o777)
+    monkeypatch.setenv(cpu.CACHE_ENV_VAR, str(cache))
+    path = cpu._build(_compiler())
+    assert cache.stat().st_mode & 0o777 == 0o700
+    os.chmod(path, 0o666)  # a library others could have rewritten is not trusted
+    with pytest.raises(PermissionError, match="not loaded"):
+        cpu._build(_compiler())
 
 
 @needs_kernel

@@ -11,23 +11,29 @@ split by rows over them (``PARALLEL_FROM_THREADS``).
 
 The kernel is compiled once per machine with the system C compiler (``$CC`` or ``cc``), as
 ``torch.compile`` does for its CPU kernels, and cached under ``$LIGHTNING_SHAMPOO4_CACHE``
-(default ``~/.cache/lightning_shampoo4``). Without a compiler, or with
+(default ``$XDG_CACHE_HOME/lightning_shampoo4`` or ``~/.cache/lightning_shampoo4``), a directory
+created private (0700). A cached library is loaded only when it and its directory belong to the
+current user and no one else can write them; otherwise it is compiled afresh into a private
+temporary directory. Without a compiler (one :class:`KernelWarning`), or with
 ``LIGHTNING_SHAMPOO4_KERNELS=torch``, the torch rebuild runs instead: same numbers, slower.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import ctypes
 import functools
 import hashlib
-import logging
 import math
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -38,8 +44,6 @@ from ..quant.blockwise import _triangle_layout
 from ..quant.codebooks import midpoints
 from .types import QuantizedMatrix
 
-log = logging.getLogger(__name__)
-
 SOURCE = Path(__file__).resolve().parent / "csrc" / "symmetric.c"
 CACHE_ENV_VAR = "LIGHTNING_SHAMPOO4_CACHE"
 # -march=native turns on AVX-512 where the CPU has it (x86 only: Apple's clang rejects it on arm64,
@@ -48,12 +52,44 @@ _ARCH = ("-march=native",) if platform.machine().lower() in ("x86_64", "amd64") 
 FLAGS = ("-O3", *_ARCH, "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu99")
 
 
+class KernelWarning(UserWarning):
+    """The CPU kernels cannot be used here; the torch ops (same numbers, slower) run instead."""
+
+
 def _cache_dir() -> Path:
     env = os.environ.get(CACHE_ENV_VAR)
     if env:
         return Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "lightning_shampoo4"
+
+
+def _owned_privately(st: os.stat_result) -> bool:
+    """Whether a file's status says: ours, and writable by no one else (group / others)."""
+    return st.st_uid == os.geteuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def _private_dir(path: Path) -> bool:
+    """Create ``path`` (mode 0700) where missing; True when it is a directory of ours that no other
+    user can write, so nothing in it can have been put there by someone else."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            os.chmod(path, 0o700)  # ours but group-writable (a umask of 002): close it, files are checked one by one
+            st = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and _owned_privately(st) and os.access(path, os.W_OK | os.X_OK)
+
+
+def _trusted_library(path: Path) -> bool:
+    """Whether ``path`` is a plain file (not a link) of ours that no other user can write."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and _owned_privately(st)
 
 
 def _cpu_signature() -> str:
@@ -68,35 +104,67 @@ def _cpu_signature() -> str:
     return platform.processor() + platform.machine()
 
 
-def _build(compiler: str) -> Path:
-    """The compiled library's path, compiling it first when this source, compiler and CPU have none."""
+def _library_name(compiler: str) -> str:
+    """The library's file name: a hash of the source, compiler, flags and CPU."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS).encode(),
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), version.encode(), " ".join(FLAGS).encode(),
                                      _cpu_signature().encode()])).hexdigest()[:16]
-    name = f"symmetric-{key}.so"
-    for cache in (_cache_dir(), Path(tempfile.gettempdir()) / "lightning_shampoo4-kernels"):  # e.g. a read-only home
-        if (cache / name).exists():
-            return cache / name
-        try:
-            cache.mkdir(parents=True, exist_ok=True)
-            if os.access(cache, os.W_OK):
-                break
-        except OSError:
-            continue
-    target = cache / name
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)  # built beside, then renamed: concurrent builds are safe
+    return f"symmetric-{key}.so"
+
+
+def _compile(compiler: str, target: Path) -> Path:
+    """Compile the kernels to ``target``: built beside it and renamed, so concurrent builds are safe."""
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
         result = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
                                 timeout=120)
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
+        os.chmod(tmp, 0o700)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def _build(compiler: str) -> Path:
+    """The compiled library in the per-user cache, compiling it first when this source, compiler
+    and CPU have none there. A library is reused only when it and the cache directory belong to
+    the current user and no one else can write them; otherwise :class:`PermissionError`."""
+    cache = _cache_dir()
+    if not _private_dir(cache):
+        raise PermissionError(f"the kernel cache {cache} cannot be created, or is not a directory of this user's "
+                              "that only this user can write")
+    target = cache / _library_name(compiler)
+    if target.exists() or target.is_symlink():
+        if _trusted_library(target):
+            return target
+        raise PermissionError(f"{target} does not belong to this user or others can write it: not loaded")
+    return _compile(compiler, target)
+
+
+@contextlib.contextmanager
+def _kernel_path(compiler: str) -> Iterator[Path]:
+    """The library to load: the cached one, or where the cache cannot be trusted or written (a
+    read-only home, a directory or library of another user), one compiled into a fresh private
+    temporary directory that is removed once the library is loaded (one :class:`KernelWarning`)."""
+    try:
+        cached = _build(compiler)
+    except PermissionError as err:
+        warnings.warn(f"lightning_shampoo4: {err}; the CPU kernel is compiled afresh in a private temporary "
+                      f"directory (set ${CACHE_ENV_VAR} to a directory only you can write to keep it)",
+                      KernelWarning, stacklevel=4)
+        cached = None
+    if cached is not None:
+        yield cached
+        return
+    private = Path(tempfile.mkdtemp(prefix="lightning_shampoo4-kernels-"))  # mode 0700, ours
+    try:
+        yield _compile(compiler, private / "symmetric.so")
+    finally:
+        shutil.rmtree(private, ignore_errors=True)  # a loaded library stays mapped
 
 
 class _Library(NamedTuple):
@@ -106,17 +174,26 @@ class _Library(NamedTuple):
 
 @functools.lru_cache(maxsize=None)
 def _library() -> _Library | None:
-    """The kernels' entry points, or None when they cannot be built here (tried once per process)."""
+    """The kernels' entry points, or None when they cannot be built here (tried once per process,
+    with one :class:`KernelWarning` that says why)."""
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
-        log.info("lightning_shampoo4: no C compiler found; stored roots are rebuilt with torch ops")
+        warnings.warn("lightning_shampoo4: no C compiler found, so stored roots on the CPU are rebuilt with torch "
+                      "ops (same numbers, about 3x slower rebuilds). Install one (e.g. `apt-get install gcc`) or "
+                      "point $CC at one for the compiled kernel; LIGHTNING_SHAMPOO4_KERNELS=torch silences this.",
+                      KernelWarning, stacklevel=2)
+        return None
+    if not hasattr(os, "geteuid"):  # no file ownership to check (not POSIX)
+        warnings.warn("lightning_shampoo4: the CPU kernel is only loaded where file ownership can be checked; "
+                      "stored roots are rebuilt with torch ops", KernelWarning, stacklevel=2)
         return None
     try:
-        lib = ctypes.CDLL(str(_build(compiler)))
+        with _kernel_path(compiler) as path:
+            lib = ctypes.CDLL(str(path))
         rows, quantize = lib.ls4_symmetric_rows, lib.ls4_quantize_symmetric
     except Exception as err:  # noqa: BLE001 - any failure means: use torch ops
-        log.warning("lightning_shampoo4: the CPU kernel could not be built (%s); stored roots are rebuilt with "
-                    "torch ops", err)
+        warnings.warn(f"lightning_shampoo4: the CPU kernel could not be built ({err}); stored roots are rebuilt "
+                      "with torch ops (same numbers, slower)", KernelWarning, stacklevel=2)
         return None
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     rows.restype = None
