@@ -7,6 +7,8 @@ updated, then the model's parameters, the optimizer's state dict and the paramet
 more steps are saved, so a test can check that the state resumes bit for bit.
 """
 
+import copy
+
 import torch
 
 from lightning_shampoo4 import Shampoo4bit
@@ -43,7 +45,7 @@ def main() -> None:
         opt = Shampoo4bit(net.parameters(), lr=1e-2, stat_interval=2, root_interval=4, min_quant_numel=100, **kw)
         run(net, opt, 8, 1)
         params = {k: v.clone() for k, v in net.state_dict().items()}
-        state = opt.state_dict()
+        state = copy.deepcopy(opt.state_dict())  # the live state changes with the next steps
         run(net, opt, 2, 2)
         out[name] = {"kwargs": kw, "model": params, "optimizer": state,
                      "after": {k: v.clone() for k, v in net.state_dict().items()}}
