@@ -285,7 +285,7 @@ def shampoo32_bytes(optimizer: Any) -> dict[str, int] | None:
         return None
     try:
         groups = [
-            {**{k: v for k, v in g.items() if k != "params"}, "bits": 32, "quantize": "eigenvectors", "root_method": None,
+            {**{k: v for k, v in g.items() if k != "params"}, "bits": 32, "statistic_bits": None, "error_feedback": None, "root_method": None,
              "moment_bits": 32, "params": [p.detach().to("meta") for p in g["params"]]}
             for g in optimizer.param_groups
         ]

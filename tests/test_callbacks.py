@@ -162,7 +162,7 @@ def _metrics(tmp_path):
 def test_monitor_logs_every_key_with_finite_values(tmp_path):
     monitor = QuantizedStateMonitor(every_n_steps=2)
     trainer = _trainer(tmp_path, max_steps=4, callbacks=[monitor], log_every_n_steps=1)
-    trainer.fit(Net(quantize="eigenvectors"), _loader())  # the mode with every key
+    trainer.fit(Net(storage="eigenvectors"), _loader())  # the mode with every key
     rows = [r for r in _metrics(tmp_path) if r.get("shampoo/steps")]
     assert [int(r["step"]) for r in rows] == [1, 3]  # Lightning's step of the batches of optimizer steps 2 and 4
     for row in rows:
@@ -196,8 +196,8 @@ def test_monitor_costs_nothing_between_its_steps(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "shampoo, present, absent",
     [
-        (dict(quantize="preconditioner"), ["root_nre"], ["eigvec_nre", "eigvec_orth_error"]),
-        (dict(quantize="cholesky8"), ["root_nre"], ["eigvec_nre", "eigvec_orth_error"]),
+        (dict(storage="naive"), ["root_nre"], ["eigvec_nre", "eigvec_orth_error"]),
+        (dict(storage="cholesky"), ["root_nre"], ["eigvec_nre", "eigvec_orth_error"]),
         (dict(bits=32), ["eigval_max", "compression_ratio"], ["root_nre", "eigvec_nre"]),
         (dict(min_quant_numel=4096), ["eigval_max"], ["root_nre", "eigvec_orth_error"]),  # nothing quantized
     ],

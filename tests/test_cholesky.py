@@ -1,5 +1,5 @@
-"""``quantize="cholesky"``: the statistic stored as its quantized Cholesky factor with error
-feedback, and ``quantize="cholesky8"``: the factor with 8-bit codes and no error state. Codec,
+"""``storage="cholesky"``: the statistic stored as its quantized Cholesky factor, at 4 bits with
+error feedback ("ef") or with 8-bit codes and no error state ("c8", the default). Codec,
 error feedback, accuracy against a float64 Shampoo, training, checkpoints, memory accounting
 and failure handling."""
 
@@ -16,15 +16,25 @@ from torch import nn
 from lightning_shampoo4 import Shampoo4bit
 from lightning_shampoo4.optim import COUNTERS, CheckpointMismatchError
 from lightning_shampoo4.optim.storage import FAILED, OK, RETRIED, FactorConfig, storage_for
-from lightning_shampoo4.optim.storage.cholesky import Cholesky8Storage, CholeskyStorage
+from lightning_shampoo4.optim.storage.cholesky import CholeskyStorage
 
 BETA, EPS = 0.95, 1e-6
 
 
-def _storage(n, bits=4, quantize="cholesky", **kw):
+def _spell(kind, bits=4):
+    """The storage settings of ``kind``: "ef" (Li et al.: the factor at ``bits`` with error
+    feedback), "c8" (the default: the factor at 8 bits, no error state) or "eigenvectors"."""
+    return {
+        "ef": dict(storage="cholesky", statistic_bits=bits, error_feedback=True),
+        "c8": dict(storage="cholesky", statistic_bits=8, error_feedback=False),
+        "eigenvectors": dict(storage="eigenvectors", statistic_bits=None, error_feedback=None),
+    }[kind]
+
+
+def _storage(n, bits=4, kind="ef", **kw):
     """A stand-alone cholesky storage of order ``n`` (quantized whatever its size)."""
     p = nn.Parameter(torch.zeros(2, 2))
-    group = Shampoo4bit([p], bits=bits, quantize=quantize, min_quant_numel=0, **kw).param_groups[0]
+    group = Shampoo4bit([p], bits=bits, min_quant_numel=0, **_spell(kind, bits), **kw).param_groups[0]
     storage = storage_for(FactorConfig.from_group(group, n))
     assert isinstance(storage, CholeskyStorage) and storage.cfg.quantized
     return storage
@@ -50,11 +60,10 @@ def _pd(n, cond, seed=0):
 # -- the stored triangle ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bits, quantize, bound", [(8, "cholesky", 0.02), (4, "cholesky", 0.15),
-                                                  (4, "cholesky8", 0.02)])
+@pytest.mark.parametrize("bits, kind, bound", [(8, "ef", 0.02), (4, "ef", 0.15), (4, "c8", 0.02)])
 @pytest.mark.parametrize("n", [1, 2, 7, 65, 300])
-def test_triangle_round_trip(n, bits, quantize, bound):
-    s = _storage(n, bits, quantize)
+def test_triangle_round_trip(n, bits, kind, bound):
+    s = _storage(n, bits, kind)
     c = _lower(n, seed=n)
     entries = s._put("chol", c)
     assert set(entries) == {"chol_codes", "chol_absmax", "chol_diag"}
@@ -78,8 +87,8 @@ def test_init_describe_and_unquantized_layout():
     meta = s.init(torch.device("meta"))
     assert {k: (v.shape, v.dtype) for k, v in meta.items()} == {k: (v.shape, v.dtype) for k, v in st.items()}
     # cholesky8: no error state; the factor's codes are bytes, the root's still packed nibbles
-    s8 = _storage(70, quantize="cholesky8")
-    assert isinstance(s8, Cholesky8Storage)
+    s8 = _storage(70, kind="c8")
+    assert not s8.error_feedback
     st8 = s8.init(torch.device("cpu"))
     assert set(st8) == {"chol_codes", "chol_absmax", "chol_diag", "root_codes", "root_absmax", "root_diag"}
     assert st8["chol_codes"].numel() == 70 * 69 // 2 and st8["root_codes"].numel() == st["root_codes"].numel()
@@ -90,7 +99,7 @@ def test_init_describe_and_unquantized_layout():
     assert _nre(s8.chol(upd.entries), upd.fresh["chol"]) < 0.01
     # below min_quant_numel: C itself in fp32, no error state
     p = nn.Parameter(torch.zeros(2, 2))
-    small = storage_for(FactorConfig.from_group(Shampoo4bit([p], quantize="cholesky").param_groups[0], 10))
+    small = storage_for(FactorConfig.from_group(Shampoo4bit([p], **_spell("ef")).param_groups[0], 10))
     st = small.init(torch.device("cpu"))
     assert set(st) == {"chol", "root"} and st["chol"].dtype == torch.float32
     m = _pd(10, 10.0).float()
@@ -99,9 +108,9 @@ def test_init_describe_and_unquantized_layout():
     assert upd.status == OK and torch.allclose(upd.entries["chol"].double(), exact, rtol=1e-5, atol=1e-7)
 
 
-def test_32_bits_stays_dense_whatever_quantize_says():
+def test_32_bits_stays_dense_whatever_the_storage():
     p = nn.Parameter(torch.zeros(80, 80))
-    opt = Shampoo4bit([p], bits=32, quantize="cholesky")
+    opt = Shampoo4bit([p], bits=32, storage="cholesky")
     opt.init_state()
     assert {k.split(".", 2)[2] for k in opt.state[p] if k[0].isdigit()} == {"factor", "root"}
 
@@ -155,7 +164,7 @@ def test_requantizing_the_factor_from_itself_accumulates_no_rounding_bias():
     bf16 scales rounded up (every block maximum inflated by up to 2^-8) gave a statistic 0.43
     away from the exact EMA after 150 updates; rounded to nearest: 0.046."""
     n = 96
-    s = _storage(n, quantize="cholesky8")
+    s = _storage(n, kind="c8")
     st = s.init(torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
     a = _factor_half(n, 1e4, gen)
@@ -180,12 +189,12 @@ def _exact_root(a):
     return (v * (w + EPS * w.max()).pow(-0.25)) @ v.T
 
 
-def _root_drift(quantize, m=64, n=96, steps=60, cond=1e3, seed=0):
+def _root_drift(kind, m=64, n=96, steps=60, cond=1e3, seed=0):
     """Worst root NRE over updates 20..steps against a float64 Shampoo on G = A Z B."""
     gen = torch.Generator().manual_seed(seed)
     a, b = _factor_half(m, cond, gen), _factor_half(n, cond, gen).T
     p = nn.Parameter(torch.zeros(m, n))
-    opt = Shampoo4bit([p], lr=0.0, weight_decay=0.0, bits=4, quantize=quantize, stat_interval=1, root_interval=1,
+    opt = Shampoo4bit([p], lr=0.0, weight_decay=0.0, bits=4, **_spell(kind), stat_interval=1, root_interval=1,
                       shampoo_beta=BETA, matrix_eps=EPS)
     stats = {"L": EPS * torch.eye(m, dtype=torch.float64), "R": EPS * torch.eye(n, dtype=torch.float64)}
     worst = 0.0
@@ -203,8 +212,8 @@ def _root_drift(quantize, m=64, n=96, steps=60, cond=1e3, seed=0):
 
 
 def test_root_stays_close_to_float64_shampoo_on_an_ill_conditioned_stream():
-    chol = _root_drift("cholesky")
-    chol8 = _root_drift("cholesky8")
+    chol = _root_drift("ef")
+    chol8 = _root_drift("c8")
     eigen = _root_drift("eigenvectors")
     # measured (seeds 0-2): cholesky 0.138-0.142, cholesky8 0.051-0.052, eigenvectors 0.265-0.269;
     # 4-bit without error feedback 0.29, cholesky at 8 bits 0.007
@@ -229,7 +238,7 @@ def _data():
     return x, torch.tanh(x @ w) + 0.5 * (x @ w)
 
 
-KW = dict(quantize="cholesky", lr=3e-3, stat_interval=1, root_interval=2)
+KW = dict(**_spell("ef"), lr=3e-3, stat_interval=1, root_interval=2)
 
 
 def _train(model, opt, steps):
@@ -244,17 +253,17 @@ def _train(model, opt, steps):
     return losses
 
 
-@pytest.mark.parametrize("bits, quantize", [(4, "cholesky"), (8, "cholesky"), (4, "cholesky8")])
-def test_training_reduces_the_loss(bits, quantize):
+@pytest.mark.parametrize("bits, kind", [(4, "ef"), (8, "ef"), (4, "c8")])
+def test_training_reduces_the_loss(bits, kind):
     model = _model()
-    opt = Shampoo4bit(model.parameters(), bits=bits, **(KW | dict(quantize=quantize)))
+    opt = Shampoo4bit(model.parameters(), bits=bits, **(KW | _spell(kind, bits)))
     losses = _train(model, opt, 40)
     assert all(math.isfinite(x) for x in losses)
     assert losses[-1] < 0.2 * losses[0]
     assert opt.counters["root_updates"] > 0 and opt.counters["failed_updates"] == 0
     state = opt.state[model[0].weight]
     assert any(k.endswith("chol_codes") for k in state)  # the quantized path ran
-    assert any(k.endswith("ef_codes") for k in state) == (quantize == "cholesky")
+    assert any(k.endswith("ef_codes") for k in state) == (kind == "ef")
 
 
 def test_schur_newton_root_matches_the_eigh_root():
@@ -267,9 +276,9 @@ def test_schur_newton_root_matches_the_eigh_root():
     assert _nre(s.root({**st, **upd.entries}), _exact_root(a)) < 0.1  # the 4-bit root's own error
 
 
-@pytest.mark.parametrize("quantize", ["cholesky", "cholesky8"])
-def test_weights_only_checkpoint_resumes_bit_identically(quantize):
-    kw = KW | dict(quantize=quantize)
+@pytest.mark.parametrize("kind", ["ef", "c8"])
+def test_weights_only_checkpoint_resumes_bit_identically(kind):
+    kw = KW | _spell(kind)
     full = _model()
     opt_full = Shampoo4bit(full.parameters(), **kw)
     _train(full, opt_full, 9)
@@ -300,7 +309,7 @@ def test_weights_only_checkpoint_resumes_bit_identically(quantize):
         assert opt_resumed.counters[k] == opt_full.counters[k], k
 
 
-@pytest.mark.parametrize("other", [dict(quantize="eigenvectors"), dict(quantize="cholesky8"), dict(bits=8),
+@pytest.mark.parametrize("other", [_spell("eigenvectors"), _spell("c8"), dict(bits=8, statistic_bits=8),
                                    dict(block_size=32)])
 def test_checkpoint_state_must_fit_its_format(other):
     model = _model()
@@ -327,7 +336,7 @@ def test_checkpoint_state_must_fit_its_format(other):
     _train(src, opt_src, 2)
     mixed = copy.deepcopy(opt_src.state_dict())
     for g in mixed["param_groups"]:
-        g.update(quantize="cholesky", bits=4, block_size=64)
+        g.update(_spell("ef"), bits=4, block_size=64)
     with pytest.raises(CheckpointMismatchError, match="0.L"):
         Shampoo4bit(_model().parameters(), **(KW | other)).load_state_dict(mixed)
 
@@ -338,7 +347,7 @@ def test_checkpoint_state_must_fit_its_format(other):
 def test_memory_report_is_exact_and_close_to_the_eigen_mode():
     n = 256
     p = nn.Parameter(torch.zeros(n, n))
-    opt = Shampoo4bit([p], quantize="cholesky")
+    opt = Shampoo4bit([p], **_spell("ef"))
     p.grad = torch.randn(n, n)
     opt.step()
     st = opt.state[p]
@@ -365,7 +374,7 @@ def test_cholesky8_stores_one_8bit_triangle_and_one_4bit_root_at_fewer_bytes_tha
     reports = {}
     for quantize in ("cholesky", "cholesky8"):
         p = nn.Parameter(torch.zeros(n, n))
-        opt = Shampoo4bit([p], quantize=quantize)
+        opt = Shampoo4bit([p], **_spell({"cholesky": "ef", "cholesky8": "c8"}[quantize]))
         p.grad = torch.randn(n, n)
         opt.step()
         reports[quantize] = opt.memory_report()

@@ -43,16 +43,16 @@ STEPS, FIRST_FAULT, LAST_FAULT = 44, 5, 34  # faults at clocks 5..34, then clean
 LAST_HUGE = 26  # AdamW carries a huge gradient in its moments for a few dozen steps
 SETTINGS = dict(stat_interval=2, root_interval=4, min_quant_numel=0, block_size=16, max_order=8, lr=2e-2)
 MODES = {
-    "4bit-eigenvectors-adamw": dict(bits=4, quantize="eigenvectors"),
-    "8bit-eigenvectors-dynamic-adamw": dict(bits=8, quantize="eigenvectors", codebook="dynamic"),
+    "4bit-eigenvectors-adamw": dict(bits=4, storage="eigenvectors"),
+    "8bit-eigenvectors-dynamic-adamw": dict(bits=8, storage="eigenvectors", codebook="dynamic"),
     "32bit-adamw": dict(bits=32),
-    "4bit-preconditioner-adamw": dict(bits=4, quantize="preconditioner"),
-    "8bit-preconditioner-eigh-adamw": dict(bits=8, quantize="preconditioner", root_method="eigen"),
-    "4bit-eigenvectors-sgd": dict(bits=4, quantize="eigenvectors", base="sgd", lr=0.1),
+    "4bit-naive-adamw": dict(bits=4, storage="naive"),
+    "8bit-naive-eigh-adamw": dict(bits=8, storage="naive", root_method="eigen"),
+    "4bit-eigenvectors-sgd": dict(bits=4, storage="eigenvectors", base="sgd", lr=0.1),
     "32bit-sgd": dict(bits=32, base="sgd", lr=0.1),
-    "4bit-preconditioner-sgd": dict(bits=4, quantize="preconditioner", base="sgd", lr=0.1),
-    "4bit-cholesky-adamw": dict(bits=4, quantize="cholesky"),
-    "4bit-cholesky8-adamw": dict(bits=4, quantize="cholesky8"),
+    "4bit-naive-sgd": dict(bits=4, storage="naive", base="sgd", lr=0.1),
+    "4bit-cholesky-ef-adamw": dict(bits=4, storage="cholesky", statistic_bits=4),
+    "4bit-cholesky-adamw": dict(bits=4, storage="cholesky"),
 }
 N_PARAMS = 4  # weight, bias, weight, bias
 
@@ -64,9 +64,9 @@ RAN: list[str] = []
 def _storage(kw) -> str:
     if kw.get("bits", 4) == 32:
         return "dense"
-    if kw.get("quantize", "").startswith("cholesky"):
+    if kw.get("storage", "cholesky") == "cholesky":
         return "cholesky"
-    return "naive" if kw.get("quantize") == "preconditioner" else "eigen"
+    return "naive" if kw["storage"] == "naive" else "eigen"
 
 
 def _linalg_target(kw):

@@ -63,11 +63,11 @@ def test_equals_sgd_momentum_before_first_root(nesterov):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
-# -- 32-bit Shampoo against an independent float64 implementation of SPEC.md section 4 ------
+# -- 32-bit Shampoo against an independent float64 implementation (docs/algorithms.md) ------
 
 
 class _Float64Shampoo:
-    """SPEC.md section 4 written directly, in float64: EMA factors, exact eigh roots with
+    """The Shampoo update of docs/algorithms.md written directly, in float64: EMA factors, exact eigh roots with
     relative damping, grafting, AdamW. Tensors are whole (no blocking needed at these sizes)."""
 
     def __init__(self, params, lr, beta, eps, t1, t2, betas=(0.9, 0.999), adam_eps=1e-8):
@@ -152,7 +152,7 @@ def test_preconditioning_changes_the_update():
 
 
 @pytest.mark.parametrize("variant", [dict(bits=4), dict(bits=8, block_size=256), dict(bits=32),
-                                     dict(bits=4, quantize="preconditioner"), dict(bits=4, codebook="dynamic"),
+                                     dict(bits=4, storage="naive"), dict(bits=4, codebook="dynamic"),
                                      dict(bits=4, base="sgd", lr=0.05)])
 def test_every_variant_reduces_the_loss(variant):
     model = _model()
@@ -169,7 +169,7 @@ def test_every_variant_reduces_the_loss(variant):
 def test_state_layout_and_blocking():
     w = nn.Parameter(torch.randn(130, 3, 1, 50))  # squeezed -> 130 x 150, blocks of 100
     bias = nn.Parameter(torch.randn(130))
-    opt = Shampoo4bit([w, bias], max_order=100, quantize="eigenvectors")
+    opt = Shampoo4bit([w, bias], max_order=100, storage="eigenvectors")
     opt.init_state()
     st = opt.state[w]
     # rows 130 -> 100 + 30, cols 150 -> 100 + 50: four tiles
@@ -183,7 +183,7 @@ def test_state_layout_and_blocking():
 @pytest.mark.parametrize("n", [64, 384, 768, 1200])
 def test_4bit_second_order_state_is_about_ten_times_smaller(n):
     p4, p32 = nn.Parameter(torch.zeros(n, n)), nn.Parameter(torch.zeros(n, n))
-    o4 = Shampoo4bit([p4], max_order=1200, quantize="eigenvectors")
+    o4 = Shampoo4bit([p4], max_order=1200, storage="eigenvectors")
     o32 = Shampoo4bit([p32], bits=32, max_order=1200)
     o4.init_state()
     o32.init_state()
@@ -232,7 +232,7 @@ def _state_equal(s1, s2):
             assert v1 == v2, k
 
 
-@pytest.mark.parametrize("variant", [dict(bits=4), dict(bits=32), dict(bits=4, quantize="preconditioner")])
+@pytest.mark.parametrize("variant", [dict(bits=4), dict(bits=32), dict(bits=4, storage="naive")])
 def test_resume_is_bit_identical(variant):
     kw = dict(lr=3e-3, stat_interval=1, root_interval=2, min_quant_numel=64) | variant
     full = _model()
@@ -264,15 +264,16 @@ def test_resume_is_bit_identical(variant):
 
 @pytest.mark.parametrize("n, ratio, vs_eigen", [(64, 8.55, 1.0031), (384, 9.98, 0.9917), (768, 10.15, 0.9896),
                                                 (1200, 10.21, 0.9881)])
-def test_default_storage_is_cholesky8_at_about_the_eigenvector_bytes(n, ratio, vs_eigen):
+def test_default_storage_is_the_8bit_cholesky_factor_at_about_the_eigenvector_bytes(n, ratio, vs_eigen):
     p4, pe, p32 = (nn.Parameter(torch.zeros(n, n)) for _ in range(3))
     o4 = Shampoo4bit([p4], max_order=1200)
-    oe = Shampoo4bit([pe], max_order=1200, quantize="eigenvectors")
+    oe = Shampoo4bit([pe], max_order=1200, storage="eigenvectors")
     o32 = Shampoo4bit([p32], bits=32, max_order=1200)
     for o in (o4, oe, o32):
         o.init_state()
     g = o4.param_groups[0]
-    assert (g["quantize"], g["codebook"], g["block_size"], g["root_block_size"]) == ("cholesky8", "linear1.5", 1200, 40)
+    assert (g["storage"], g["statistic_bits"], g["error_feedback"]) == ("cholesky", 8, False)
+    assert (g["codebook"], g["block_size"], g["root_block_size"]) == ("linear1.5", 1200, 40)
     assert "0.L.chol_codes" in o4.state[p4]
     ge = oe.param_groups[0]
     assert (ge["codebook"], ge["block_size"], ge["root_block_size"]) == ("linear2", 64, 256)
@@ -283,11 +284,11 @@ def test_default_storage_is_cholesky8_at_about_the_eigenvector_bytes(n, ratio, v
 
 def test_load_keeps_codes_uint8_and_eigenvalues_fp32_for_bf16_params():
     src = nn.Linear(80, 80)
-    opt = Shampoo4bit(src.parameters(), stat_interval=1, root_interval=1, quantize="eigenvectors")
+    opt = Shampoo4bit(src.parameters(), stat_interval=1, root_interval=1, storage="eigenvectors")
     src(torch.randn(4, 80)).sum().backward()
     opt.step()
     dst = nn.Linear(80, 80).to(torch.bfloat16)
-    opt2 = Shampoo4bit(dst.parameters(), quantize="eigenvectors")
+    opt2 = Shampoo4bit(dst.parameters(), storage="eigenvectors")
     opt2.load_state_dict(opt.state_dict())
     st = opt2.state[dst.weight]
     assert st["0.L.eigvecs_codes"].dtype == torch.uint8
@@ -307,7 +308,7 @@ def test_bf16_parameters_train():
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert opt.state[model[2].weight]["exp_avg"].dtype == torch.bfloat16
     st = opt.state[model[2].weight]
-    assert st["0.L.chol_diag"].dtype == st["0.L.root_diag"].dtype == torch.float32  # the default: cholesky8
+    assert st["0.L.chol_diag"].dtype == st["0.L.root_diag"].dtype == torch.float32  # the default: an 8-bit Cholesky factor
 
 
 # -- failures ---------------------------------------------------------------------------------
@@ -374,6 +375,10 @@ def test_failed_decomposition_retries_then_keeps_previous_root(monkeypatch):
         (dict(base="adam"), "base"),
         (dict(bits=2), "bits"),
         (dict(quantize="factors"), "quantize"),
+        (dict(storage="factors"), "storage"),
+        (dict(statistic_bits=2), "statistic_bits"),
+        (dict(bits=4, statistic_bits=32), "statistic_bits"),
+        (dict(storage="eigenvectors", error_feedback=True), "error_feedback"),
         (dict(codebook="nf4"), "codebook"),
         (dict(block_size=0), "block_size"),
         (dict(max_order=0), "max_order"),
@@ -517,7 +522,7 @@ def test_a_checkpoint_resumes_with_the_storage_it_was_saved_with():
     """An eigenvector-method checkpoint (the default before 0.2.0) resumed by an optimizer built
     with today's default continues as the eigenvector method, bit for bit."""
     model = _model()
-    opt = Shampoo4bit(model.parameters(), quantize="eigenvectors", stat_interval=1, root_interval=2,
+    opt = Shampoo4bit(model.parameters(), storage="eigenvectors", stat_interval=1, root_interval=2,
                       min_quant_numel=64)
     _train(model, opt, 3)
     saved_params, saved = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
@@ -526,7 +531,7 @@ def test_a_checkpoint_resumes_with_the_storage_it_was_saved_with():
     resumed.load_state_dict(saved_params)
     opt2 = Shampoo4bit(resumed.parameters(), stat_interval=1, root_interval=2, min_quant_numel=64)
     opt2.load_state_dict(saved)
-    assert opt2.param_groups[0]["quantize"] == "eigenvectors"
+    assert opt2.param_groups[0]["storage"] == "eigenvectors"
     _train(resumed, opt2, 3, seed=2)
     for a, b in zip(model.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
@@ -536,7 +541,7 @@ def test_a_checkpoint_resumes_with_the_storage_it_was_saved_with():
 def test_each_group_takes_its_own_modes_storage_settings_unless_given():
     m = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8))
     opt = Shampoo4bit([{"params": m[0].parameters()},
-                       {"params": m[1].parameters(), "quantize": "eigenvectors"},
+                       {"params": m[1].parameters(), "storage": "eigenvectors"},
                        {"params": m[2].parameters(), "codebook": "linear2", "root_block_size": 64}])
     settings = [(g["codebook"], g["block_size"], g["root_block_size"]) for g in opt.param_groups]
     assert settings == [("linear1.5", 1200, 40), ("linear2", 64, 256), ("linear2", 1200, 64)]

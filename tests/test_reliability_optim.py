@@ -22,7 +22,7 @@ from lightning_shampoo4.optim import COUNTERS
 from lightning_shampoo4.optim.storage import Storage
 
 # the paper's eigenvector method, whose state the cases below name; the Cholesky cases say so
-SMALL = dict(lr=1e-2, stat_interval=1, root_interval=2, min_quant_numel=0, quantize="eigenvectors")
+SMALL = dict(lr=1e-2, stat_interval=1, root_interval=2, min_quant_numel=0, storage="eigenvectors")
 
 
 def _mlp(seed=0, hidden=8, bias=True):
@@ -151,15 +151,15 @@ def test_huge_finite_gradient_after_first_root_stays_finite_like_adamw(norm, whe
 # -- 2. an overflowing statistic is never stored ---------------------------------------------
 
 
-@pytest.mark.parametrize("variant", [dict(bits=32), dict(bits=4, quantize="preconditioner"),
-                                     dict(bits=8, quantize="preconditioner", root_method="eigen"),
-                                     dict(bits=4, quantize="cholesky"), dict(bits=4, quantize="cholesky8")])
+@pytest.mark.parametrize("variant", [dict(bits=32), dict(bits=4, storage="naive"),
+                                     dict(bits=8, storage="naive", root_method="eigen"),
+                                     dict(bits=4, storage="cholesky", statistic_bits=4), dict(bits=4, storage="cholesky")])
 def test_overflowing_statistic_is_not_stored(variant):
     model = _mlp()
     opt = Shampoo4bit(model.parameters(), **SMALL | variant)
     _train(model, opt, 2)  # one root update done
     w = model[0].weight
-    stat = "chol" if variant.get("quantize", "").startswith("cholesky") else "factor"
+    stat = "chol" if variant.get("storage") == "cholesky" else "factor"
     factors = {k: v.clone() for k, v in opt.state[w].items() if f".{stat}" in k or ".ef_" in k}
     assert factors
     before = _counts(opt)
@@ -188,12 +188,12 @@ ATOMIC_CASES = [
     ("PU step, qr", dict(bits=4), 3, (torch.linalg, "qr")),
     ("PIRU step, eigen root", dict(bits=4), 4, (linalg_mod, "eigen_inverse_root")),
     ("PIRU step, eigh root", dict(bits=32), 4, (linalg_mod, "eigh_inverse_root")),
-    ("PU step, store", dict(bits=8, quantize="preconditioner"), 3, (Storage, "store")),
+    ("PU step, store", dict(bits=8, storage="naive"), 3, (Storage, "store")),
     ("PU step, quantize", dict(bits=4), 3, (kernels_mod, "quantize")),
-    ("PIRU step, Newton root", dict(bits=4, quantize="preconditioner"), 2, (torch.linalg, "matrix_norm")),
-    ("PU step, cholesky", dict(bits=4, quantize="cholesky"), 3, (torch.linalg, "cholesky_ex")),
-    ("PIRU step, cholesky root", dict(bits=4, quantize="cholesky"), 4, (linalg_mod, "eigh_inverse_root")),
-    ("PU step, cholesky8", dict(bits=4, quantize="cholesky8"), 3, (torch.linalg, "cholesky_ex")),
+    ("PIRU step, Newton root", dict(bits=4, storage="naive"), 2, (torch.linalg, "matrix_norm")),
+    ("PU step, cholesky 4-bit", dict(bits=4, storage="cholesky", statistic_bits=4), 3, (torch.linalg, "cholesky_ex")),
+    ("PIRU step, cholesky root", dict(bits=4, storage="cholesky", statistic_bits=4), 4, (linalg_mod, "eigh_inverse_root")),
+    ("PU step, cholesky 8-bit", dict(bits=4, storage="cholesky"), 3, (torch.linalg, "cholesky_ex")),
 ]
 
 
@@ -443,7 +443,8 @@ def test_bf16_checkpoint_resumes_on_fp32_parameters():
 
 
 @pytest.mark.parametrize("key, value", [("block_size", 32), ("codebook", "dynamic"), ("bits", 8), ("max_order", 4),
-                                        ("quantize", "preconditioner"), ("base", "sgd")])
+                                        ("storage", "naive"), ("statistic_bits", 8),
+                                        ("error_feedback", True), ("base", "sgd")])
 def test_changing_a_format_setting_with_state_raises(key, value):
     model = _mlp()
     opt = _trained(model, steps=2)
@@ -481,7 +482,7 @@ def test_intervals_follow_the_optimizer_clock_when_gradients_are_missing(root_in
     torch.manual_seed(0)
     a, b = nn.Linear(6, 5), nn.Linear(5, 3)
     opt = Shampoo4bit([*a.parameters(), *b.parameters()], lr=1e-2, stat_interval=1, root_interval=root_interval,
-                      min_quant_numel=0, quantize="eigenvectors")
+                      min_quant_numel=0, storage="eigenvectors")
     x, y = _batch()
     roots_a, roots_b, stats_b = [], [], []
     for clock in range(1, 13):

@@ -43,10 +43,10 @@ def _run32():
     return _run(bits=32)[:2]
 
 
-@pytest.mark.parametrize("quantize, key", [(None, "0.L.chol_codes"), ("eigenvectors", "0.L.eigvecs_codes")],
+@pytest.mark.parametrize("storage, key", [(None, "0.L.chol_codes"), ("eigenvectors", "0.L.eigvecs_codes")],
                          ids=["default", "eigenvectors"])
-def test_4bit_trains_like_32bit_on_digits(quantize, key):
-    loss4, acc4, opt4 = _run(bits=4, **({"quantize": quantize} if quantize else {}))
+def test_4bit_trains_like_32bit_on_digits(storage, key):
+    loss4, acc4, opt4 = _run(bits=4, **({"storage": storage} if storage else {}))
     loss32, acc32 = _run32()
     assert opt4.state[next(iter(opt4.state))]  # state exists
     assert key in opt4.state[opt4.param_groups[0]["params"][2]]  # really quantized

@@ -29,44 +29,35 @@ def _nre(approx: torch.Tensor, exact: torch.Tensor) -> tuple[float, float]:
 def factor_errors(factor: Factor, has_root: bool) -> dict[str, Any]:
     """Quantization diagnostics of one quantized factor (see :class:`QuantizedStateMonitor`).
 
-    Returns a dict with ``orth``, ``orth_rectified``, ``eigvec_err2``/``eigvec_ref2`` (eigen
-    mode) and ``root_err2``/``root_ref2`` (when the root has been computed at least once).
+    Returns a dict with ``orth``, ``orth_rectified``, ``eigvec_err2``/``eigvec_ref2`` (a factor
+    that stores eigenvectors) and ``root_err2``/``root_ref2`` (when the root has been computed at
+    least once; the reference is :meth:`Factor.exact_root`).
     """
     cfg = factor.cfg
     out: dict[str, Any] = {}
-    if cfg.mode == "eigen":
+    if factor.stores_eigenvectors:
         v = factor.eigvecs(0)
         v_rect = linalg.bjorck(v, cfg.bjorck_root)
         out["orth"] = linalg.orthogonality_error(v)
         out["orth_rectified"] = linalg.orthogonality_error(v_rect)
-        codebook = get_codebook(cfg.codebook, cfg.bits, v.device)
+        bits = cfg.statistic_bits or cfg.bits
+        codebook = get_codebook(cfg.codebook, bits, v.device)
         q = kernels.quantize(
-            v_rect, codebook, cfg.bits, cfg.block_size, transpose=True, scale_dtype=cfg.scale_dtype, backend=cfg.backend
+            v_rect, codebook, bits, cfg.block_size, transpose=True, scale_dtype=cfg.scale_dtype, backend=cfg.backend
         )
-        requantized = kernels.dequantize(
-            q, codebook, tuple(v.shape), cfg.bits, cfg.block_size, transpose=True, backend=cfg.backend
-        )
+        requantized = kernels.dequantize(q, codebook, tuple(v.shape), bits, cfg.block_size, transpose=True,
+                                         backend=cfg.backend)
         out["eigvec_err2"], out["eigvec_ref2"] = _nre(requantized, v_rect)
-        if has_root:
-            exact = linalg.eigen_inverse_root(factor.eigvals(), v_rect, 4, cfg.eps)
+    if has_root:
+        exact = factor.exact_root()
+        if exact is not None:
             out["root_err2"], out["root_ref2"] = _nre(factor.root(), exact)
-    elif cfg.mode in ("naive", "cholesky", "cholesky8") and has_root:
-        result = linalg.eigh_inverse_root(factor.factor(), 4, cfg.eps)
-        if result is not None:
-            out["root_err2"], out["root_ref2"] = _nre(factor.root(), result.root)
     return out
 
 
 def _local_numel(p: torch.Tensor) -> int:
     """Elements this rank holds of ``p`` (a DTensor's local shard)."""
     return p.to_local().numel() if is_dtensor(p) else p.numel()
-
-
-def _eigvals(factor: Factor) -> torch.Tensor:
-    if factor.cfg.mode == "eigen":
-        return factor.eigvals()
-    a = factor.factor()
-    return torch.linalg.eigvalsh((a + a.mT) / 2)
 
 
 class QuantizedStateMonitor(ShampooCallback):
@@ -112,11 +103,10 @@ class QuantizedStateMonitor(ShampooCallback):
         ``root_nre_max``: worst factor. Only factors whose root has been computed. ``R`` uses
         the statistics as stored now, so when statistics were updated after the last root
         update the figure includes that staleness; logging on multiples of ``root_interval``
-        gives the pure quantization error. For ``quantize="preconditioner"`` (naive 4-bit),
-        ``"cholesky"`` and ``"cholesky8"``, ``R`` is the exact ``eigh`` root of the dequantized
-        statistic.
+        gives the pure quantization error. For the Cholesky and naive storages ``R`` is the
+        exact ``eigh`` root of the dequantized statistic.
     * ``eigval_min``, ``eigval_max``: extremes of the eigenvalues over all factors (stored
-      Rayleigh quotients in eigen mode, ``eigvalsh`` of the factor otherwise);
+      Rayleigh quotients of the eigenvector storage, ``eigvalsh`` of the factor otherwise);
       ``condition_max``: largest ``(lambda_max + rho) / (max(lambda_min, 0) + rho)``, the
       condition number of the damped matrix whose root is taken.
     * ``steps, stat_updates, root_updates, skipped_nonfinite, retried_updates,
@@ -230,7 +220,7 @@ class QuantizedStateMonitor(ShampooCallback):
         lam_min, lam_max, cond = math.inf, -math.inf, 0.0
         for p, block, side, factor in factors:
             label = f"{names.get(id(p), 'param')}[{block}].{side}"
-            lam = _eigvals(factor).float()
+            lam = factor.eigvals().float()
             top = float(lam.max())
             lam_min, lam_max = min(lam_min, float(lam.min())), max(lam_max, top)
             rho = factor.cfg.eps * max(top, 0.0)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .distributed import block_index
+from .settings import quantize_to_storage
 
 _MOMENTS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
 _NON_NEGATIVE = ("exp_avg_sq", "_absmax")  # key endings whose values are >= 0 in any valid state
@@ -75,7 +76,7 @@ def load_optimizer_state(
                 f"{len(group['params'])} here"
             )
         # keys a checkpoint of an older version lacks keep this optimizer's values
-        merged = {k: v for k, v in group.items() if k != "params"} | dict(saved)
+        merged = {k: v for k, v in group.items() if k != "params"} | _upgrade_group(saved)
         merged["clock"] = _count(f"the clock of parameter group {gi}", merged.get("clock", 0))
         groups.append(merged)
         for position, (pid, p) in enumerate(zip(saved["params"], group["params"])):
@@ -83,13 +84,11 @@ def load_optimizer_state(
                 raise CheckpointMismatchError(f"the checkpoint lists parameter id {pid!r} twice")
             by_id[pid] = (index, position, p, group, merged)
             index += 1
-    from .shampoo import HYPER_KEYS
-    from .validation import validate_group
-
+    table = optimizer.SETTINGS
     for merged in groups:
-        check = {k: v for k, v in merged.items() if k in HYPER_KEYS}
+        check = {k: v for k, v in merged.items() if k in table.group_keys}
         try:
-            validate_group(check)
+            table.validate(check)
         except ValueError as err:
             raise CheckpointMismatchError(f"the checkpoint's hyper-parameters are invalid: {err}") from None
 
@@ -161,6 +160,19 @@ def load_optimizer_state(
     optimizer.state.clear()
     for p, st in loaded.items():
         optimizer.state[p] = st
+
+
+def _upgrade_group(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved parameter group in today's settings: version 0.2 stored ``quantize`` where
+    ``storage`` / ``statistic_bits`` / ``error_feedback`` are now (the same state format)."""
+    group = dict(saved)
+    quantize = group.pop("quantize", None)
+    if quantize is not None:
+        try:
+            group.update(quantize_to_storage(quantize, group.get("bits", 4)))
+        except ValueError as err:
+            raise CheckpointMismatchError(f"the checkpoint's hyper-parameters are invalid: {err}") from None
+    return group
 
 
 def _upgrade(state: dict[str, Any], p: torch.Tensor, group: dict, expected: dict[str, Any]) -> dict[str, Any]:

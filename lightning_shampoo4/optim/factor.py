@@ -51,14 +51,24 @@ class Factor:
         return self.storage.cfg.order
 
     def eigvecs(self, bjorck_steps: int = 0) -> torch.Tensor:
-        """The stored eigenvectors (columns), dequantized and Björck-rectified (eigen mode)."""
+        """The stored eigenvectors (columns), dequantized and Björck-rectified (eigenvector storage)."""
         return self.storage.eigvecs(self.view, bjorck_steps)
 
+    @property
+    def stores_eigenvectors(self) -> bool:
+        """Whether the factor keeps an eigenvector matrix (``storage="eigenvectors"``)."""
+        return self.storage.stores_eigenvectors
+
     def eigvals(self) -> torch.Tensor:
-        return self.view["eigvals"]
+        """The statistic's eigenvalues: stored ones, or ``eigvalsh`` of the stored statistic."""
+        return self.storage.eigenvalues(self.view)
+
+    def exact_root(self) -> torch.Tensor | None:
+        """The inverse root of the stored statistic computed exactly now (None if that fails)."""
+        return self.storage.exact_root(self.view)
 
     def factor(self) -> torch.Tensor:
-        """The statistic as dense fp32 (reconstructed from U and lambda in eigen mode)."""
+        """The statistic as dense fp32 (reconstructed from U and lambda in the eigenvector storage)."""
         return self.storage.statistic(self.view)
 
     def root(self) -> torch.Tensor:

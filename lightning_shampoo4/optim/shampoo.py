@@ -1,6 +1,6 @@
 """``Shampoo4bit``: Shampoo with 4-bit quantized preconditioners, grafted onto AdamW or SGD.
 
-One step (SPEC.md section 4), in three phases so that it either completes or leaves no trace:
+One step (``docs/algorithms.md``), in three phases so that it either completes or leaves no trace:
 
 1. **compute**: for every parameter with a gradient, the due statistics (PU) and inverse-root
    (PIRU) updates of its blocks, each *returning* new state entries, then the preconditioned,
@@ -40,7 +40,7 @@ from .distributed import UnsupportedStrategyError
 from .factor import Factor, PrefixView
 from .memory import memory_report
 from .storage import FAILED, RETRIED, FactorConfig, Storage, Update, storage_for
-from .validation import FORMAT_KEYS, validate_group
+from .settings import SHAMPOO_SETTINGS
 
 __all__ = ["COUNTERS", "Shampoo4bit", "UnsupportedStrategyError"]
 
@@ -55,13 +55,11 @@ COUNTERS = (
 TIMERS = ("time_stats_s", "time_roots_s")
 SKIP_WARN_AFTER = 50  # consecutive skipped steps after which the optimizer warns, once
 
-# every per-group hyper-parameter (the constructor's arguments after params)
-HYPER_KEYS = (
-    "lr", "betas", "eps", "weight_decay", "momentum", "nesterov", "base", "bits", "moment_bits", "quantize",
-    "codebook", "block_size", "root_block_size", "scale_dtype", "min_quant_numel", "max_order", "shampoo_beta", "matrix_eps", "stat_interval",
-    "root_interval", "bjorck_steps", "root_method", "kernel_backend", "precondition_dtype",
-    "start_preconditioning_step", "precondition",
-)
+# every per-group hyper-parameter (the constructor's arguments after params, less the optimizer-wide ones)
+HYPER_KEYS = SHAMPOO_SETTINGS.group_keys
+FORMAT_KEYS = SHAMPOO_SETTINGS.format_keys
+# what a group's cached storages depend on (a deprecated key set on a group is translated anew)
+_SIGNATURE_KEYS = tuple(s.name for s in SHAMPOO_SETTINGS.settings if s.per_group)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -93,13 +91,15 @@ class _LocalStates(NamedTuple):
 class Shampoo4bit(Optimizer):
     """Shampoo whose preconditioner state is stored at about 4 bits per element.
 
-    By default (``quantize="cholesky8"``) each Kronecker statistic is kept as its lower Cholesky
+    By default (``storage="cholesky"``) each Kronecker statistic is kept as its lower Cholesky
     factor with 8-bit codes and its inverse root at 4 bits (one triangle each); with
-    ``quantize="eigenvectors"`` it is the paper's 4-bit eigenvector matrix plus fp32 eigenvalues.
+    ``storage="eigenvectors"`` it is the paper's 4-bit eigenvector matrix plus fp32 eigenvalues.
+    ``docs/algorithms.md`` describes every storage and the measurements behind the defaults; the
+    settings are declared in :data:`.settings.SHAMPOO_SETTINGS`.
 
     Args:
         params: iterable of parameters or of parameter-group dicts (any argument below can
-            be overridden per group).
+            be overridden per group, except ``distributed`` and ``distributed_dtype``).
         lr: learning rate of the base optimizer.
         betas: AdamW moment coefficients (``base="adamw"``).
         eps: AdamW denominator epsilon.
@@ -107,25 +107,34 @@ class Shampoo4bit(Optimizer):
         momentum: SGD momentum (``base="sgd"``).
         nesterov: Nesterov momentum for SGD.
         base: the first-order optimizer fed with the preconditioned gradient, "adamw" or "sgd".
-        bits: 4 or 8 for quantized state, 32 for plain 32-bit Shampoo.
+        bits: bits of the stored inverse root (and of the eigenvectors): 4 or 8; 32 for plain
+            32-bit Shampoo (every matrix fp32, whatever ``storage``).
         moment_bits: 32 (the parameter's dtype), 8 or 4: storage of the base optimizer's moments.
-        quantize: what is stored quantized. "cholesky8" (default): each statistic as its lower
-            Cholesky factor with 8-bit codes, the inverse root at ``bits``, an exact ``eigh``
-            root at each root update; about 1 % fewer bytes than "eigenvectors" and 4-7x closer
-            to 32-bit Shampoo (``benchmarks/drift.py``). "eigenvectors": the paper's 4-bit Shampoo
-            (Wang et al. 2024), 4-bit eigenvectors plus fp32 eigenvalues. "cholesky": Li et al.,
-            arXiv 2412.10663, the Cholesky factor at ``bits`` with error feedback (about the
-            same bytes). "preconditioner": the naive baseline that quantizes the factors and
-            roots themselves.
+        storage: what each factor keeps. "cholesky" (default): the statistic's lower Cholesky
+            factor at ``statistic_bits`` (8 by default), the inverse root at ``bits``; about 1 %
+            fewer bytes than "eigenvectors" and 4-7x closer to 32-bit Shampoo
+            (``benchmarks/drift.py``). "eigenvectors": the paper's 4-bit Shampoo (Wang et al.
+            2024), quantized eigenvectors plus fp32 eigenvalues. "naive": the baseline that
+            quantizes the statistic and the root themselves.
+        statistic_bits: bits of the stored statistic: the Cholesky factor, the eigenvector
+            matrix or the naive statistic. None (default): 8 for "cholesky", ``bits`` otherwise.
+        error_feedback: "cholesky" only: carry each re-quantization's rounding error into the
+            next one (Li et al., arXiv 2412.10663). None (default): on at a 4-bit statistic.
+            ``storage="cholesky", statistic_bits=4`` is that paper's method.
+        quantize: deprecated (removed in the next release): the pre-0.3 spelling. "cholesky8"
+            is ``storage="cholesky", statistic_bits=8``; "cholesky" is ``storage="cholesky",
+            statistic_bits=bits, error_feedback=True``; "eigenvectors" is
+            ``storage="eigenvectors"``; "preconditioner" is ``storage="naive"``.
         codebook: the quantization map: "linear2", "linear1.5", "dynamic" (dynamic tree) or
-            "linear". None (default): "linear1.5" for "cholesky8", "linear2" otherwise.
+            "linear". None (default): "linear1.5" for the default storage (Cholesky, 8-bit
+            statistic, no error feedback), "linear2" otherwise.
         block_size: elements per quantization block of the eigenvectors, or of a column of a
-            Cholesky factor (one scale each). None (default): 1200 for "cholesky8" (one scale
-            per column of a factor up to ``max_order``), 64 otherwise.
+            Cholesky factor (one scale each). None (default): 1200 for the default storage
+            (one scale per column of a factor up to ``max_order``), 64 otherwise.
         root_block_size: elements per quantization block of a stored inverse root (and of the
             naive baseline's statistic); these are symmetric, so only their strict upper
-            triangle is stored, beside an fp32 diagonal. None (default): 40 for "cholesky8",
-            256 otherwise.
+            triangle is stored, beside an fp32 diagonal. None (default): 40 for the default
+            storage, 256 otherwise.
         scale_dtype: dtype of the per-block scales ("bfloat16", "float16" or "float32").
         min_quant_numel: factors with fewer elements stay fp32.
         max_order: largest factor order; larger dims are split into blocks.
@@ -138,7 +147,7 @@ class Shampoo4bit(Optimizer):
             update and before a root update.
         root_method: "eigen" (eigendecomposition) or "schur_newton" (coupled Newton);
             None picks the paper's choice: its early-stopped Newton for
-            ``quantize="preconditioner"``, eigen otherwise.
+            ``storage="naive"``, eigen otherwise.
         kernel_backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
         precondition_dtype: dtype of the per-step preconditioning matmuls ("float32",
             "bfloat16", "float16"); statistics and roots are always computed in fp32.
@@ -168,6 +177,8 @@ class Shampoo4bit(Optimizer):
     changes no parameter and no state, and is counted in ``counters["skipped_nonfinite"]``.
     """
 
+    SETTINGS = SHAMPOO_SETTINGS  # every argument after ``params``, declared once (:mod:`.settings`)
+
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
@@ -180,12 +191,15 @@ class Shampoo4bit(Optimizer):
         base: Literal["adamw", "sgd"] = "adamw",
         bits: Literal[4, 8, 32] = 4,
         moment_bits: Literal[4, 8, 32] = 32,
-        quantize: Literal["eigenvectors", "preconditioner", "cholesky", "cholesky8"] = "cholesky8",
+        storage: Literal["cholesky", "eigenvectors", "naive"] = "cholesky",
+        statistic_bits: Literal[4, 8, 32] | None = None,
+        error_feedback: bool | None = None,
         codebook: Literal["linear2", "linear1.5", "dynamic", "linear"] | None = None,
         block_size: int | None = None,
         root_block_size: int | None = None,
         scale_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16",
         min_quant_numel: int = 4096,
+        quantize: Literal["eigenvectors", "preconditioner", "cholesky", "cholesky8"] | None = None,
         max_order: int = 1200,
         shampoo_beta: float = 0.95,
         matrix_eps: float = 1e-6,
@@ -200,38 +214,11 @@ class Shampoo4bit(Optimizer):
         distributed: Literal["auto", "off"] | bool = "auto",
         distributed_dtype: Literal["float32", "bfloat16"] = "float32",
     ):
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            momentum=momentum,
-            nesterov=nesterov,
-            base=base,
-            bits=bits,
-            moment_bits=moment_bits,
-            quantize=quantize,
-            codebook=codebook,
-            block_size=block_size,
-            root_block_size=root_block_size,
-            scale_dtype=scale_dtype,
-            min_quant_numel=min_quant_numel,
-            max_order=max_order,
-            shampoo_beta=shampoo_beta,
-            matrix_eps=matrix_eps,
-            stat_interval=stat_interval,
-            root_interval=root_interval,
-            bjorck_steps=bjorck_steps,
-            root_method=root_method,
-            kernel_backend=kernel_backend,
-            precondition_dtype=precondition_dtype,
-            start_preconditioning_step=start_preconditioning_step,
-            precondition=precondition,
-        )
-        validate_group(defaults, resolve=False)  # each group resolves its own mode's storage settings
-        if isinstance(distributed, bool):  # YAML reads a bare ``off`` as False
-            distributed = "auto" if distributed else "off"
-        self._layer = D.DistributedLayer(distributed, distributed_dtype)  # validates both
+        given = dict(locals())
+        defaults = {k: given[k] for k in SHAMPOO_SETTINGS.names if SHAMPOO_SETTINGS[k].per_group}
+        SHAMPOO_SETTINGS.validate(defaults, resolve=False)  # each group resolves its own storage's settings
+        wide = {k: SHAMPOO_SETTINGS[k].check(k, given[k]) for k in ("distributed", "distributed_dtype")}
+        self._layer = D.DistributedLayer(wide["distributed"], wide["distributed_dtype"])
         self._has_sharded = False  # some parameter is a Shard(0) DTensor (checkpoint form)
         self._init_bookkeeping()
         super().__init__(params, defaults)
@@ -307,7 +294,7 @@ class Shampoo4bit(Optimizer):
                     f"complex parameters are not supported (got one of shape {tuple(p.shape)}); "
                     "optimize torch.view_as_real(p) as a real parameter instead"
                 )
-        validate_group(group)
+        SHAMPOO_SETTINGS.validate(group)
         self._layer.check(group["params"])  # refuses FSDP1, ZeRO and other DTensor layouts
         self._has_sharded = self._has_sharded or any(D.is_sharded(p) for p in group["params"])
         group.setdefault("clock", self.param_groups[0].get("clock", 0))
@@ -318,13 +305,13 @@ class Shampoo4bit(Optimizer):
 
     def _group_storages(self, group: dict) -> dict[int, Storage]:
         """The group's storages by factor order; revalidates the group when it changed."""
-        sig = tuple(group[k] for k in HYPER_KEYS)
+        sig = tuple(group.get(k) for k in _SIGNATURE_KEYS)
         cached = self._group_cache.get(id(group))
         if cached is not None and cached[0] == sig:
             return cached[1]
-        validate_group(group)
+        SHAMPOO_SETTINGS.validate(group)
         storages: dict[int, Storage] = {}
-        self._group_cache[id(group)] = (tuple(group[k] for k in HYPER_KEYS), storages)
+        self._group_cache[id(group)] = (tuple(group.get(k) for k in _SIGNATURE_KEYS), storages)
         return storages
 
     def _storage(self, group: dict, order: int) -> Storage:

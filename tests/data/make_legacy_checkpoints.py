@@ -39,6 +39,7 @@ def run(net, opt, steps, seed):
 
 
 def main() -> None:
+    torch.set_num_threads(1)  # as the tests run (tests/conftest.py): the same roundings
     out = {}
     for name, kw in CASES.items():
         net = model()

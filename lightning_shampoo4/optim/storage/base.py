@@ -20,12 +20,13 @@ Entries = dict[str, torch.Tensor]
 class FactorConfig(NamedTuple):
     """Settings of one factor of order ``order``, derived from its parameter group.
 
-    ``mode``, ``quantized``, ``bits``, ``codebook``, ``block_size`` fix the stored format;
-    the rest only steer the updates and may change between steps.
+    ``storage``, ``quantized``, ``bits``, ``statistic_bits``, ``error_feedback``, ``codebook``,
+    ``block_size``, ``root_block_size``, ``scale_dtype`` fix the stored format; the rest only steer
+    the updates and may change between steps.
     """
 
     order: int
-    mode: str
+    storage: str  # "cholesky", "eigenvectors", "naive" or "dense" (bits=32)
     quantized: bool
     bits: int
     codebook: str
@@ -38,19 +39,18 @@ class FactorConfig(NamedTuple):
     backend: str
     scale_dtype: torch.dtype = torch.float32
     root_block_size: int = 64
+    statistic_bits: int | None = None  # None: ``bits``
+    error_feedback: bool = False
 
     @classmethod
     def from_group(cls, group: Mapping, order: int) -> FactorConfig:
+        """The factor's settings from a validated (resolved) parameter group."""
         bits = group["bits"]
-        if bits == 32:
-            mode = "dense"
-        else:
-            modes = {"eigenvectors": "eigen", "cholesky": "cholesky", "cholesky8": "cholesky8", "preconditioner": "naive"}
-            mode = modes[group["quantize"]]
-        root_method = group["root_method"] or ("schur_newton" if mode == "naive" else "eigen")
+        storage = "dense" if bits == 32 else group["storage"]
+        root_method = group["root_method"] or ("schur_newton" if storage == "naive" else "eigen")
         return cls(
             order=order,
-            mode=mode,
+            storage=storage,
             quantized=bits != 32 and order * order >= group["min_quant_numel"],
             bits=bits,
             codebook=group["codebook"],
@@ -63,6 +63,8 @@ class FactorConfig(NamedTuple):
             backend=group["kernel_backend"],
             scale_dtype=SCALE_DTYPES[group["scale_dtype"]],
             root_block_size=group["root_block_size"],
+            statistic_bits=group["statistic_bits"],
+            error_feedback=bool(group["error_feedback"]),
         )
 
 
@@ -97,6 +99,20 @@ class Storage:
     def statistic(self, st: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The statistic as dense fp32."""
         raise NotImplementedError
+
+    # -- diagnostics (callbacks, benchmarks) ---------------------------------------------
+    stores_eigenvectors = False  # whether the state holds an eigenvector matrix (``eigvecs``)
+
+    def eigenvalues(self, st: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The statistic's eigenvalues (fp32): ``eigvalsh`` of the stored statistic."""
+        a = self.statistic(st)
+        return torch.linalg.eigvalsh((a + a.mT) / 2)
+
+    def exact_root(self, st: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """The inverse 4th root the stored statistic gives when computed exactly (``eigh``,
+        fp32, no quantization), for comparison with the stored root; None if it fails."""
+        result = linalg.eigh_inverse_root(self.statistic(st), 4, self.cfg.eps)
+        return None if result is None else result.root
 
     # -- shared by every mode ------------------------------------------------------------
     # the ``linalg`` function of ``root_method="schur_newton"`` (the naive baseline: the
@@ -183,6 +199,11 @@ class Storage:
             return kernels.materialize(stored, backend=cfg.backend)
         q = Quantized(st[f"{name}_codes"], st[f"{name}_absmax"], None)
         return kernels.dequantize(q, codebook, (n, n), cfg.bits, cfg.block_size, transpose=transpose, backend=cfg.backend)
+
+    def statistic_codec(self, **changes) -> Storage:
+        """A plain :class:`Storage` that stores and loads matrices at ``statistic_bits``
+        (``changes``: further settings of the codec, e.g. its block size)."""
+        return Storage(self.cfg._replace(bits=self.cfg.statistic_bits or self.cfg.bits, **changes))
 
     def eye(self, device: torch.device) -> torch.Tensor:
         return torch.eye(self.cfg.order, dtype=torch.float32, device=device)

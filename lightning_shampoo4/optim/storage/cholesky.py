@@ -1,24 +1,25 @@
-"""``cholesky`` and ``cholesky8``: Shampoo through the quantized Cholesky factor of the statistic.
+"""``storage="cholesky"``: Shampoo through the quantized Cholesky factor of the statistic.
 
-``cholesky`` is Li, Ding, Toh and Zhou, "Memory-Efficient 4-bit Preconditioned Stochastic
-Optimization" (ICCV 2025, arXiv:2412.10663): the factor at ``bits`` with error feedback.
-``cholesky8``, the optimizer's default, spends about the same bytes differently: the factor with
-8-bit codes and no error state (at ``bits=4``: one 8-bit triangle instead of two 4-bit ones),
-the root still at ``bits``. An 8-bit rounding error is 16x smaller than the 4-bit one that error
-feedback can only spread over the following updates, so ``benchmarks/drift.py`` measures it 4-7x
-closer to a float64 Shampoo. Its storage settings (``validation.STORAGE_DEFAULTS``) were chosen
-on that benchmark: one scale per factor column (8 bits leave room for a column's range) pays for
-root blocks of 40, and the Linear-1.5 map suits a root's entries, which are spread more evenly
-than an eigenvector's; the preconditioned direction then keeps a cosine of 0.97 to the exact
-one, at fewer bytes than the eigenvector storage.
+With ``statistic_bits=8`` and no error feedback (the optimizer's default) the factor is kept
+with 8-bit codes and no error state (at ``bits=4``: one 8-bit triangle instead of two 4-bit
+ones), the root at ``bits``. With ``statistic_bits=4`` and ``error_feedback=True`` it is Li,
+Ding, Toh and Zhou, "Memory-Efficient 4-bit Preconditioned Stochastic Optimization" (ICCV 2025,
+arXiv:2412.10663): the factor at 4 bits with error feedback, about the same bytes. An 8-bit
+rounding error is 16x smaller than the 4-bit one that error feedback can only spread over the
+following updates, so ``benchmarks/drift.py`` measures the default 4-7x closer to a float64
+Shampoo. Its storage settings (``settings.STORAGE_TUNED``) were chosen on that benchmark: one
+scale per factor column (8 bits leave room for a column's range) pays for root blocks of 40,
+and the Linear-1.5 map suits a root's entries, which are spread more evenly than an
+eigenvector's; the preconditioned direction then keeps a cosine of 0.97 to the exact one, at
+fewer bytes than the eigenvector storage. ``docs/algorithms.md`` has the measurements.
 
 Stored: the lower Cholesky factor C of the statistic A = C C^T as ``chol_diag`` (fp32
 diagonal) plus its quantized strict lower triangle (``chol_codes``, ``chol_absmax``: the
 symmetric codec applied to C^T, one block run per column of C, blocks of ``block_size``), the
 error-feedback state E in the same layout without a diagonal (``ef_codes``, ``ef_absmax``: the
 diagonal is kept exactly, so E's is zero), and the inverse root diag-real quantized (``root_*``)
-as in the other modes. C and E together take the codes of one n x n matrix: about the bytes
-of the eigen mode's eigenvectors and eigenvalues. Factors below ``min_quant_numel`` keep fp32 ``chol`` (C itself) and
+as in the other storages. C and E together take the codes of one n x n matrix: about the bytes
+of the eigenvector storage's eigenvectors and eigenvalues. Factors below ``min_quant_numel`` keep fp32 ``chol`` (C itself) and
 ``root`` and no error state.
 
 PU: A = beta C C^T + (1 - beta) M from the dequantized C, C' = cholesky(A) (fp32, then float64,
@@ -44,9 +45,8 @@ from .base import FAILED, OK, RETRIED, Entries, FactorConfig, Storage, Update, a
 
 
 class CholeskyStorage(Storage):
-    # bits of the stored factor (None: the group's ``bits``) and whether an error state is kept
-    factor_bits: int | None = None
-    error_feedback: bool = True
+    """The Cholesky factor at ``statistic_bits``, with an error-feedback state if ``error_feedback``."""
+
     # Scale of the carried error: 1 is plain error feedback, 0 switches it off (the state keeps
     # its format). Not an optimizer setting: benchmarks compare the two.
     _feedback: float = 1.0
@@ -54,7 +54,8 @@ class CholeskyStorage(Storage):
     def __init__(self, cfg: FactorConfig):
         super().__init__(cfg)
         # the triangles of C and E use the eigenvectors' block size; the root keeps its own
-        self._codec = Storage(cfg._replace(root_block_size=cfg.block_size, bits=self.factor_bits or cfg.bits))
+        self._codec = self.statistic_codec(root_block_size=cfg.block_size)
+        self.error_feedback = cfg.error_feedback
 
     # -- the stored triangles ------------------------------------------------------------
     def _put(self, name: str, lower: torch.Tensor) -> Entries:
@@ -136,13 +137,6 @@ class CholeskyStorage(Storage):
             jitter = self.cfg.eps * a.diagonal().amax().clamp(min=torch.finfo(torch.float32).tiny)
             factor = _factorize(a + jitter * torch.eye(a.shape[-1], dtype=a.dtype, device=a.device))
         return (None, FAILED) if factor is None else (factor, RETRIED)
-
-
-class Cholesky8Storage(CholeskyStorage):
-    """``cholesky8``: the Cholesky factor with 8-bit codes and no error-feedback state."""
-
-    factor_bits = 8
-    error_feedback = False
 
 
 def _factorize(a: torch.Tensor) -> torch.Tensor | None:

@@ -1,7 +1,8 @@
-"""``eigen``: 4-bit Shampoo as in the paper (SPEC.md sections 3-4).
+"""``storage="eigenvectors"``: 4-bit Shampoo as in the paper (Wang et al., NeurIPS 2024; the
+algorithm is described in ``docs/algorithms.md``).
 
-Stored: eigenvalues ``eigvals`` (fp32), eigenvectors as quantized U^T (``eigvecs_codes``,
-``eigvecs_absmax``: every block inside one eigenvector) and the inverse root diag-real
+Stored: eigenvalues ``eigvals`` (fp32), eigenvectors as quantized U^T at ``statistic_bits``
+(``eigvecs_codes``, ``eigvecs_absmax``: every block inside one eigenvector) and the inverse root diag-real
 quantized (``root_diag``, ``root_codes``, ``root_absmax``). Factors below
 ``min_quant_numel`` keep fp32 ``eigvecs`` / ``root`` instead.
 
@@ -22,14 +23,27 @@ from .base import FAILED, OK, RETRIED, Entries, Storage, Update, all_finite
 
 
 class EigenStorage(Storage):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self._stat = self.statistic_codec()  # the eigenvectors, at ``statistic_bits``
+
     def init(self, device: torch.device) -> Entries:
         eye = self.eye(device)
         eigvals = torch.full((self.cfg.order,), self.cfg.eps, dtype=torch.float32, device=device)
-        return {"eigvals": eigvals, **self.store("eigvecs", eye, transpose=True), **self.store("root", eye, symmetric=True)}
+        return {"eigvals": eigvals, **self._stat.store("eigvecs", eye, transpose=True), **self.store("root", eye, symmetric=True)}
 
     def eigvecs(self, st: Mapping[str, torch.Tensor], bjorck_steps: int = 0) -> torch.Tensor:
         """The stored eigenvectors (columns), dequantized and Björck-rectified."""
-        return linalg.bjorck(self.load(st, "eigvecs", transpose=True), bjorck_steps)
+        return linalg.bjorck(self._stat.load(st, "eigvecs", transpose=True), bjorck_steps)
+
+    stores_eigenvectors = True
+
+    def eigenvalues(self, st: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return st["eigvals"]
+
+    def exact_root(self, st: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        v = self.eigvecs(st, self.cfg.bjorck_root)
+        return linalg.eigen_inverse_root(st["eigvals"], v, 4, self.cfg.eps)
 
     def statistic(self, st: Mapping[str, torch.Tensor]) -> torch.Tensor:
         v = self.eigvecs(st, self.cfg.bjorck_stats)
@@ -48,7 +62,7 @@ class EigenStorage(Storage):
             eigvals, eigvecs, status = eigvals.float(), eigvecs.float(), RETRIED
             if not all_finite(eigvals, eigvecs):
                 return Update({}, FAILED)
-        entries = {"eigvals": eigvals, **self.store("eigvecs", eigvecs, transpose=True)}
+        entries = {"eigvals": eigvals, **self._stat.store("eigvecs", eigvecs, transpose=True)}
         return Update(entries, status, {"eigvals": eigvals, "eigvecs": eigvecs})
 
     def update_root(self, st: Mapping[str, torch.Tensor], fresh: Entries | None = None) -> Update:
