@@ -26,7 +26,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from .module import ImageClassifier
-from .recipes import DEFAULT_RECIPE, OptimizerConfig, RecipeError, ScheduleConfig, get_recipe, list_recipes
+from .recipes import DEFAULT_RECIPE, VARIANTS, OptimizerConfig, RecipeError, ScheduleConfig, get_recipe, list_recipes
 from .recipes.export import cli_config, recipe_table
 from .strategies import UnsupportedStrategyError
 
@@ -131,7 +131,8 @@ def print_recipes(pattern: str | None = None) -> bool:
         return False
     print(recipe_table(pattern))
     print(f"\nRun one: {PROG} fit --recipe NAME   (or --config recipes/NAME.yaml)")
-    print("Override anything: --optimizer.variant {4bit,8bit,32bit,naive4bit,first_order} --trainer.max_epochs N ...")
+    print(f"Override anything: --optimizer.variant {{{','.join(VARIANTS)}}} --optimizer.storage eigenvectors "
+          "--trainer.max_epochs N ...")
     return True
 
 
@@ -285,7 +286,8 @@ def shampoo32_bytes(optimizer: Any) -> dict[str, int] | None:
         return None
     try:
         groups = [
-            {**{k: v for k, v in g.items() if k != "params"}, "bits": 32, "statistic_bits": None, "error_feedback": None, "root_method": None,
+            {**{k: v for k, v in g.items() if k != "params"}, "bits": 32, "statistic_bits": None, "error_feedback": None,
+             "root_method": None,
              "moment_bits": 32, "params": [p.detach().to("meta") for p in g["params"]]}
             for g in optimizer.param_groups
         ]
@@ -294,6 +296,24 @@ def shampoo32_bytes(optimizer: Any) -> dict[str, int] | None:
         return shadow.memory_report()
     except Exception:  # noqa: BLE001 - the comparison is a nicety; never fail a finished run over it
         return None
+
+
+def _first_group(optimizer: Any) -> dict[str, Any]:
+    """The first group that is preconditioned (the first group if none is)."""
+    groups = optimizer.param_groups
+    return next((g for g in groups if g.get("precondition", True)), groups[0])
+
+
+def storage_settings(optimizer: Any) -> str:
+    """How the optimizer stores its state, as resolved in its (first preconditioned) group:
+    ``storage=cholesky bits=4 statistic_bits=8 ...`` from its settings table's format keys;
+    empty for optimizers of other packages."""
+    table = getattr(optimizer, "SETTINGS", None)
+    if table is None or not optimizer.param_groups:
+        return ""
+    group = _first_group(optimizer)
+    keys = [k for k in table.format_keys if k not in ("base", "precondition") and k in group]
+    return " ".join(f"{k}={group[k]}" for k in keys)
 
 
 _ASK_TRAINER: Any = object()
@@ -320,6 +340,7 @@ def fit_summary(trainer: Any, module: Any, recipe: str, seconds: float, log_dir:
         f"{PROG} fit summary",
         f"  recipe            {recipe}: {module.hparams.get('arch', '?')} on {data}",
         f"  optimizer         {cfg.describe() if cfg is not None else type(optimizer).__name__}",
+        *([f"  storage           {storage_settings(optimizer)}"] if storage_settings(optimizer) else []),
         f"  val/acc           {acc_text}",
         f"  trained           {trainer.current_epoch} epochs, {trainer.global_step} optimizer steps in {seconds:.1f} s",
     ]
@@ -334,8 +355,8 @@ def fit_summary(trainer: Any, module: Any, recipe: str, seconds: float, log_dir:
             f"    moments         {_bytes(report['moments'])} ({_moment_storage(optimizer)})",
             f"  AdamW would keep  {_bytes(adamw)} (2 fp32 moments x {numel:,} parameters){versus}",
         ]
-        ref = shampoo32_bytes(optimizer) if cfg is not None and cfg.is_shampoo else None
-        if ref is not None and cfg.shampoo_kwargs()["bits"] != 32 and ref["second_order"] and report["second_order"]:
+        ref = shampoo32_bytes(optimizer)
+        if ref is not None and _first_group(optimizer)["bits"] != 32 and ref["second_order"] and report["second_order"]:
             saved = 1 - report["second_order"] / ref["second_order"]
             lines.append(
                 f"  32-bit Shampoo    {_bytes(ref['second_order'])} second-order; this run keeps {100 * saved:.1f} % less"

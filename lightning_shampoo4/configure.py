@@ -23,12 +23,11 @@ it as a glob (``"*.bias"``).
 from __future__ import annotations
 
 import fnmatch
-import inspect
 import math
 import sys
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -36,6 +35,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from .optim import Shampoo4bit
 from .optim.blocking import matrix_shape
+from .optim.settings import OPTIMIZERS, SettingsTable
 
 __all__ = [
     "DEFAULT_MAX_PRECONDITION_DIM",
@@ -45,6 +45,7 @@ __all__ = [
     "LRSchedule",
     "ScheduleLR",
     "build_lr_scheduler",
+    "configure_optimizer",
     "configure_shampoo",
     "is_preconditioned",
     "shampoo_param_groups",
@@ -157,54 +158,71 @@ def shampoo_param_groups(
         isinstance(max_precondition_dim, bool) or not isinstance(max_precondition_dim, int) or max_precondition_dim < 1
     ):
         raise ValueError(f"max_precondition_dim={max_precondition_dim!r} must be an integer >= 1 or None")
-
-    kinds: dict[int, set[str]] = {}
-    model_names: set[str] = set()
-    model_keywords: set[str] = set()
     if isinstance(params, nn.Module):
-        kinds = _owner_kinds(params)
-        model_names, model_keywords = _model_no_weight_decay(params)
-        named = list(params.named_parameters())
+        rule = _Rule.of_module(params, no_weight_decay, no_precondition, precondition_embeddings, max_precondition_dim)
+        return _groups(params.named_parameters(), rule)
+    items = list(params)
+    if not items:
+        raise ValueError("params is empty: there is nothing to optimize")
+    if all(isinstance(item, Mapping) for item in items):
+        _refuse_patterns_without_names("parameter-group dicts", no_weight_decay, no_precondition)
+        return [dict(item) for item in items]
+    if all(isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) for item in items):
+        named = items
+    elif all(isinstance(item, torch.Tensor) for item in items):
+        _refuse_patterns_without_names("plain parameters", no_weight_decay, no_precondition)
+        named = [("", p) for p in items]
     else:
-        items = list(params)
-        if not items:
-            raise ValueError("params is empty: there is nothing to optimize")
-        if all(isinstance(item, Mapping) for item in items):
-            _refuse_patterns_without_names("parameter-group dicts", no_weight_decay, no_precondition)
-            return [dict(item) for item in items]
-        if all(isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) for item in items):
-            named = items
-        elif all(isinstance(item, torch.Tensor) for item in items):
-            _refuse_patterns_without_names("plain parameters", no_weight_decay, no_precondition)
-            named = [("", p) for p in items]
-        else:
-            raise TypeError(
-                "params must be a module, named_parameters() pairs, tensors or parameter-group dicts, "
-                f"not a mix; got {sorted({type(i).__name__ for i in items})}"
-            )
+        raise TypeError(
+            "params must be a module, named_parameters() pairs, tensors or parameter-group dicts, "
+            f"not a mix; got {sorted({type(i).__name__ for i in items})}"
+        )
+    return _groups(named, _Rule({}, set(), set(), no_weight_decay, no_precondition, precondition_embeddings,
+                                max_precondition_dim))
 
+
+class _Rule(NamedTuple):
+    """What decides a parameter's group: its owner layer's kind, the model's and the caller's names."""
+
+    kinds: dict[int, set[str]]
+    model_names: set[str]
+    model_keywords: set[str]
+    no_weight_decay: tuple[str, ...]
+    no_precondition: tuple[str, ...]
+    precondition_embeddings: bool
+    max_precondition_dim: int | None
+
+    @classmethod
+    def of_module(cls, module: nn.Module, *args: Any) -> _Rule:
+        return cls(_owner_kinds(module), *_model_no_weight_decay(module), *args)
+
+    def decay(self, name: str, p: torch.Tensor) -> bool:
+        return not (
+            matrix_shape(tuple(p.shape)) is None
+            or self.kinds.get(id(p))
+            or name in self.model_names
+            or any(k in name for k in self.model_keywords)
+            or _matches(name, self.no_weight_decay)
+        )
+
+    def precondition(self, name: str, p: torch.Tensor) -> bool:
+        mshape = matrix_shape(tuple(p.shape))
+        limit = self.max_precondition_dim
+        return not (
+            ("embedding" in self.kinds.get(id(p), set()) and not self.precondition_embeddings)
+            or (mshape is not None and limit is not None and max(mshape) > limit)
+            or _matches(name, self.no_precondition)
+        )
+
+
+def _groups(named: Iterable[tuple[str, torch.Tensor]], rule: _Rule) -> list[dict[str, Any]]:
+    """The parameters that require grad, sorted into up to four groups by ``rule``."""
     buckets: dict[tuple[bool, bool], list[torch.Tensor]] = {
         key: [] for key in ((True, True), (False, True), (True, False), (False, False))
     }
     for name, p in named:
-        if not p.requires_grad:
-            continue
-        owner = kinds.get(id(p), set())
-        mshape = matrix_shape(tuple(p.shape))
-        decay = not (
-            mshape is None
-            or owner
-            or name in model_names
-            or any(k in name for k in model_keywords)
-            or _matches(name, no_weight_decay)
-        )
-        precondition = not (
-            ("embedding" in owner and not precondition_embeddings)
-            or (mshape is not None and max_precondition_dim is not None and max(mshape) > max_precondition_dim)
-            or _matches(name, no_precondition)
-        )
-        buckets[(decay, precondition)].append(p)
-
+        if p.requires_grad:
+            buckets[(rule.decay(name, p), rule.precondition(name, p))].append(p)
     groups = []
     for (decay, precondition), group_params in buckets.items():
         if not group_params:
@@ -388,11 +406,27 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, **schedule_args: Any) -
 
 
 # -- the helper ----------------------------------------------------------------------------
-_OWN_ARGS = ("params", "lr", "weight_decay")
+def _table_of(optimizer: str | type) -> SettingsTable:
+    """The settings table of ``optimizer``: a class, or a class name in any case ("soap4bit")."""
+    name = optimizer if isinstance(optimizer, str) else optimizer.__name__
+    for key, table in OPTIMIZERS.items():
+        if key.lower() == name.lower():
+            return table
+    raise ValueError(f"optimizer={optimizer!r} is not one of this package's optimizers: {list(OPTIMIZERS)}")
 
 
-def _shampoo_arg_names() -> tuple[str, ...]:
-    return tuple(n for n in inspect.signature(Shampoo4bit.__init__).parameters if n not in ("self", *_OWN_ARGS))
+def _check_call(module: Any, table: SettingsTable, kwargs: Mapping[str, Any], who: str) -> None:
+    """A module to optimize, arguments the optimizer has, a Trainer strategy it supports."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"{who} expects the module to optimize (pass self), got {type(module).__name__}")
+    unknown = sorted(set(kwargs) - set(table.names))
+    if unknown:
+        raise TypeError(f"{who} got unknown argument(s) {unknown}; {table.optimizer} accepts {list(table.names)}")
+    trainer = getattr(module, "_trainer", None)
+    if trainer is not None:
+        from .strategies import check_strategy  # Lightning is loaded once there is a Trainer
+
+        check_strategy(trainer.strategy, who=who)
 
 
 def _total_steps(module: nn.Module, total_steps: int | None) -> int | None:
@@ -408,6 +442,53 @@ def _total_steps(module: nn.Module, total_steps: int | None) -> int | None:
             "its total: pass total_steps= or set max_steps / max_epochs"
         )
     return int(estimate)
+
+
+def _with_schedule(optimizer: torch.optim.Optimizer, module: nn.Module, schedule: str, warmup_steps: int | float,
+                   total_steps: int | None, **shape: Any) -> dict[str, Any]:
+    """``{"optimizer": ...}``, plus the per-step ``lr_scheduler`` entry when there is a schedule."""
+    if schedule == "none" and warmup_steps == 0:
+        return {"optimizer": optimizer}
+    needs_total = schedule != "none" or not _is_int(warmup_steps)
+    total = _total_steps(module, total_steps) if needs_total else total_steps
+    scheduler = ScheduleLR(optimizer, LRSchedule(schedule=schedule, total_steps=total, warmup_steps=warmup_steps,
+                                                 **shape))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+
+def configure_optimizer(
+    module: nn.Module,
+    optimizer: str | type = "Shampoo4bit",
+    *,
+    schedule: str = "none",
+    warmup_steps: int | float = 0,
+    total_steps: int | None = None,
+    milestones: Sequence[int | float] = (0.3, 0.6, 0.9),
+    gamma: float = 0.1,
+    min_lr_ratio: float = 0.0,
+    no_weight_decay: Sequence[str] = (),
+    no_precondition: Sequence[str] = (),
+    precondition_embeddings: bool = False,
+    max_precondition_dim: int | None = DEFAULT_MAX_PRECONDITION_DIM,
+    **optimizer_kwargs: Any,
+) -> dict[str, Any]:
+    """:func:`configure_shampoo` for any of the package's optimizers (``optimizer``: its class or
+    class name, e.g. ``"SOAP4bit"``); ``optimizer_kwargs`` are that optimizer's arguments."""
+    table = _table_of(optimizer)
+    who = "configure_shampoo" if table.optimizer == "Shampoo4bit" else f"configure_optimizer({table.optimizer!r})"
+    _check_call(module, table, optimizer_kwargs, who)
+    groups = shampoo_param_groups(
+        module,
+        no_weight_decay=no_weight_decay,
+        no_precondition=no_precondition,
+        precondition_embeddings=precondition_embeddings,
+        max_precondition_dim=max_precondition_dim,
+    )
+    if schedule not in SCHEDULES:  # checked before the Trainer is asked for its length
+        raise ValueError(f"schedule={schedule!r} is not supported; choose one of {SCHEDULES}")
+    built = table.optimizer_class()(groups, **optimizer_kwargs)
+    return _with_schedule(built, module, schedule, warmup_steps, total_steps, milestones=milestones, gamma=gamma,
+                          min_lr_ratio=min_lr_ratio)
 
 
 def configure_shampoo(
@@ -461,37 +542,9 @@ def configure_shampoo(
         ValueError: a bad value (named), or a schedule without a known total length.
         UnsupportedStrategyError: the attached Trainer uses a strategy Shampoo4bit does not support.
     """
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"configure_shampoo expects the module to optimize (pass self), got {type(module).__name__}")
-    allowed = _shampoo_arg_names()
-    unknown = sorted(set(shampoo_kwargs) - set(allowed))
-    if unknown:
-        raise TypeError(f"configure_shampoo got unknown argument(s) {unknown}; Shampoo4bit accepts {list(allowed)}")
-    trainer = getattr(module, "_trainer", None)
-    if trainer is not None:
-        from .strategies import check_strategy  # Lightning is loaded once there is a Trainer
-
-        check_strategy(trainer.strategy, who="configure_shampoo")
-    groups = shampoo_param_groups(
-        module,
-        no_weight_decay=no_weight_decay,
-        no_precondition=no_precondition,
-        precondition_embeddings=precondition_embeddings,
-        max_precondition_dim=max_precondition_dim,
+    return configure_optimizer(
+        module, "Shampoo4bit", lr=lr, weight_decay=weight_decay, schedule=schedule, warmup_steps=warmup_steps,
+        total_steps=total_steps, milestones=milestones, gamma=gamma, min_lr_ratio=min_lr_ratio,
+        no_weight_decay=no_weight_decay, no_precondition=no_precondition,
+        precondition_embeddings=precondition_embeddings, max_precondition_dim=max_precondition_dim, **shampoo_kwargs,
     )
-    if schedule not in SCHEDULES:  # checked before the Trainer is asked for its length
-        raise ValueError(f"schedule={schedule!r} is not supported; choose one of {SCHEDULES}")
-    optimizer = Shampoo4bit(groups, lr=lr, weight_decay=weight_decay, **shampoo_kwargs)
-    if schedule == "none" and warmup_steps == 0:
-        return {"optimizer": optimizer}
-    needs_total = schedule != "none" or not _is_int(warmup_steps)
-    lr_schedule = LRSchedule(
-        schedule=schedule,
-        total_steps=_total_steps(module, total_steps) if needs_total else total_steps,
-        warmup_steps=warmup_steps,
-        milestones=milestones,
-        gamma=gamma,
-        min_lr_ratio=min_lr_ratio,
-    )
-    scheduler = ScheduleLR(optimizer, lr_schedule)
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}

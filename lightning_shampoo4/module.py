@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from .models import create_model
-from .recipes.config import OptimizerConfig, ScheduleConfig, coerce_config, to_primitive
-from .recipes.optimizers import configure_optimizers
+from .optimizers import OptimizerConfig, ScheduleConfig, coerce_config, configure_optimizers, to_primitive
 
 __all__ = ["ImageClassifier"]
 

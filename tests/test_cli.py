@@ -40,7 +40,11 @@ def test_default_fit_ends_with_the_summary(capsys, tmp_path):
     out = capsys.readouterr().out
     summary = out[out.index("lightning-shampoo4 fit summary") :]
     assert "recipe            digits_cnn: small_cnn on DigitsDataModule" in summary
-    assert "4-bit Shampoo + AdamW" in summary and "val/acc" in summary
+    assert "4-bit Shampoo (cholesky, 8-bit statistic) + AdamW" in summary and "val/acc" in summary
+    # the storage the run used, with the optimizer's own (benchmarked) settings
+    assert ("storage           bits=4 moment_bits=32 storage=cholesky statistic_bits=8 error_feedback=False "
+            "codebook=linear1.5 block_size=1200 root_block_size=40 scale_dtype=bfloat16 min_quant_numel=4096 "
+            "max_order=1200") in summary
     for line in ("optimizer state", "second-order", "moments", "AdamW would keep", "32-bit Shampoo"):
         assert line in summary
     params = sum(p.numel() * 4 for p in get_recipe().build_module().parameters())
@@ -69,7 +73,8 @@ def test_quantized_moments_run_reports_less_than_adamw(capsys, tmp_path):
     args = ["fit", "--optimizer.moment_bits", "4", *SHORT, "--trainer.default_root_dir", str(tmp_path)]
     assert main(args) == 0
     summary = capsys.readouterr().out.split("lightning-shampoo4 fit summary")[-1]
-    assert "optimizer         4-bit Shampoo + 4-bit AdamW" in summary
+    assert "optimizer         4-bit Shampoo (cholesky, 8-bit statistic) + 4-bit AdamW" in summary
+    assert "moment_bits=4" in summary
     assert "(4-bit codes + scales; small tensors dense)" in summary
     total = int(re.search(r"optimizer state   ([\d,]+) B", summary).group(1).replace(",", ""))
     moments = int(re.search(r"moments         ([\d,]+) B", summary).group(1).replace(",", ""))

@@ -161,7 +161,8 @@ def test_paper_hyperparameters(name):
     r = get_recipe(name)
     o, s = r.optimizer, r.schedule
     assert (o.variant, o.shampoo_beta, o.matrix_eps, o.stat_interval, o.root_interval) == ("4bit", 0.95, 1e-6, 100, 500)
-    assert (o.block_size, o.codebook, o.max_order) == (64, "linear2", 1200)
+    # the storage settings are the optimizer's own defaults (null: resolved by the optimizer)
+    assert (o.storage, o.block_size, o.codebook, o.root_block_size, o.max_order) == (None, None, None, None, 1200)
     assert r.data.name == name.rsplit("_", 1)[1] and r.data.kwargs["batch_size"] == 128 and r.data.kwargs["augment"]
     if name.startswith(("resnet34", "vgg19")):
         assert (o.base, o.lr, o.momentum, o.weight_decay, r.trainer.max_epochs) == ("sgd", 0.1, 0.9, 5e-4, 200)
@@ -174,25 +175,29 @@ def test_paper_hyperparameters(name):
 
 
 @pytest.mark.parametrize(
-    "variant, bits, quantize", [("4bit", 4, "cholesky8"), ("8bit", 8, "cholesky8"), ("32bit", 32, "eigenvectors"), ("naive4bit", 4, "preconditioner")]
+    "variant, implied", [("4bit", {}), ("8bit", {"bits": 8}), ("32bit", {"bits": 32}), ("naive4bit", {"storage": "naive"})]
 )
-def test_variants_resolve_to_shampoo_settings(variant, bits, quantize):
+def test_variants_resolve_to_shampoo_settings(variant, implied):
     kw = OptimizerConfig(variant=variant).shampoo_kwargs()
-    assert (kw["bits"], kw["quantize"]) == (bits, quantize)
+    assert {k: kw[k] for k in ("bits", "storage") if k in kw} == implied  # the rest: the optimizer's defaults
     with pytest.raises(RecipeError):
         OptimizerConfig(variant="first_order").shampoo_kwargs()
 
 
 def test_moment_bits_reach_the_optimizer_and_its_name():
     r = get_recipe("vit_small_cifar100", overrides=["optimizer.moment_bits=4"])
-    assert r.optimizer.shampoo_kwargs()["moment_bits"] == 4 and r.optimizer.describe() == "4-bit Shampoo + 4-bit AdamW"
+    default = "4-bit Shampoo (cholesky, 8-bit statistic)"
+    assert r.optimizer.shampoo_kwargs()["moment_bits"] == 4 and r.optimizer.describe() == f"{default} + 4-bit AdamW"
     assert get_recipe("resnet34_cifar100").optimizer.moment_bits == 32  # the paper's fp32 moments by default
-    eigen = get_recipe("vit_small_cifar100", overrides=["optimizer.quantize=eigenvectors"]).optimizer
-    assert eigen.describe() == "4-bit eigenvector Shampoo + AdamW"
-    assert get_recipe("resnet34_cifar100", **{"optimizer.moment_bits": 8}).optimizer.describe() == "4-bit Shampoo + 8-bit SGDM"
+    eigen = get_recipe("vit_small_cifar100", overrides=["optimizer.storage=eigenvectors"]).optimizer
+    assert eigen.describe() == "4-bit Shampoo (eigenvectors) + AdamW"
+    with pytest.warns(DeprecationWarning, match="optimizer.storage=eigenvectors"):  # the old spelling still works
+        old = get_recipe("vit_small_cifar100", overrides=["optimizer.quantize=eigenvectors"]).optimizer
+    assert old.describe() == eigen.describe() and old.shampoo_kwargs()["storage"] == "eigenvectors"
+    assert get_recipe("resnet34_cifar100", **{"optimizer.moment_bits": 8}).optimizer.describe() == f"{default} + 8-bit SGDM"
     with pytest.raises(RecipeError, match=r"optimizer\.moment_bits.*expected one of \[4, 8, 32\]"):
         get_recipe("vit_small_cifar100", overrides=["optimizer.moment_bits=2"])
-    with pytest.raises(RecipeError, match="moment_bits=4 needs a Shampoo variant"):
+    with pytest.raises(RecipeError, match="moment_bits=4 needs another variant"):
         get_recipe("vit_small_cifar100", overrides=["optimizer.variant=first_order", "optimizer.moment_bits=4"])
 
 
@@ -230,8 +235,8 @@ def test_every_recipe_and_variant_trains_a_few_steps(name, variant):
         assert type(optimizer) is expected
     else:
         assert isinstance(optimizer, Shampoo4bit) and optimizer.counters["steps"] == 2
-        kw = recipe.optimizer.shampoo_kwargs()
-        assert {(g["bits"], g["quantize"], g["base"]) for g in optimizer.param_groups} == {(kw["bits"], kw["quantize"], kw["base"])}
+        kw = Shampoo4bit.SETTINGS.defaults() | recipe.optimizer.shampoo_kwargs()
+        assert {(g["bits"], g["storage"], g["base"]) for g in optimizer.param_groups} == {(kw["bits"], kw["storage"], kw["base"])}
     groups = optimizer.param_groups
     assert any(g["weight_decay"] == 0.0 for g in groups)  # biases and norms
     if recipe.schedule.name != "none":

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 
+from ..optim.settings import SHAMPOO_SETTINGS
 from ._common import ShampooCallback
 
 __all__ = ["PRECONDITION_DTYPES", "ShampooPrecision", "default_precondition_dtype"]
 
-PRECONDITION_DTYPES = ("float32", "bfloat16", "float16")
+# the optimizer's declaration of the setting (one Literal type, one tuple of choices)
+PreconditionDtype = SHAMPOO_SETTINGS["precondition_dtype"].annotation
+PRECONDITION_DTYPES = SHAMPOO_SETTINGS["precondition_dtype"].choices
 
 
 def default_precondition_dtype(precision: str) -> str:
@@ -48,7 +51,7 @@ class ShampooPrecision(ShampooCallback):
             default above.
     """
 
-    def __init__(self, precondition_dtype: str | None = None) -> None:
+    def __init__(self, precondition_dtype: Optional[PreconditionDtype] = None) -> None:
         super().__init__()
         if precondition_dtype is not None and precondition_dtype not in PRECONDITION_DTYPES:
             raise ValueError(

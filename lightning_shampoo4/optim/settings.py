@@ -41,7 +41,7 @@ import numbers
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from ..kernels import BACKENDS
 from ..quant import CODEBOOKS
@@ -154,7 +154,7 @@ class Setting:
         """One of ``choices`` (None among them: optional)."""
         choices = tuple(choices)
         values = tuple(c for c in choices if c is not None)
-        tp: Any = Literal[values]  # type: ignore[valid-type]
+        tp: Any = bool if set(values) == {False, True} else Literal[values]  # type: ignore[valid-type]
         if None in choices:
             tp = Optional[tp]
         return cls(name, default, doc, tp, lambda n, v: _choice(n, v, choices), **kw)
@@ -199,7 +199,10 @@ class SettingsTable:
         class_path: its import path.
         settings: the rows.
         checks: ``check(group)``, run after every row's check on a group (raise ValueError).
-        label: ``label(settings) -> str``: a short human name of a configuration.
+        label: ``label(settings) -> str``: a short human name of a configuration (``settings``:
+            the constructor's arguments, any left out at their defaults).
+        variants: the recipes' ``optimizer.variant`` names that build this optimizer, each with
+            the settings it implies unless the recipe sets them (``{}``: the optimizer's defaults).
     """
 
     optimizer: str
@@ -207,6 +210,7 @@ class SettingsTable:
     settings: tuple[Setting, ...]
     checks: tuple[Callable[[dict[str, Any]], None], ...] = ()
     label: Callable[[Mapping[str, Any]], str] | None = field(default=None, compare=False)
+    variants: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.settings]
@@ -236,6 +240,18 @@ class SettingsTable:
     def defaults(self) -> dict[str, Any]:
         """Every setting's default, by name (constructor order)."""
         return {s.name: s.default for s in self.settings}
+
+    def describe(self, settings: Mapping[str, Any]) -> str:
+        """A short human name of the optimizer with ``settings`` (the rest at their defaults)."""
+        full = self.defaults() | dict(settings)
+        return self.label(full) if self.label is not None else self.optimizer
+
+    def optimizer_class(self) -> type:
+        """The optimizer class (imported on first use)."""
+        import importlib
+
+        module, _, name = self.class_path.rpartition(".")
+        return getattr(importlib.import_module(module), name)
 
     def validate(self, group: dict[str, Any], *, resolve: bool = True) -> None:
         """Check one parameter group's settings in place (raises ValueError naming the setting).
@@ -418,15 +434,19 @@ def check_storage(group: dict[str, Any]) -> None:
 
 
 def _shampoo_label(s: Mapping[str, Any]) -> str:
-    """``4-bit Shampoo (cholesky, 8-bit statistic)``, ``32-bit Shampoo``, ..."""
+    """``4-bit Shampoo (cholesky, 8-bit statistic)``, ``4-bit Shampoo (eigenvectors)``, ``32-bit Shampoo``, ..."""
     if s["bits"] == 32:
         return "32-bit Shampoo"
     resolved = dict(s)
+    if resolved.get("quantize") is not None:
+        resolved.update(quantize_to_storage(resolved["quantize"], resolved["bits"]))
     if resolved.get("statistic_bits") is None:
         resolved["statistic_bits"] = _statistic_bits(resolved)
     if resolved.get("error_feedback") is None:
         resolved["error_feedback"] = _error_feedback(resolved)
-    detail = f"{resolved['storage']}, {resolved['statistic_bits']}-bit statistic"
+    detail = resolved["storage"]
+    if resolved["statistic_bits"] != s["bits"]:
+        detail += f", {resolved['statistic_bits']}-bit statistic"
     if resolved["error_feedback"]:
         detail += ", error feedback"
     return f"{s['bits']}-bit Shampoo ({detail})"
@@ -477,10 +497,11 @@ SHAMPOO_SETTINGS = register(SettingsTable(
         Setting.flag("precondition", True, "False: the group gets the base update only and no Shampoo state",
                      format=True),
         Setting("distributed", "auto", "auto: DDP ranks share the blocks, FSDP2 shards are local; off: replicated",
-                Literal["auto", "off"], _distributed, per_group=False),
+                Union[Literal["auto", "off"], bool], _distributed, per_group=False),
         Setting.choice("distributed_dtype", "float32", ("float32", "bfloat16"),
                        "dtype of the preconditioned blocks exchanged under DDP sharding", per_group=False),
     ),
     checks=(check_nesterov, check_storage, _root_interval),
     label=_shampoo_label,
+    variants={"4bit": {}, "8bit": {"bits": 8}, "32bit": {"bits": 32}, "naive4bit": {"storage": "naive"}},
 ))

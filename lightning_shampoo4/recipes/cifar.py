@@ -1,10 +1,13 @@
-"""The paper's CIFAR recipes (Wang et al. 2024, SPEC.md section 5), for CIFAR-100 and CIFAR-10.
+"""The paper's CIFAR recipes (Wang et al. 2024, "4-bit Shampoo for Memory-Efficient Network
+Training", section 5), for CIFAR-100 and CIFAR-10.
 
 * ResNet-34 / VGG-19-BN: SGD with momentum 0.9, lr 0.1, weight decay 5e-4, batch 128, 200 epochs,
   5-epoch warm-up then step decay x0.1 at 30 / 60 / 90 % of training, random crop + flip.
 * ViT-Small (patch 4) / Swin-Tiny (patch 2, window 4): AdamW lr 1e-3, betas (0.9, 0.999),
   weight decay 0.05, batch 128, 100 epochs, cosine, drop path 0.1.
-* Shampoo everywhere: beta 0.95, eps 1e-6, T1 / T2 = 100 / 500, block 64, Linear-2, max order 1200.
+* Shampoo everywhere: beta 0.95, eps 1e-6, T1 / T2 = 100 / 500, max order 1200. The storage
+  settings are the optimizer's own defaults (the paper's block 64 and Linear-2 map belong to its
+  eigenvector storage: ``optimizer.storage=eigenvectors`` selects them, see docs/algorithms.md).
 
 Every recipe defaults to 4-bit Shampoo; ``optimizer.variant`` selects first_order, 32bit,
 naive4bit or 8bit. CIFAR is read from ``data.kwargs.data_dir`` (never downloaded).
@@ -31,8 +34,6 @@ _SHAMPOO = dict(
     matrix_eps=1e-6,
     stat_interval=100,
     root_interval=500,
-    block_size=64,
-    codebook="linear2",
     max_order=1200,
 )
 
