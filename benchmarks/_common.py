@@ -28,11 +28,11 @@ QUICK_DIR = Path(tempfile.gettempdir()) / "lightning_shampoo4_bench_quick"
 # The optimizer variants every benchmark compares (Shampoo4bit keyword arguments).
 SHAMPOO_VARIANTS: dict[str, dict[str, Any]] = {
     "shampoo32": dict(bits=32),
-    "naive4": dict(bits=4, quantize="preconditioner"),
-    "shampoo4": dict(bits=4, quantize="eigenvectors"),  # the paper's method
-    "shampoo8": dict(bits=8, quantize="eigenvectors", block_size=256),  # the paper's 8-bit ablation used block 256
-    "cholesky4": dict(bits=4, quantize="cholesky"),
-    "cholesky8": dict(bits=4, quantize="cholesky8"),  # 4-bit root, 8-bit factor: cholesky4's bytes
+    "naive4": dict(bits=4, storage="naive"),
+    "shampoo4": dict(bits=4, storage="eigenvectors"),  # the paper's method
+    "shampoo8": dict(bits=8, storage="eigenvectors", block_size=256),  # the paper's 8-bit ablation used block 256
+    "cholesky4": dict(bits=4, storage="cholesky", statistic_bits=4),  # Li et al.: error feedback
+    "cholesky8": dict(bits=4, storage="cholesky"),  # the default: 4-bit root, 8-bit factor, cholesky4's bytes
 }
 LABELS = {
     "adamw": "AdamW",
