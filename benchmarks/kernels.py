@@ -8,7 +8,8 @@ What it measures, on one CUDA device:
   plain and transposed, fp32 and bf16 output): (bytes of values, codes and absmax, each read or
   written once) / time, as a percentage of the copy bandwidth, with the torch reference for
   comparison, plus the latency at the size of one 1200 x 1200 factor;
-* fused preconditioning ``D(L) @ G @ D(R)`` against dequantize + ``torch.matmul`` (cuBLAS),
+* fused preconditioning ``D(L) @ G @ D(R)`` (stored symmetric 4-bit roots with bf16 scales,
+  decoded inside the Triton matmul) against the Triton rebuild + ``torch.matmul`` (cuBLAS),
   and against dense fp32 roots (32-bit Shampoo, cuBLAS only), for fp32 and bf16 products, on
   the Shampoo blocks of ViT-Small (384 x 384, 384 x 1536, 1536 x 384) and ResNet34
   (512 x 4608 and 256 x 2304, blocked with max_order 1200 like the optimizer).
@@ -199,32 +200,42 @@ def bench_bandwidth(timer: Timer, device: torch.device, side: int, factor: int) 
     return copy, rows
 
 
-def _quantized_root(n: int, device: torch.device, bits: int = 4, block_size: int = 64):
-    """A diag-real quantized symmetric root of order n (QuantizedMatrix) and its dense fp32 form."""
-    from lightning_shampoo4.kernels import QuantizedMatrix, reference, triton_quant
+def _quantized_root(n: int, device: torch.device, bits: int = 4, block_size: int = 40):
+    """A stored symmetric root of order n as the optimizer keeps it (4-bit triangle, bf16 scales,
+    Linear-1.5 map; a ``QuantizedMatrix``) and its dense fp32 form."""
+    from lightning_shampoo4.kernels import QuantizedMatrix, reference, triton_symmetric
     from lightning_shampoo4.quant import get_codebook
 
     a = torch.randn(n, n, device=device)
     a = (a + a.T) / (2 * n) ** 0.5 + torch.eye(n, device=device)
-    cb = get_codebook("linear2", bits, device)
-    q = triton_quant.quantize(a, cb, bits, block_size, offdiag=True)
-    root = QuantizedMatrix(q.codes, q.absmax, q.diag, n, cb, bits, block_size)
+    cb = get_codebook("linear1.5", bits, device)
+    codes, absmax, diag = triton_symmetric.quantize_symmetric(a, cb, bits, block_size, torch.bfloat16)
+    root = QuantizedMatrix(codes, absmax, diag, n, cb, bits, block_size, symmetric=True)
     return root, reference.materialize(root)
 
 
 def _dequantize_root(root, dtype: torch.dtype) -> torch.Tensor:
-    """The dense ``dtype`` root, dequantized by the Triton kernel (the unfused path)."""
-    from lightning_shampoo4.kernels import triton_quant
+    """The dense ``dtype`` root, rebuilt by the Triton kernel (the workspace path)."""
+    from lightning_shampoo4.kernels import triton_symmetric
 
-    parts = (root.codes, root.absmax, root.diag)
     n = root.order
-    return triton_quant.dequantize(parts, root.codebook, (n, n), root.bits, root.block_size, dtype=dtype)
+    dense = triton_symmetric.rebuild(root.codes[None], root.absmax[None], root.diag[None], root.codebook, n, root.bits,
+                                     root.block_size)[0]
+    return dense.to(dtype)
+
+
+def _fused(g: torch.Tensor, left, right, dtype: torch.dtype) -> torch.Tensor:
+    """``D(L) @ g @ D(R)`` with both roots decoded inside the Triton matmuls (the fused path)."""
+    from lightning_shampoo4.kernels import triton_symmetric
+
+    x = triton_symmetric.matmul(left.codes[None], left.absmax[None], left.diag[None], left.codebook, g[None],
+                                left.order, left.bits, left.block_size, left=True, dtype=dtype, out_dtype=dtype)
+    return triton_symmetric.matmul(right.codes[None], right.absmax[None], right.diag[None], right.codebook, x,
+                                   right.order, right.bits, right.block_size, left=False, dtype=dtype)[0]
 
 
 def bench_precondition(timer: Timer, device: torch.device, models: dict, max_order: int) -> list[dict]:
-    """Per parameter: all its max_order blocks preconditioned, fused vs dequantize + cuBLAS."""
-    from lightning_shampoo4.kernels import triton_precond
-
+    """Per parameter: all its max_order blocks preconditioned, fused vs rebuild + cuBLAS."""
     rows = []
     for model, params in models.items():
         for name, m, n in params:
@@ -242,7 +253,7 @@ def bench_precondition(timer: Timer, device: torch.device, models: dict, max_ord
             for dtype in (torch.float32, torch.bfloat16):
 
                 def fused():
-                    return [triton_precond.precondition(gt, lq, rq, dtype=dtype) for gt, (lq, _), (rq, _) in tiles]
+                    return [_fused(gt, lq, rq, dtype) for gt, (lq, _), (rq, _) in tiles]
 
                 def unfused():
                     outs = []

@@ -1,10 +1,11 @@
-"""Quantization error of the inverse 4th root (SPEC.md section 5): quantizing the preconditioner A
+"""Quantization error of the inverse 4th root (the experiment of the 4-bit Shampoo paper, Wang et al.,
+NeurIPS 2024, that compares quantizing the preconditioner with quantizing its eigenvectors): quantizing the preconditioner A
 itself against quantizing its eigenvectors U, with and without Björck rectification, for the
 Linear-2 and dynamic-tree codebooks at 4 and 8 bits.
 
 Matrices
 --------
-``synthetic``  SPEC's reproducible stand-in for the paper's A2: order 1200, U from the QR of a
+``synthetic``  a reproducible stand-in for the paper's A2: order 1200, U from the QR of a
                seeded Gaussian matrix, eigenvalues 1 (600 times) and 1e-3 (600 times).
 ``lm``         a real preconditioner: the largest left and the largest right Kronecker factor of
                the character-level transformer of ``quality.py`` after training it with 32-bit
@@ -48,8 +49,8 @@ PRECOND_FILE = "lm_preconditioner.npz"
 EPS = 1e-6
 BLOCK = 64
 
-# SPEC.md section 5: (codebook, bits, row) -> (A1 NRE, A1 AE, A2 NRE, A2 AE)
-SPEC = {
+# the paper's figures: (codebook, bits, row) -> (A1 NRE, A1 AE, A2 NRE, A2 AE)
+PAPER = {
     ("dynamic", 8, "A"): (0.2192, 8.30, 0.1896, 10.88),
     ("dynamic", 4, "A"): (0.6241, 17.32, 0.4615, 17.19),
     ("dynamic", 4, "U"): (0.0709, 4.04, 0.1224, 7.01),
@@ -60,9 +61,9 @@ SPEC = {
     ("linear2", 4, "U+1"): (0.0343, 1.95, 0.0669, 3.82),
     ("linear2", 4, "full"): (0.0466, 2.65, 0.0941, 5.37),
 }
-# SPEC's stand-in figures (Linear-2, 4 bit): NRE quantizing A / U / U + 1 Björck.
-SPEC_STANDIN = {"A": 0.55, "U": 0.092, "U+1": 0.063}
-SPEC_ORTHO = [5.3, 0.84, 0.03, 5e-5]
+# reference figures of the stand-in (Linear-2, 4 bit): NRE quantizing A / U / U + 1 Björck.
+STANDIN_REF = {"A": 0.55, "U": 0.092, "U+1": 0.063}
+ORTHO_REF = [5.3, 0.84, 0.03, 5e-5]
 ROW_NAMES = {
     "A": "A",
     "U": "U",
@@ -71,7 +72,7 @@ ROW_NAMES = {
     "full4": "full pipeline, 4 Björck steps (the paper's root update)",
     "stored": "as stored by default: U with bf16 scales, 4 Björck, root triangle (block 256, bf16 scales)",
 }
-# (codebook, bits, rows): SPEC's table first, then extra rows.
+# (codebook, bits, rows): the paper's table first, then extra rows.
 CASES = [
     ("dynamic", 8, ("A",)),
     ("dynamic", 4, ("A", "U", "U+1", "full")),
@@ -245,17 +246,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"[quant_error] LM preconditioner in {time.perf_counter() - t0:.1f}s", flush=True)
 
     # -- table --
-    headers = ["map", "bits", "quantized", f"stand-in n={n} NRE / AE", "SPEC A2 NRE / AE"]
+    headers = ["map", "bits", "quantized", f"stand-in n={n} NRE / AE", "paper A2 NRE / AE"]
     if lm:
         for side, rec in lm["factors"].items():
             headers.append(f"LM {side} n={rec['order']} NRE / AE")
-    headers.append("SPEC A1 (Swin-T) NRE / AE")
+    headers.append("paper A1 (Swin-T) NRE / AE")
     rows = []
     cb_name = {"dynamic": "DT", "linear2": "Linear-2", "linear": "Linear"}
     for codebook, bits, row_keys in CASES:
         for row in row_keys:
             key = f"{codebook}/{bits}/{row}"
-            spec = SPEC.get((codebook, bits, row))
+            spec = PAPER.get((codebook, bits, row))
             cells = [cb_name[codebook], bits, ROW_NAMES[row] + ("" if spec else " *"),
                      f"{synth[key]['nre']:.4f} / {synth[key]['ae']:.2f}",
                      f"{spec[2]:.4f} / {spec[3]:.2f}" if spec else "-"]
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 cells.append(f"{e['nre']:.4f} / {e['ae']:.2f}")
             cells.append(f"{spec[0]:.4f} / {spec[1]:.2f}" if spec else "-")
             rows.append(cells)
-    print("\nNRE / angle (degrees) of the inverse 4th root; * = not in SPEC's table")
+    print("\nNRE / angle (degrees) of the inverse 4th root; * = not in the paper's table")
     print(table(headers, rows))
     srows = []
     for codebook, bits, row_keys in CASES:
@@ -282,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(table(["map", "bits", "matrix", "min eig of D(Q(A))", "clamp, 1e-6 (main)", "damping 1e-4", "damping 1e-3",
                  "|eigenvalues|"], srows))
     print("\nOrthogonality ||V^T V - I||_F of 4-bit Linear-2 U after k Björck steps")
-    orows = [["stand-in", n] + [f"{x:.3g}" for x in ortho], ["SPEC (n=1200)", 1200] + [f"{x:.3g}" for x in SPEC_ORTHO]]
+    orows = [["stand-in", n] + [f"{x:.3g}" for x in ortho], ["reference (n=1200)", 1200] + [f"{x:.3g}" for x in ORTHO_REF]]
     for side, rec in lm.get("factors", {}).items():
         orows.append([f"LM {side}", rec["order"]] + [f"{x:.3g}" for x in rec["orthogonality"]])
     print(table(["matrix", "n", "k=0", "k=1", "k=2", "k=3"], orows))
@@ -290,9 +291,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     payload = {
         "settings": {"block_size": BLOCK, "eps": EPS, "n": n, "root": "float64 eigh, relative damping eps * max eig",
                      "storage": "quantize in fp32 as the optimizer does; error arithmetic in float64"},
-        "spec": {f"{c}/{b}/{r}": dict(zip(("A1_nre", "A1_ae", "A2_nre", "A2_ae"), v)) for (c, b, r), v in SPEC.items()},
-        "spec_stand_in": SPEC_STANDIN,
-        "spec_orthogonality": SPEC_ORTHO,
+        "spec": {f"{c}/{b}/{r}": dict(zip(("A1_nre", "A1_ae", "A2_nre", "A2_ae"), v)) for (c, b, r), v in PAPER.items()},
+        "spec_stand_in": STANDIN_REF,
+        "spec_orthogonality": ORTHO_REF,
         "rows": {k: ROW_NAMES[k] for k in ROW_NAMES},
         "synthetic": {"errors": synth, "orthogonality": ortho},
         "lm": lm,

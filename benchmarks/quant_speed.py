@@ -12,8 +12,8 @@ returns, counted by a TorchDispatchMode that follows every storage until it is f
 by n^2 as bytes per element.
 
 Part 2, design data (float64 references). For A = U diag(lam) U^T with U a random orthogonal
-matrix (QR of a seeded Gaussian) and lam log-uniform over [1e-4, 1] ("loguniform") or SPEC's
-stand-in (1 and 1e-3, half each, "spec"), plus the char-LM factors of ``quant_error.py`` when
+matrix (QR of a seeded Gaussian) and lam log-uniform over [1e-4, 1] ("loguniform") or the
+stand-in of ``quant_error.py`` (1 and 1e-3, half each, "spec"), plus the char-LM factors of ``quant_error.py`` when
 ``results/lm_preconditioner.npz`` exists ("lm-L", "lm-R": root of the factor damped by 1e-6 of
 its largest eigenvalue), the root R = A^-1/4 is stored in several ways and
 NRE = ||R~ - R||_F / ||R||_F reported with the bytes per n^2:

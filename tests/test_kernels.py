@@ -10,7 +10,7 @@ import torch
 
 from lightning_shampoo4 import kernels
 from lightning_shampoo4.kernels import QuantizedMatrix, reference
-from lightning_shampoo4.quant import dequantize, get_codebook, midpoints, quantize
+from lightning_shampoo4.quant import dequantize, get_codebook, midpoints, quantize, quantize_symmetric
 
 pytestmark = [
     pytest.mark.kernels,
@@ -181,14 +181,17 @@ def test_bad_arguments_are_named():
 
 
 # ----------------------------------------------------------------------------- preconditioning
+# The roots every storage hands out: stored symmetric (fp32 diagonal + quantized strict upper
+# triangle, blocks per triangle row, 4-bit codes packed across row ends), bf16 or fp32 scales;
+# and the 8-bit Cholesky factor of ``cholesky8`` in the same layout.
 
 
-def _quantized_root(n, name="linear2", bits=4, block_size=64, diag=True):
+def _quantized_root(n, name="linear1.5", bits=4, block_size=40, scale_dtype=torch.bfloat16):
     a = torch.randn(n, n, device=device)
     a = (a + a.T) / n**0.5 + torch.eye(n, device=device)
     cb = get_codebook(name, bits, device)
-    q = quantize(a, cb, bits, block_size, offdiag=diag)
-    return QuantizedMatrix(q.codes, q.absmax, q.diag, n, cb, bits, block_size)
+    q = quantize_symmetric(a, cb, bits, block_size, scale_dtype=scale_dtype)
+    return QuantizedMatrix(q.codes, q.absmax, q.diag, n, cb, bits, block_size, symmetric=True)
 
 
 def _dense_root(n):
@@ -212,104 +215,178 @@ def _emulated(grad, left, right, dtype):
     return rounded(lm @ rounded(grad)) @ rm
 
 
-def _check_precondition(grad, left, right, dtype):
+@pytest.fixture(params=kernels.PRECONDITION_PATHS)
+def path(request, monkeypatch):
+    monkeypatch.setenv(kernels.PATH_ENV_VAR, request.param)
+    return request.param
+
+
+def _check_precondition(grad, left, right, dtype, path):
     out = kernels.precondition(grad, left, right, dtype=dtype, backend="triton")
     ref = reference.precondition(grad, left, right, dtype=dtype)
     assert out.dtype == torch.float32 and out.shape == grad.shape
+    if path == "workspace" and not torch.cuda.is_available():
+        # the rebuild is bit for bit the reference's and the matmuls are the same torch calls
+        assert torch.equal(out, ref)
     if dtype == torch.float32:
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
     else:
-        # The reference rounds the result to ``dtype`` too; the kernel keeps it fp32.
         assert _rel_err(out, ref) < (1e-2 if dtype == torch.bfloat16 else 2e-3)
-        # Tight: the products really are taken in ``dtype`` (fp32 products would be off by
-        # ~3e-3 for bf16, ~4e-4 for fp16). What remains is the fp32 accumulation order, which
-        # can flip the rounding of a few intermediate entries (~ulp / sqrt(numel) each), so
-        # only blocks of some size are checked. Two dense roots are the reference itself.
         quantized = isinstance(left, QuantizedMatrix) or isinstance(right, QuantizedMatrix)
-        if quantized and grad.numel() >= 256:
+        if path == "fused" and quantized and grad.numel() >= 256:
+            # the products really are taken in ``dtype`` (fp32 products would be ~3e-3 off for bf16)
             assert _rel_err(out, _emulated(grad, left, right, dtype)) < (5e-4 if dtype == torch.bfloat16 else 1e-4)
     return out
 
 
 PRECOND_CASES = [
-    # (m, n, left, right): "q4" 4-bit diag-real linear2 block 64, "q8" 8-bit dynamic block 32
-    # without diag, "lin" 4-bit diag-real 'linear' codebook (no exact zero), "wide" / "odd"
-    # blocks of 128 / 24, "d" dense fp32.
+    # (m, n, left, right): "q4" 4-bit linear1.5 root in blocks of 40 with bf16 scales (the
+    # default), "q4f" fp32 scales, "c8" the 8-bit Cholesky layout (blocks of 1200: one per
+    # triangle row), "q8" 8-bit dynamic blocks of 7, "d" dense fp32.
     (67, 40, "q4", "q4"),
     (67, 40, "q4", "d"),
-    (67, 40, "d", "q8"),
-    (16, 129, "q4", "q8"),
-    (16, 129, "lin", "d"),
-    (33, 17, "d", "lin"),
+    (67, 40, "d", "c8"),
+    (16, 129, "q4f", "q8"),
+    (33, 17, "d", "q4f"),
     (5, 3, "q4", "q4"),
+    (1, 7, "q4", "c8"),
     (12, 9, "d", "d"),
-    (67, 40, "wide", "odd"),
-    (40, 67, "odd", "wide"),
 ]
 
 
 def _root(kind, n):
     if kind == "q4":
         return _quantized_root(n)
+    if kind == "q4f":
+        return _quantized_root(n, "linear2", 4, 64, torch.float32)
+    if kind == "c8":
+        return _quantized_root(n, "linear1.5", 8, 1200)
     if kind == "q8":
-        return _quantized_root(n, "dynamic", 8, 32, diag=False)
-    if kind == "lin":
-        return _quantized_root(n, "linear", 4, 16)
-    if kind == "wide":  # blocks longer than a tile: several k-tiles share one absmax
-        return _quantized_root(n, "linear2", 4, 128)
-    if kind == "odd":  # a block size no power-of-two tile divides: absmax gathered per element
-        return _quantized_root(n, "dynamic", 4, 24)
+        return _quantized_root(n, "dynamic", 8, 7, torch.float32)
     return _dense_root(n)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", PRECOND_CASES, ids=lambda c: f"{c[0]}x{c[1]}-{c[2]}-{c[3]}")
-def test_precondition_matches_reference(case, dtype):
+def test_precondition_matches_reference(case, dtype, path):
     m, n, lk, rk = case
     grad = torch.randn(m, n, device=device)
-    _check_precondition(grad, _root(lk, m), _root(rk, n), dtype)
+    _check_precondition(grad, _root(lk, m), _root(rk, n), dtype, path)
 
 
-def test_precondition_fp16_and_bf16_gradient():
+def test_precondition_fp16_and_bf16_gradient(path):
     grad = torch.randn(40, 24, device=device)
     left, right = _quantized_root(40), _quantized_root(24, "dynamic", 8, 32)
-    _check_precondition(grad, left, right, torch.float16)
-    out = _check_precondition(grad.bfloat16(), left, right, torch.bfloat16)
+    _check_precondition(grad, left, right, torch.float16, path)
+    out = _check_precondition(grad.bfloat16(), left, right, torch.bfloat16, path)
     exact = reference.precondition(grad.bfloat16().double(), left, right, dtype=torch.float64)
     assert _rel_err(out, exact) < 1e-2
 
 
-def test_precondition_strided_gradient_block():
+def test_precondition_strided_gradient_block(path):
     """The optimizer passes views of the merged gradient (blocks of a larger matrix)."""
     g = torch.randn(50, 90, device=device)
     block = g[3:40, 10:75]
-    _check_precondition(block, _quantized_root(37), _quantized_root(65), torch.float32)
-    _check_precondition(block, _quantized_root(37), _dense_root(65), torch.bfloat16)
-    _check_precondition(g.t()[5:70, 2:47], _quantized_root(65), _quantized_root(45), torch.float32)
+    _check_precondition(block, _quantized_root(37), _quantized_root(65), torch.float32, path)
+    _check_precondition(block, _quantized_root(37), _dense_root(65), torch.bfloat16, path)
+    _check_precondition(g.t()[5:70, 2:47], _quantized_root(65), _quantized_root(45), torch.float32, path)
 
 
-def test_precondition_identity_roots_return_the_gradient():
+def test_precondition_batch_matches_one_by_one(path):
+    """Same-shape blocks in one batched call per side: each item as the reference's bmm gives it."""
+    k, m, n = 3, 21, 34
+    grads = [torch.randn(m, n, device=device) for _ in range(k)]
+    for lk, rk in (("q4", "q4"), ("c8", "d"), ("d", "q4f")):
+        lefts, rights = [_root(lk, m) for _ in range(k)], [_root(rk, n) for _ in range(k)]
+        for dtype in (torch.float32, torch.bfloat16):
+            out = kernels.precondition_batch(grads, lefts, rights, dtype=dtype, backend="triton")
+            want = torch.bmm(torch.bmm(torch.stack([reference.materialize(x, dtype) for x in lefts]),
+                                       torch.stack(grads).to(dtype)),
+                             torch.stack([reference.materialize(x, dtype) for x in rights])).float()
+            assert out.shape == (k, m, n) and out.dtype == torch.float32
+            if path == "workspace" and not torch.cuda.is_available():
+                assert torch.equal(out, want)
+            else:
+                assert _rel_err(out, want) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_precondition_identity_roots_return_the_gradient(path):
     n, m = 20, 11
-    eye_l = torch.eye(n, device=device)
-    eye_r = torch.eye(m, device=device)
-    cb = get_codebook("linear2", 4, device)
-    ql = quantize(eye_l, cb, 4, 64, offdiag=True)
-    qr = quantize(eye_r, cb, 4, 64, offdiag=True)
-    left = QuantizedMatrix(ql.codes, ql.absmax, ql.diag, n, cb, 4, 64)
-    right = QuantizedMatrix(qr.codes, qr.absmax, qr.diag, m, cb, 4, 64)
+    cb = get_codebook("linear1.5", 4, device)
+    roots = []
+    for k in (n, m):
+        q = quantize_symmetric(torch.eye(k, device=device), cb, 4, 40, scale_dtype=torch.bfloat16)
+        roots.append(QuantizedMatrix(q.codes, q.absmax, q.diag, k, cb, 4, 40, symmetric=True))
     grad = torch.randn(n, m, device=device)
-    out = kernels.precondition(grad, left, right, backend="triton")
+    out = kernels.precondition(grad, *roots, backend="triton")
     torch.testing.assert_close(out, grad, rtol=0, atol=0)
 
 
-def test_precondition_bad_shapes_are_named():
+def test_precondition_bad_shapes_are_named(path):
     grad = torch.randn(8, 6, device=device)
     with pytest.raises(ValueError, match="left root"):
         kernels.precondition(grad, _quantized_root(7), _dense_root(6), backend="triton")
     with pytest.raises(ValueError, match="right root"):
         kernels.precondition(grad, _dense_root(8), _dense_root(5), backend="triton")
-    with pytest.raises(ValueError, match="dtype"):
-        kernels.precondition(grad, _quantized_root(8), _dense_root(6), dtype=torch.int8, backend="triton")
+
+
+# ----------------------------------------------------------------------------- symmetric store / rebuild
+
+SYMMETRIC_CASES = [
+    # (n, bits, block_size, scale dtype, codebook): order 1 and 2, odd orders (4-bit code bytes
+    # across row ends), blocks longer than every row (the Cholesky factor's 1200), tiny blocks
+    (1, 4, 40, torch.bfloat16, "linear1.5"),
+    (2, 4, 40, torch.bfloat16, "linear1.5"),
+    (7, 4, 3, torch.float32, "linear2"),
+    (37, 4, 40, torch.bfloat16, "linear1.5"),
+    (50, 8, 1200, torch.bfloat16, "linear1.5"),
+    (33, 8, 5, torch.float32, "dynamic"),
+    (64, 4, 64, torch.bfloat16, "dynamic"),
+]
+
+
+@pytest.mark.parametrize("case", SYMMETRIC_CASES, ids=lambda c: f"n{c[0]}-{c[1]}b-bs{c[2]}-{str(c[3])[6:]}")
+def test_symmetric_store_and_rebuild_match_reference_bit_for_bit(case):
+    from lightning_shampoo4.quant import dequantize_symmetric
+
+    n, bits, bs, scale_dtype, name = case
+    cb = get_codebook(name, bits, device)
+    a = torch.randn(n, n, device=device) * 3
+    a = a + a.T
+    want = quantize_symmetric(a, cb, bits, bs, scale_dtype=scale_dtype)
+    got = kernels.quantize_symmetric(a, cb, bits, bs, scale_dtype=scale_dtype, backend="triton")
+    assert torch.equal(got.codes, want.codes) and torch.equal(got.diag, want.diag)
+    assert got.absmax.dtype == scale_dtype and torch.equal(got.absmax, want.absmax)
+    root = QuantizedMatrix(want.codes, want.absmax, want.diag, n, cb, bits, bs, symmetric=True)
+    dense = dequantize_symmetric(want, cb, n, bits, bs)
+    assert torch.equal(kernels.materialize(root, backend="triton"), dense)
+    assert torch.equal(kernels.materialize(root, torch.bfloat16, backend="triton"), dense.bfloat16())
+
+
+def test_symmetric_store_of_bf16_input_zero_blocks_and_nan():
+    n = 9
+    cb = get_codebook("linear1.5", 4, device)
+    a = torch.randn(n, n, device=device)
+    a[2, 3:] = 0.0  # a zero block stays zero
+    a[5, 7] = float("nan")  # a NaN takes the last code, its block's scale is NaN
+    for x in (a, a.bfloat16()):
+        want = quantize_symmetric(x, cb, 4, 4, scale_dtype=torch.bfloat16)
+        got = kernels.quantize_symmetric(x, cb, 4, 4, scale_dtype=torch.bfloat16, backend="triton")
+        assert torch.equal(got.codes, want.codes)
+        torch.testing.assert_close(got.absmax, want.absmax, rtol=0, atol=0, equal_nan=True)
+
+
+def test_eigenvectors_with_bf16_scales_match_reference():
+    """SOAP4bit and the eigenvector storage keep U^T row-blocked with bf16 scales."""
+    cb = get_codebook("linear2", 4, device)
+    for n, bs in ((33, 64), (70, 16)):
+        u = torch.linalg.qr(torch.randn(n, n, device=device))[0]
+        want = quantize(u, cb, 4, bs, transpose=True, scale_dtype=torch.bfloat16)
+        got = kernels.quantize(u, cb, 4, bs, transpose=True, scale_dtype=torch.bfloat16, backend="triton")
+        assert torch.equal(got.codes, want.codes) and got.absmax.dtype == torch.bfloat16
+        assert torch.equal(got.absmax, want.absmax)
+        out = kernels.dequantize(want, cb, (n, n), 4, bs, transpose=True, backend="triton")
+        assert torch.equal(out, dequantize(want, cb, (n, n), 4, bs, transpose=True))
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -347,24 +424,41 @@ def test_forced_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
 
 
 def test_optimizer_trajectory_is_the_same_with_triton_kernels():
-    """Shampoo4bit through the dispatcher: gradients that do not depend on the weights keep
-    the statistics identical, so the two backends differ only by fp32 rounding."""
+    """Shampoo4bit through the dispatcher on the two backends: the Triton run really launches
+    Triton kernels (counted), the torch run none; gradients that do not depend on the weights
+    keep the statistics identical, so the two differ at most by fp32 rounding."""
+    from lightning_shampoo4.kernels import triton_symmetric
     from lightning_shampoo4.optim import Shampoo4bit
 
+    cls = type(triton_symmetric._rebuild_kernel)
+    original = cls.__getitem__
+    launches = []
+
+    def counting(self, grid):
+        launches.append(getattr(self, "fn", self).__name__)
+        return original(self, grid)
+
     def run(backend):
+        launches.clear()
         gen = torch.Generator().manual_seed(1)
         w = torch.nn.Parameter(torch.zeros(70, 65, device=device))
         opt = Shampoo4bit(
-            [w], lr=1e-2, base="sgd", momentum=0.0, bits=4, min_quant_numel=64,
+            [w], lr=1e-2, base="sgd", momentum=0.9, bits=4, moment_bits=4, min_quant_numel=64,
             stat_interval=1, root_interval=2, kernel_backend=backend,
         )  # fmt: skip
         for _ in range(3):
             w.grad = torch.randn(70, 65, generator=gen).to(device)
             opt.step()
-        return w.detach()
+        return w.detach(), list(launches)
 
-    got, want = run("triton"), run("torch")
-    assert torch.isfinite(got).all()
+    cls.__getitem__ = counting
+    try:
+        (got, on_triton), (want, on_torch) = run("triton"), run("torch")
+    finally:
+        cls.__getitem__ = original
+    assert {"_store_kernel", "_rebuild_kernel", "_moment_kernel"} <= set(on_triton), on_triton
+    assert not on_torch
+    assert torch.isfinite(got).all() and got.abs().sum() > 0
     assert _rel_err(got, want) < 1e-5
 
 
@@ -381,6 +475,7 @@ def test_triton_failure_falls_back_once_with_a_warning(monkeypatch):
         raise RuntimeError("PTX compile failed")
 
     monkeypatch.setattr(k, "resolve_backend", lambda backend, device: "triton")
+    monkeypatch.setattr(k, "triton_interpreted", lambda: True)
     monkeypatch.setattr(triton_quant, "quantize", broken)
     monkeypatch.setattr(k, "_BROKEN", set())
     monkeypatch.delenv(k.ENV_VAR, raising=False)

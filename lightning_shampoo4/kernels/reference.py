@@ -3,6 +3,8 @@
 ``rows`` (``materialize``, ``precondition``): an optional writer of rows of a stored symmetric
 root, ``rows(root, r0, r1, out) -> bool`` (False: not for this root), that replaces the torch
 rebuild of those rows; the CPU kernel (:mod:`.cpu`) plugs in here, bit-identically.
+``rebuild``: an optional function ``rebuild(root, r0, r1) -> fp32 (r1 - r0, n)`` that returns those
+rows instead (the dispatcher passes its custom op here, so ``torch.compile`` sees one call).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from .types import QuantizedMatrix
 __all__ = ["dequantize", "materialize", "precondition", "quantize", "quantize_symmetric"]
 
 RowsFn = Callable[[QuantizedMatrix, int, int, torch.Tensor], bool]
+RebuildFn = Callable[[QuantizedMatrix, int, int], torch.Tensor]
 
 
 def materialize(
@@ -25,6 +28,7 @@ def materialize(
     *,
     out: torch.Tensor | None = None,
     rows: RowsFn | None = None,
+    rebuild: RebuildFn | None = None,
 ) -> torch.Tensor:
     """A dense ``dtype`` matrix from a dense or quantized root.
 
@@ -34,6 +38,9 @@ def materialize(
     if isinstance(root, torch.Tensor):
         return root.to(dtype)
     n = root.order
+    if root.symmetric and rebuild is not None:
+        dense = rebuild(root, 0, n)
+        return dense.to(dtype) if out is None else out.copy_(dense)
     if root.symmetric and rows is not None:
         dense = out if out is not None and dtype == torch.float32 else torch.empty(n, n, device=root.codes.device)
         if rows(root, 0, n, dense):
@@ -61,6 +68,7 @@ def precondition(
     dtype: torch.dtype = torch.float32,
     *,
     rows: RowsFn | None = None,
+    rebuild: RebuildFn | None = None,
 ) -> torch.Tensor:
     """``left @ grad @ right`` in ``dtype`` matmuls, returned in fp32.
 
@@ -77,12 +85,12 @@ def precondition(
         # a larger stored right root is rebuilt first and freed before the left one is: one
         # product less is held beside it (dense roots are read as they are, in the usual order)
         if isinstance(right, QuantizedMatrix) and right.order > _order(left):
-            x = grad.to(dtype) @ materialize(right, dtype, rows=rows)
-            return (materialize(left, dtype, rows=rows) @ x).float()
-        x = materialize(left, dtype, rows=rows) @ grad.to(dtype)
-        return (x @ materialize(right, dtype, rows=rows)).float()
-    g_r_t = _apply(right, grad.to(dtype).mT, dtype, rows)  # (grad @ right)^T
-    return _apply(left, g_r_t.mT, dtype, rows).float()
+            x = grad.to(dtype) @ materialize(right, dtype, rows=rows, rebuild=rebuild)
+            return (materialize(left, dtype, rows=rows, rebuild=rebuild) @ x).float()
+        x = materialize(left, dtype, rows=rows, rebuild=rebuild) @ grad.to(dtype)
+        return (x @ materialize(right, dtype, rows=rows, rebuild=rebuild)).float()
+    g_r_t = _apply(right, grad.to(dtype).mT, dtype, rows, rebuild)  # (grad @ right)^T
+    return _apply(left, g_r_t.mT, dtype, rows, rebuild).float()
 
 
 PANEL_ORDER = 2048  # a dense fp32 root above this takes more than 16 MiB
@@ -101,10 +109,16 @@ def _panel_rows(order: int) -> int:
     return -(-order // 4)
 
 
-def _panels(root: QuantizedMatrix, rows: RowsFn | None):
-    """``(r0, r1, fp32 panel)`` of a symmetric root through one reused buffer: from ``rows``
-    when it reads the root, else from the torch rebuild (:func:`symmetric_panels`)."""
+def _panels(root: QuantizedMatrix, rows: RowsFn | None, rebuild: RebuildFn | None = None):
+    """``(r0, r1, fp32 panel)`` of a symmetric root through one reused buffer: from ``rebuild``
+    or ``rows`` when given (``rows`` when it reads the root), else from the torch rebuild
+    (:func:`symmetric_panels`)."""
     n, step = root.order, _panel_rows(root.order)
+    if rebuild is not None:
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            yield r0, r1, rebuild(root, r0, r1)
+        return
     if rows is not None:
         buf = torch.empty(step * n, device=root.codes.device)
         for r0 in range(0, n, step):
@@ -119,11 +133,12 @@ def _panels(root: QuantizedMatrix, rows: RowsFn | None):
     yield from symmetric_panels(q, root.codebook, n, root.bits, root.block_size, rows=step)
 
 
-def _apply(root: torch.Tensor | QuantizedMatrix, x: torch.Tensor, dtype: torch.dtype, rows: RowsFn | None) -> torch.Tensor:
+def _apply(root: torch.Tensor | QuantizedMatrix, x: torch.Tensor, dtype: torch.dtype, rows: RowsFn | None,
+           rebuild: RebuildFn | None = None) -> torch.Tensor:
     """``root @ x`` in ``dtype``; a panelled root a panel of rows at a time."""
     if not _panelled(root):
-        return materialize(root, dtype, rows=rows) @ x
+        return materialize(root, dtype, rows=rows, rebuild=rebuild) @ x
     out = torch.empty(root.order, x.shape[1], dtype=dtype, device=x.device)
-    for r0, r1, panel in _panels(root, rows):
+    for r0, r1, panel in _panels(root, rows, rebuild):
         torch.mm(panel.to(dtype), x, out=out[r0:r1])
     return out

@@ -2,7 +2,7 @@
 
 The layout is the one of ``quant/blockwise.py`` (read its module docstring first). A tensor is
 seen as a stored matrix ``S`` of ``rows x cols`` (``x.T`` when ``transpose=True``), cut row-wise
-into blocks of ``block_size``; one fp32 absmax per block; 4-bit codes packed flat over the
+into blocks of ``block_size``; one absmax per block (fp32, or rounded to bf16); 4-bit codes packed flat over the
 row-major elements of ``S`` (element 2k low nibble, 2k + 1 high nibble), 8-bit codes one per byte.
 
 Kernels
@@ -27,11 +27,10 @@ Kernels
     the result stored as fp32, bf16 or fp16 (round to nearest even).
 
 ``_load_codes`` and ``_lookup`` (codes of arbitrary (i, j) index tiles, codebook values) are
-shared with the fused preconditioning kernels of ``triton_precond``.
+shared with the kernels of ``triton_symmetric`` (stored symmetric matrices).
 
 The two passes of quantization read the input twice; quantization runs once per T1 / T2
-steps, while dequantization and the fused preconditioning (``triton_precond``) are the hot
-paths.
+steps, while dequantization is on the hot path of the eigenvector storage.
 
 Interpreter (``TRITON_INTERPRET=1``, how the kernels are tested on the CPU): it truncates on
 fp32 -> bf16 casts and computes bf16 arithmetic wrongly, so every value is upcast to fp32
@@ -190,6 +189,7 @@ def _absmax_kernel(
     BSP: tl.constexpr,
     UNITS: tl.constexpr,
     OFFDIAG: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
 ):
     pid = tl.program_id(0)
     u = pid * UNITS + tl.arange(0, UNITS)  # block ids, flat over (rows, nblocks) = absmax layout
@@ -206,6 +206,8 @@ def _absmax_kernel(
     a = tl.abs(v)
     # max() may drop NaN on the GPU; the sum term is 0, or NaN when the block holds a NaN.
     amax = tl.max(a, axis=1) + tl.sum(tl.where(a != a, a, 0.0), axis=1)
+    if ROUND_BF16:  # bf16 scales: the nearest bf16 value, and the block is normalized by it
+        amax = _round_bf16(amax)
     tl.store(absmax_ptr + u, amax, mask=u_ok)
 
 
@@ -349,9 +351,13 @@ def quantize(
     *,
     offdiag: bool = False,
     transpose: bool = False,
+    scale_dtype: torch.dtype = torch.float32,
 ) -> Quantized:
-    """Block-wise quantize ``x`` with Triton; same result as :func:`lightning_shampoo4.quant.quantize`."""
+    """Block-wise quantize ``x`` with Triton; same result as :func:`lightning_shampoo4.quant.quantize`
+    for fp32 and bf16 scales (``scale_dtype``)."""
     _check_args(bits, block_size)
+    if scale_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"the Triton quantizer stores fp32 or bf16 scales, got {scale_dtype}")
     cb = _prepare_codebook(codebook, bits, x.device)
     x = x.detach()
     if x.dtype not in _OUT_DTYPES:
@@ -371,13 +377,13 @@ def quantize(
     codes = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
     if numel == 0:
         absmax.zero_()
-        return Quantized(codes, absmax, diag)
+        return Quantized(codes, absmax.to(scale_dtype), diag)
 
     bsp = _next_pow2(block_size)
     units = max(1, min(_tile_elems() // bsp, _next_pow2(rows * nblocks)))
     _absmax_kernel[(triton.cdiv(rows * nblocks, units),)](
         src, absmax, rows, cols, nblocks, stride_r, stride_c,
-        BLOCK_SIZE=block_size, BSP=bsp, UNITS=units, OFFDIAG=offdiag,
+        BLOCK_SIZE=block_size, BSP=bsp, UNITS=units, OFFDIAG=offdiag, ROUND_BF16=scale_dtype == torch.bfloat16,
     )  # fmt: skip
 
     mids = midpoints(cb).contiguous()  # the reference's fp32 decision boundaries
@@ -386,7 +392,7 @@ def quantize(
         src, absmax, mids, codes, numel, nbytes, cols, nblocks, stride_r, stride_c,
         BLOCK_SIZE=block_size, BITS=bits, UNITS=units, OFFDIAG=offdiag,
     )  # fmt: skip
-    return Quantized(codes, absmax, diag)
+    return Quantized(codes, absmax.to(scale_dtype), diag)
 
 
 def dequantize(

@@ -1,11 +1,12 @@
-"""``L^-1/4 G R^-1/4`` for all blocks of a step, same-shape blocks batched.
+"""``L^-1/4 G R^-1/4`` for all blocks of a step, same-shape blocks batched on every backend.
 
-A transformer's layers give many blocks of one shape: for the torch backend they are stacked
-and run as two ``bmm`` (quantized roots dequantized in one batched call), instead of one
-dequantization and two matmuls per block. A batch is capped at ``MAX_BATCH_BYTES`` of stacked
-roots so the step's temporaries stay bounded; lone blocks follow the batches, largest roots
-first, when the fewest finished results are held beside their dense rebuilds. With the Triton
-backend every block goes to the fused kernel, which dequantizes root tiles inside the matmul.
+A transformer's layers give many blocks of one shape: they are stacked and run as one batched
+call per side (``kernels.precondition_batch``): the roots of a side rebuilt in one op call (on
+Triton one launch) and two ``bmm``, or on Triton's fused path two launches that decode the roots
+inside the matmuls; instead of a rebuild and two matmuls per block. A batch is capped at
+``MAX_BATCH_BYTES`` of stacked roots so the step's temporaries stay bounded; lone blocks follow
+the batches, largest roots first, when the fewest finished results are held beside their dense
+rebuilds.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import torch
 
 from .. import kernels
 from ..kernels import QuantizedMatrix
-from ..quant import Quantized, dequantize
 
 MAX_BATCH_BYTES = 32 * 2**20
 
@@ -38,26 +38,6 @@ def _fmt(root: torch.Tensor | QuantizedMatrix) -> tuple:
             root.absmax.dtype)
 
 
-def _stack(roots: list, dtype: torch.dtype, backend: str) -> torch.Tensor:
-    """``k x n x n`` dense roots in ``dtype``; quantized ones dequantized in one call."""
-    first = roots[0]
-    if isinstance(first, torch.Tensor):
-        return torch.stack(roots).to(dtype)
-    n, k = first.order, len(roots)
-    if first.symmetric or (first.bits == 4 and (n * n) % 2):  # layouts that do not concatenate
-        out = torch.empty(k, n, n, dtype=torch.float32, device=first.codes.device)
-        for i, r in enumerate(roots):
-            kernels.materialize(r, torch.float32, out=out[i], backend=backend)
-        return out.to(dtype)
-    codes = torch.cat([r.codes for r in roots])
-    absmax = torch.cat([r.absmax for r in roots])
-    out = dequantize(Quantized(codes, absmax, None), first.codebook, (k * n, n), first.bits, first.block_size)
-    out = out.view(k, n, n)
-    if first.diag is not None:
-        out.diagonal(dim1=1, dim2=2).copy_(torch.stack([r.diag for r in roots]))
-    return out.to(dtype)
-
-
 def run(jobs: list[Job], skip: list[bool] | None = None) -> list[torch.Tensor]:
     """The fp32 preconditioned block of every job, in order.
 
@@ -68,11 +48,7 @@ def run(jobs: list[Job], skip: list[bool] | None = None) -> list[torch.Tensor]:
     out: list[torch.Tensor | None] = [None] * len(jobs)
     batches: dict[tuple, list[int]] = {}
     for i, job in enumerate(jobs):
-        if kernels.resolve_backend(job.backend, job.grad.device) != "torch":
-            if skip is None or not skip[i]:
-                out[i] = kernels.precondition(job.grad, job.left, job.right, dtype=job.dtype, backend=job.backend)
-            continue
-        key = (job.grad.shape, job.grad.device, job.dtype, _fmt(job.left), _fmt(job.right))
+        key = (job.grad.shape, job.grad.device, job.dtype, job.backend, _fmt(job.left), _fmt(job.right))
         batches.setdefault(key, []).append(i)
 
     def root_bytes(idx: list[int]) -> int:
@@ -98,10 +74,8 @@ def run(jobs: list[Job], skip: list[bool] | None = None) -> list[torch.Tensor]:
                 out[chunk[0]] = kernels.precondition(j.grad, j.left, j.right, dtype=j.dtype, backend=j.backend)
                 continue
             dtype, backend = jobs[chunk[0]].dtype, jobs[chunk[0]].backend
-            left = _stack([jobs[i].left for i in chunk], dtype, backend)
-            right = _stack([jobs[i].right for i in chunk], dtype, backend)
-            grads = torch.stack([jobs[i].grad for i in chunk]).to(dtype)
-            res = torch.bmm(torch.bmm(left, grads), right).float()
+            res = kernels.precondition_batch([jobs[i].grad for i in chunk], [jobs[i].left for i in chunk],
+                                             [jobs[i].right for i in chunk], dtype=dtype, backend=backend)
             for i, r in zip(chunk, res.unbind(0)):
                 out[i] = r
     return out  # type: ignore[return-value]

@@ -1,6 +1,6 @@
 """Block-wise absmax quantization, the pure-torch reference.
 
-Layout (SPEC.md section 2), the contract the Triton kernels reproduce exactly:
+Layout (docs/algorithms.md), the contract the C and Triton kernels reproduce exactly:
 
 * A tensor is seen as a matrix of rows (``x.reshape(-1, x.shape[-1])``; a 1-D tensor is one
   row). Each row is cut into blocks of ``block_size`` consecutive elements, the last one
@@ -384,7 +384,7 @@ def quantize(
 ) -> Quantized:
     """Quantize ``x`` (any shape, fp32 / bf16 / fp16) block-wise; see the module docstring.
 
-    ``scale_dtype`` other than fp32 is a reference-only option (the Triton kernels store fp32).
+    ``scale_dtype``: fp32 and bf16 scales also have Triton kernels; fp16 scales are torch only.
     """
     _check_quantize_args(codebook, bits, block_size, scale_dtype)
     x = x.detach()

@@ -1,6 +1,6 @@
 """Quantization codebooks: sorted fp32 tensors of 2**bits values in [-1, 1].
 
-Three maps are offered (SPEC.md section 2):
+Four maps are offered:
 
 * ``linear2`` ("linear square", the default): ``sign(d) * d**2`` over a uniform grid ``d``
   with one grid point moved to zero. Dense near zero, where most eigenvector entries live.
@@ -13,8 +13,6 @@ Three maps are offered (SPEC.md section 2):
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 
@@ -68,23 +66,25 @@ def linear_values(bits: int) -> list[float]:
 _MAKERS = {"linear2": linear2_values, "linear1.5": linear15_values, "dynamic": dynamic_values, "linear": linear_values}
 
 
-@functools.lru_cache(maxsize=None)
-def _cpu_codebook(name: str, bits: int) -> torch.Tensor:
-    values = sorted(_MAKERS[name](bits))
-    return torch.tensor(values, dtype=torch.float32)
-
-
-@functools.lru_cache(maxsize=64)
-def _device_codebook(name: str, bits: int, device: torch.device) -> torch.Tensor:
-    return _cpu_codebook(name, bits).to(device)
+_CACHE: dict[tuple, torch.Tensor] = {}
 
 
 def get_codebook(name: str = "linear2", bits: int = 4, device: torch.device | str | None = None) -> torch.Tensor:
-    """The sorted fp32 codebook ``name`` for ``bits`` bits on ``device`` (cached, do not modify)."""
+    """The sorted fp32 codebook ``name`` for ``bits`` bits on ``device`` (cached, do not modify).
+
+    A plain dict lookup once cached, so ``torch.compile`` reads the cached tensor instead of
+    tracing how it was made (which would break its graph)."""
+    device = torch.device("cpu") if device is None else torch.device(device)
+    key = (name, bits, device.type, device.index)
+    hit = _CACHE.get(key)
+    if hit is not None:
+        return hit
     _check(name, bits)
-    if device is None or torch.device(device).type == "cpu":
-        return _cpu_codebook(name, bits)
-    return _device_codebook(name, bits, torch.device(device))
+    if device.type == "cpu":
+        values = _CACHE[key] = torch.tensor(sorted(_MAKERS[name](bits)), dtype=torch.float32)
+    else:
+        values = _CACHE[key] = get_codebook(name, bits, "cpu").to(device)
+    return values
 
 
 def midpoints(codebook: torch.Tensor) -> torch.Tensor:

@@ -49,9 +49,11 @@ whose v scale is zero also has m == 0 and its update is zero. Rounding is to the
 
 Math at 8 / 4 bits: the moments are dequantized to fp32, updated, used for the parameter
 update at full precision, then re-quantized (the quantization error only enters the next
-step). bf16 / fp16 parameters are updated in fp32 and rounded back to their dtype. On CUDA
-tensors the whole step is one fused Triton kernel per tensor (``kernels.moment_update``);
-elsewhere the torch reference below runs. The hyper-parameters are read at every call as
+step). bf16 / fp16 parameters are updated in fp32 and rounded back to their dtype. The step
+runs through the fused update registered with :func:`set_fused_update` (the kernel dispatcher
+registers ``kernels.moment_update`` when it is imported: on CUDA tensors one fused Triton kernel
+per tensor); before that, or without it, the torch reference below runs. This module never
+imports the kernels: they depend on it. The hyper-parameters are read at every call as
 plain floats (a 0-dim tensor ``lr`` or ``step`` is read with ``item()``, a host sync on a
 GPU), so a learning-rate scheduler
 that writes new values into the param group is always seen, and the kernel, which takes
@@ -63,7 +65,7 @@ from __future__ import annotations
 import functools
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -86,6 +88,8 @@ __all__ = [
     "moment_names",
     "moment_spec",
     "quantize_moment",
+    "reference_update",
+    "set_fused_update",
     "sgd_update",
     "unsigned_map",
 ]
@@ -168,18 +172,21 @@ def _unsigned_cpu(bits: int) -> torch.Tensor:
     return torch.tensor(sorted(values), dtype=torch.float32)
 
 
-@functools.lru_cache(maxsize=64)
-def _unsigned_device(bits: int, device: torch.device) -> torch.Tensor:
-    return _unsigned_cpu(bits).to(device)
+_UNSIGNED_CACHE: dict[tuple, torch.Tensor] = {}
 
 
 def unsigned_map(bits: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """The sorted fp32 map of the second moment: 2**bits values in (0, 1], no zero (cached)."""
+    """The sorted fp32 map of the second moment: 2**bits values in (0, 1], no zero (cached; a
+    plain dict lookup once cached, which ``torch.compile`` reads without breaking its graph)."""
+    device = torch.device("cpu") if device is None else torch.device(device)
+    key = (bits, device.type, device.index)
+    hit = _UNSIGNED_CACHE.get(key)
+    if hit is not None:
+        return hit
     if bits not in BLOCK_SIZES:
         raise ValueError(f"bits={bits!r}: quantized moments have 8 or 4 bits")
-    if device is None or torch.device(device).type == "cpu":
-        return _unsigned_cpu(bits)
-    return _unsigned_device(bits, torch.device(device))
+    table = _UNSIGNED_CACHE[key] = _unsigned_cpu(bits).to(device)
+    return table
 
 
 def moment_codebook(name: str, bits: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -252,6 +259,24 @@ def _dense(state: dict, name: str) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- updates
 
+# ``fn(base, p, grad, moments, *, bits, block_size, hyper, backend)``: the fused quantized step
+# (``kernels.moment_update``, registered by the kernel dispatcher); None: the torch reference.
+_fused_update: Callable[..., None] | None = None
+
+
+def set_fused_update(fn: Callable[..., None] | None) -> None:
+    """Route the quantized steps of :func:`adamw_update` / :func:`sgd_update` through ``fn`` (None:
+    the torch reference :func:`reference_update`)."""
+    global _fused_update
+    _fused_update = fn
+
+
+def _update(base, p, grad, moments, *, bits, block_size, hyper, backend) -> None:
+    if _fused_update is None:
+        reference_update(base, p, grad, moments, bits=bits, block_size=block_size, hyper=hyper)
+    else:
+        _fused_update(base, p, grad, moments, bits=bits, block_size=block_size, hyper=hyper, backend=backend)
+
 
 def _f32(x: float) -> float:
     """``x`` rounded to the nearest fp32 value: the scalar both the reference and the kernel use."""
@@ -310,9 +335,7 @@ def adamw_update(
     moments = [
         (*_moment_parts(state, name, spec), moment_codebook(name, bits, p.device)) for name in _NAMES["adamw"]
     ]
-    from .. import kernels
-
-    kernels.moment_update("adamw", p, grad, moments, bits=bits, block_size=spec.block_size, hyper=hyper, backend=backend)
+    _update("adamw", p, grad, moments, bits=bits, block_size=spec.block_size, hyper=hyper, backend=backend)
 
 
 def sgd_update(
@@ -349,9 +372,7 @@ def sgd_update(
         "nesterov": bool(nesterov),
     }
     moments = [(*_moment_parts(state, "momentum_buffer", spec), moment_codebook("momentum_buffer", bits, p.device))]
-    from .. import kernels
-
-    kernels.moment_update("sgd", p, grad, moments, bits=bits, block_size=spec.block_size, hyper=hyper, backend=backend)
+    _update("sgd", p, grad, moments, bits=bits, block_size=spec.block_size, hyper=hyper, backend=backend)
 
 
 def adamw_update_foreach(
