@@ -1,4 +1,4 @@
-"""Matrix routines for Shampoo's preconditioners (SPEC.md section 4).
+"""Matrix routines for the preconditioners of Shampoo4bit and SOAP4bit.
 
 Every routine that can fail reports failure instead of returning garbage: the root helpers
 return ``None`` when even a float64 retry yields non-finite values, so the caller can keep the
@@ -169,7 +169,8 @@ def newton_inverse_root_early_stop(
     power_iters: int = 100,
     stats: dict | None = None,
 ) -> RootResult | None:
-    """The naive baseline's inverse p-th root (SPEC.md section 4, "Baselines"): coupled
+    """The naive 4-bit baseline's inverse p-th root (the paper's baseline, which quantizes the
+    preconditioner itself; ``docs/algorithms.md``): coupled
     Newton with the baseline's early stop, kept apart from :func:`coupled_newton_inverse_root`.
 
     ``rho = eps * lambda_max`` (power iteration), ``z = (p + 1) / (2 ||A + rho I||_F)``,

@@ -1,5 +1,6 @@
-"""Matrix routines against float64 references, and SPEC.md section 5's quantization-error
-ordering on the synthetic stand-in (U from a seeded QR, eigenvalues 1 and 1e-3)."""
+"""Matrix routines against float64 references, and the paper's quantization-error ordering
+(Wang et al. 2024, its synthetic experiment) on a stand-in: U from a seeded QR, eigenvalues 1
+and 1e-3."""
 
 import math
 
@@ -97,9 +98,9 @@ def test_eigh_retries_in_float64(monkeypatch):
     assert (result.root.double() - _ref_root(a, 4, 1e-6)).norm() < 1e-4
 
 
-# -- SPEC.md section 5 on the synthetic stand-in --------------------------------------------
+# -- the paper's quantization-error ordering on the synthetic stand-in ------------------------
 # Run at n = 512 instead of 1200 to keep the suite fast: the NRE of the stand-in barely
-# depends on n (measured with quantize-U: 0.0923 at 512, SPEC 0.092 at 1200; + 1 Björck:
+# depends on n (measured with quantize-U: 0.0923 at 512, 0.092 at 1200; + 1 Björck:
 # 0.0629 vs 0.063), so the same bounds hold. Orthogonality grows like sqrt(n), so that check
 # runs at the real n = 1200.
 
@@ -144,22 +145,22 @@ def _errors(codebook, n=512):
 def test_quantizing_eigenvectors_beats_quantizing_the_matrix():
     lin2 = _errors("linear2")
     assert lin2["A"] > 0.4  # the -1/4 power blows up the error of a quantized A
-    assert lin2["U+0"] < 0.1  # SPEC: about 0.092
-    assert lin2["U+1"] < 0.075  # SPEC: about 0.063
+    assert lin2["U+0"] < 0.1  # about 0.092 at n = 1200
+    assert lin2["U+1"] < 0.075  # about 0.063 at n = 1200
     assert lin2["U+1"] < lin2["U+0"] < lin2["A"]
-    assert lin2["full"] < 0.1 and lin2["full_angle"] < 6.0  # SPEC A2: 0.0941 / 5.37
+    assert lin2["full"] < 0.1 and lin2["full_angle"] < 6.0  # at n = 1200: 0.0941 / 5.37
     dt = _errors("dynamic")
     assert dt["U+0"] > lin2["U+0"] and dt["U+1"] > lin2["U+1"]  # dynamic tree is worse
 
 
-def test_orthogonality_after_bjorck_steps_matches_spec():
+def test_orthogonality_after_bjorck_steps():
     n = 1200
     u, _ = _stand_in(n)
     u = u.float()
     cb = get_codebook("linear2", 4)
     v = dequantize(quantize(u, cb, 4, 64, transpose=True), cb, u.shape, 4, 64, transpose=True)
     errs = [linalg.orthogonality_error(linalg.bjorck(v, k)) for k in range(4)]
-    # SPEC: ~5.3, 0.84, 0.03, ~5e-5 (the last one is at fp32 round-off here)
+    # expected: ~5.3, 0.84, 0.03, ~5e-5 (the last one is at fp32 round-off here)
     assert errs[0] == pytest.approx(5.3, rel=0.05)
     assert errs[1] == pytest.approx(0.84, rel=0.08)
     assert errs[2] == pytest.approx(0.03, rel=0.25)
@@ -178,7 +179,7 @@ def test_newton_on_an_indefinite_matrix_falls_back_to_eigh():
     assert torch.allclose(result.root, expected)
 
 
-# -- the naive baseline's Newton root (SPEC.md section 4, "Baselines") ----------------------------
+# -- the naive baseline's Newton root ----------------------------------------------------------
 
 
 @pytest.mark.parametrize("n, rank", [(10, 12), (40, 60), (64, 640)])

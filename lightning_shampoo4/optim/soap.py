@@ -1,0 +1,1017 @@
+"""``SOAP4bit``: SOAP (Adam in Shampoo's eigenbasis) with its eigenvector matrices at 4 bits.
+
+SOAP (Vyas et al., "SOAP: Improving and Stabilizing Shampoo using Adam", arXiv 2409.11321) keeps,
+for every 2-D block G (m x n) of a parameter, the Kronecker statistics
+``L = b L + (1 - b) G G^T`` and ``R = b R + (1 - b) G^T G`` and their eigenbases QL, QR, and runs
+Adam on the rotated gradient ``G' = QL^T G QR``; the Adam direction is rotated back,
+``QL U QR^T``. The bases come from ``eigh`` at the first step (which only sets up the
+preconditioner, as in the paper, and changes no parameter) and then, every
+``precondition_frequency`` Adam steps, from one power iteration and a QR decomposition, the columns
+ordered by the estimated eigenvalues ``diag(Q^T L Q)`` with the second moment's rows / columns
+permuted alike. 1-D parameters get plain Adam.
+
+What ``bits=4`` keeps (``docs/soap.md`` has the measurements that chose each default):
+
+* QL, QR as 4-bit codes, every eigenvector in blocks of ``block_size`` with one scale each (the
+  paper's eigenvector quantization: Linear-2 map, the codec of the ``eigenvectors`` storage),
+  dequantized at every step; ``bjorck_steps`` Björck steps after dequantizing.
+* ``statistics="eigen"`` (default at 4 / 8 bits): each statistic in the eigen form
+  ``Q diag(lambda) Q^T`` sharing the stored Q, so only the eigenvalues (fp32) are extra. Every
+  step folds the rotated gradient's diagonal ``diag(G' G'^T)`` into lambda; at a refresh the
+  rotated statistic ``diag(lambda) + (1 - b^f) offdiag(G' G'^T)`` (this step's gradient standing
+  for the ``f = precondition_frequency`` steps since the last refresh) gives one power
+  iteration ``QR(Q A')``. ``"cholesky8"``: the statistic's lower Cholesky factor with 8-bit
+  codes, updated every step; ``"dense"``: the fp32 statistic (the reference).
+* ``second_moment="factored"`` (default at 4 / 8 bits): Adafactor's row and column sums of the
+  rotated second moment (m + n numbers per block, ``V = r c^T / sum(r)``); ``"full"``: Adam's
+  m x n second moment at ``moment_bits``.
+* the first moment at ``moment_bits`` (8 by default at 4 / 8 bits), in the parameter's own basis
+  (``first_moment_basis="original"``, as the paper's code keeps it, so a basis change needs no
+  rotation) or in the rotated one (carried across a refresh by ``QL_new^T QL_old M' QR_old^T QR_new``).
+
+``bits=32`` with the other settings left at ``None`` is the exact fp32 SOAP.
+
+Dimensions above ``max_precondition_dim`` are cut into blocks as Shampoo4bit cuts them
+(``large_dims="block"``), or left unrotated as in the paper's code (``"unrotated"``).
+
+One step either completes or changes nothing: every new state entry and every direction is
+computed first; a non-finite gradient or direction skips the step (counted in
+``counters["skipped_nonfinite"]``). Under DDP each block has one owner rank that alone keeps its
+second-order state and rotated moments, and the rotated-back directions are all-gathered
+(:mod:`.distributed`); FSDP2 ``Shard(0)`` parameters are preconditioned per local shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch.optim import Optimizer
+
+from .. import kernels, linalg
+from ..kernels import QuantizedMatrix
+from ..quant import Quantized, get_codebook
+from ..quant import moments as qm
+from . import distributed as D
+from .blocking import Block, blocks_for, matrix_shape
+from .checkpoint import CheckpointMismatchError, load_optimizer_state
+from .memory import memory_report
+from .settings import BASE_SETTINGS, SHAMPOO_SETTINGS, STORAGE_SETTINGS, Setting, SettingsTable, register
+
+__all__ = ["COUNTERS", "SOAP4bit", "SOAP_SETTINGS"]
+
+COUNTERS = (
+    "steps",  # step() calls with at least one gradient
+    "refreshes",  # eigenbasis updates (eigh at the first step, then power iteration + QR) of a factor
+    "skipped_nonfinite",  # steps that changed nothing because a gradient or direction had inf / NaN
+    "retried_updates",  # decompositions that succeeded only in float64
+    "failed_updates",  # decompositions that failed: the previous basis / statistic is kept
+)
+SKIP_WARN_AFTER = 50
+
+
+# -- settings -----------------------------------------------------------------------------
+def _row(rows: tuple[Setting, ...], name: str, **changes: Any) -> Setting:
+    row = next(s for s in rows if s.name == name)
+    return dataclasses.replace(row, **changes) if changes else row
+
+
+def _resolve_moment_bits(g: Mapping[str, Any]) -> int:
+    return 32 if g["bits"] == 32 else 8
+
+
+def _resolve_statistics(g: Mapping[str, Any]) -> str:
+    return "dense" if g["bits"] == 32 else "eigen"
+
+
+def _resolve_second_moment(g: Mapping[str, Any]) -> str:
+    return "full" if g["bits"] == 32 else "factored"
+
+
+_SHARED = SHAMPOO_SETTINGS.settings  # rows shared with Shampoo4bit
+
+SOAP_SETTINGS = register(SettingsTable(
+    "SOAP4bit",
+    "lightning_shampoo4.optim.soap.SOAP4bit",
+    (
+        _row(BASE_SETTINGS, "lr", default=3e-3, doc="learning rate"),
+        _row(BASE_SETTINGS, "betas", default=(0.95, 0.95), doc="Adam moment coefficients (in the eigenbasis)"),
+        _row(BASE_SETTINGS, "eps", doc="Adam denominator epsilon"),
+        _row(BASE_SETTINGS, "weight_decay", doc="decoupled weight decay"),
+        Setting.number("shampoo_beta", 0.95, "EMA coefficient of the Kronecker statistics L, R", 0.0, 1.0),
+        Setting.integer("precondition_frequency", 10, "Adam steps between eigenbasis refreshes "
+                        "(one power iteration + QR)", 1),
+        Setting.integer("max_precondition_dim", 256, "largest factor order; larger dims are blocked or left "
+                        "unrotated (large_dims)", 1, format=True),
+        Setting.choice("large_dims", "block", ("block", "unrotated"),
+                       "dims above max_precondition_dim: cut into blocks as Shampoo4bit does, or left unrotated",
+                       format=True),
+        _row(STORAGE_SETTINGS, "bits", doc="bits of the stored eigenvector matrices QL, QR; 32: fp32 SOAP"),
+        Setting.choice("moment_bits", None, (None, 4, 8, 32),
+                       "bits of Adam's moments (the second moment too when second_moment='full'); "
+                       "None: 32 at bits=32, else 8", format=True, resolve=_resolve_moment_bits),
+        Setting.choice("statistics", None, (None, "rotated8", "rotated4", "eigen", "cholesky8", "dense"),
+                       "how L, R are kept: eigen (Q diag(lambda) Q^T with the stored Q), cholesky8 (8-bit "
+                       "Cholesky factor) or dense fp32; None: dense at bits=32, else eigen",
+                       format=True, resolve=_resolve_statistics),
+        Setting.choice("second_moment", None, (None, "full", "factored"),
+                       "Adam's second moment in the eigenbasis: full (m x n) or factored over rows and columns "
+                       "(Adafactor, m + n numbers); None: full at bits=32, else factored",
+                       format=True, resolve=_resolve_second_moment),
+        Setting.choice("first_moment_basis", "original", ("original", "rotated"),
+                       "the basis the first moment is kept in", format=True),
+        Setting.integer("bjorck_steps", 0, "Björck steps on the dequantized eigenvector matrices", 0),
+        Setting.choice("codebook", "linear2", ("linear2", "linear1.5", "dynamic", "linear"),
+                       "quantization map of the eigenvector matrices", format=True),
+        Setting.integer("block_size", 64, "elements per quantization block of an eigenvector", 1, format=True),
+        _row(STORAGE_SETTINGS, "scale_dtype"),
+        _row(STORAGE_SETTINGS, "min_quant_numel", doc="eigenvector matrices with fewer elements stay fp32"),
+        _row(_SHARED, "kernel_backend"),
+        _row(_SHARED, "distributed"),
+        _row(_SHARED, "distributed_dtype"),
+    ),
+    label=lambda s: "32-bit SOAP" if s["bits"] == 32 else f"{s['bits']}-bit SOAP",
+))
+
+_KEYS = SOAP_SETTINGS.group_keys
+_FORMAT = SOAP_SETTINGS.format_keys
+_SCALE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_CHOL_CODEBOOK = "linear1.5"  # the 8-bit Cholesky factor: the map of Shampoo4bit's default storage
+_ROTATED_BITS = {"rotated8": 8, "rotated4": 4}
+
+
+# -- plans ----------------------------------------------------------------------------------
+class _Plan(NamedTuple):
+    """How one parameter maps onto SOAP blocks; ``sides`` holds each block's (left, right) factor
+    order, None for an unrotated side. ``layout``: a ``Shard(0)`` DTensor's local matrix."""
+
+    mshape: tuple[int, int] | None
+    blocks: tuple[Block, ...]
+    sides: tuple[tuple[int | None, int | None], ...]
+    fmt: tuple
+    layout: D.ShardLayout | None = None
+
+
+def make_plan(p: torch.Tensor, group: Mapping[str, Any]) -> _Plan:
+    fmt = tuple(group[k] for k in _FORMAT)
+    dim, block = group["max_precondition_dim"], group["large_dims"] == "block"
+    layout = None
+    if D.is_sharded(p):
+        layout = D.shard_layout(p, dim if block else 1 << 62)
+        mshape, blocks = layout.mshape, layout.blocks
+    else:
+        mshape, blocks = blocks_for(tuple(p.shape), dim if block else 1 << 62)
+    sides = tuple((b.rows if b.rows <= dim else None, b.cols if b.cols <= dim else None) for b in blocks)
+    return _Plan(mshape, blocks, sides, fmt, layout)
+
+
+# -- the stored matrices --------------------------------------------------------------------
+class _Codec(NamedTuple):
+    """How a group stores its matrices (hashable: caches key on it)."""
+
+    bits: int
+    codebook: str
+    block_size: int
+    scale_dtype: torch.dtype
+    min_quant_numel: int
+    backend: str
+
+    @classmethod
+    def of(cls, g: Mapping[str, Any]) -> _Codec:
+        return cls(g["bits"], g["codebook"], g["block_size"], _SCALE[g["scale_dtype"]], g["min_quant_numel"],
+                   g["kernel_backend"])
+
+    def quantized(self, k: int) -> bool:
+        return self.bits != 32 and k * k >= self.min_quant_numel
+
+    def store_q(self, q: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The eigenvector matrix (columns) as entries: fp32, or every eigenvector's codes."""
+        if not self.quantized(q.shape[0]):
+            return {"eigvecs": q.float().contiguous()}
+        cb = get_codebook(self.codebook, self.bits, q.device)
+        out = kernels.quantize(q.float(), cb, self.bits, self.block_size, transpose=True,
+                               scale_dtype=self.scale_dtype, backend=self.backend)
+        return {"eigvecs_codes": out.codes, "eigvecs_absmax": out.absmax}
+
+    def load_q(self, st: Mapping[str, torch.Tensor], k: int, bjorck: int) -> torch.Tensor:
+        if not self.quantized(k):
+            return st["eigvecs"]
+        codes = st["eigvecs_codes"]
+        cb = get_codebook(self.codebook, self.bits, codes.device)
+        q = kernels.dequantize(Quantized(codes, st["eigvecs_absmax"], None), cb, (k, k), self.bits, self.block_size,
+                               transpose=True, backend=self.backend)
+        return linalg.bjorck(q, bjorck)
+
+    def store_chol(self, c: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A lower Cholesky factor: fp32, or its strict triangle with 8-bit codes (one scale per
+        column) beside its fp32 diagonal."""
+        k = c.shape[0]
+        if not self.quantized(k):
+            return {"chol": c.float().contiguous()}
+        cb = get_codebook(_CHOL_CODEBOOK, 8, c.device)
+        out = kernels.quantize_symmetric(c.mT, cb, 8, k, scale_dtype=self.scale_dtype, backend=self.backend)
+        return {"chol_codes": out.codes, "chol_absmax": out.absmax, "chol_diag": out.diag}
+
+    def store_rotated(self, a: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
+        """The statistic in its eigenbasis (symmetric): fp32, or its fp32 diagonal beside the
+        strict upper triangle at ``bits`` (one scale per row run)."""
+        k = a.shape[0]
+        if not self.quantized(k):
+            return {"factor": a.float().contiguous()}
+        cb = get_codebook(_CHOL_CODEBOOK, bits, a.device)
+        out = kernels.quantize_symmetric(a, cb, bits, k, scale_dtype=self.scale_dtype, backend=self.backend)
+        return {"factor_codes": out.codes, "factor_absmax": out.absmax, "factor_diag": out.diag}
+
+    def load_rotated(self, st: Mapping[str, torch.Tensor], k: int, bits: int) -> torch.Tensor:
+        if not self.quantized(k):
+            return st["factor"]
+        codes = st["factor_codes"]
+        cb = get_codebook(_CHOL_CODEBOOK, bits, codes.device)
+        m = QuantizedMatrix(codes, st["factor_absmax"], st["factor_diag"], k, cb, bits, k, symmetric=True)
+        return kernels.materialize(m, backend=self.backend)
+
+    def load_chol(self, st: Mapping[str, torch.Tensor], k: int) -> torch.Tensor:
+        if not self.quantized(k):
+            return st["chol"]
+        codes = st["chol_codes"]
+        cb = get_codebook(_CHOL_CODEBOOK, 8, codes.device)
+        m = QuantizedMatrix(codes, st["chol_absmax"], st["chol_diag"], k, cb, 8, k, symmetric=True)
+        return kernels.materialize(m, backend=self.backend).tril_()
+
+
+@functools.lru_cache(maxsize=512)
+def _side_template(codec: _Codec, statistics: str, k: int) -> tuple[tuple[str, tuple[int, ...], torch.dtype], ...]:
+    """Names, shapes and dtypes of a fresh factor's entries (from a real encoding on the CPU)."""
+    eye = torch.eye(k)
+    entries = codec._replace(backend="torch").store_q(eye)
+    if statistics == "eigen":
+        entries["eigvals"] = torch.zeros(k)
+    elif statistics == "dense":
+        entries["factor"] = torch.zeros(k, k)
+    elif statistics.startswith("rotated"):
+        entries.update(codec._replace(backend="torch").store_rotated(torch.zeros(k, k), _ROTATED_BITS[statistics]))
+    else:
+        entries.update(codec._replace(backend="torch").store_chol(eye))
+    return tuple((n, tuple(t.shape), t.dtype) for n, t in entries.items())
+
+
+def _side_init(codec: _Codec, statistics: str, k: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """A fresh factor: Q = I, statistic 0 (its Cholesky factor I, overwritten at the first step)."""
+    if device.type == "meta":
+        return {n: torch.empty(s, dtype=d, device=device) for n, s, d in _side_template(codec, statistics, k)}
+    eye = torch.eye(k, device=device)
+    entries = codec.store_q(eye)
+    if statistics == "eigen":
+        entries["eigvals"] = torch.zeros(k, device=device)
+    elif statistics == "dense":
+        entries["factor"] = torch.zeros(k, k, device=device)
+    elif statistics.startswith("rotated"):
+        entries.update(codec.store_rotated(torch.zeros(k, k, device=device), _ROTATED_BITS[statistics]))
+    else:
+        entries.update(codec.store_chol(eye))
+    return entries
+
+
+# -- moments --------------------------------------------------------------------------------
+def _moment_init(name: str, shape: tuple[int, ...], bits: int, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+    spec = qm.moment_spec(math.prod(shape), bits)
+    if not spec.quantized:
+        return {name: torch.zeros(shape, dtype=dtype, device=device)}
+    return {f"{name}_codes": torch.zeros(spec.code_bytes, dtype=torch.uint8, device=device),
+            f"{name}_absmax": torch.zeros(spec.nblocks, dtype=torch.float32, device=device)}
+
+
+def _moment_load(st: Mapping[str, torch.Tensor], key: str, shape: tuple[int, ...], bits: int) -> torch.Tensor:
+    """Moment ``key`` (a full state key) as fp32 of ``shape``."""
+    spec = qm.moment_spec(math.prod(shape), bits)
+    if not spec.quantized:
+        return st[key].float().reshape(shape)
+    name = key.rsplit(".", 1)[-1]
+    codes = st[f"{key}_codes"]
+    cb = qm.moment_codebook(name, bits, codes.device)
+    return qm.dequantize_moment(codes, st[f"{key}_absmax"], cb, spec.numel, bits, spec.block_size).view(shape)
+
+
+def _moment_store(key: str, x: torch.Tensor, bits: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    spec = qm.moment_spec(x.numel(), bits)
+    if not spec.quantized:
+        return {key: x.to(dtype)}
+    name = key.rsplit(".", 1)[-1]
+    cb = qm.moment_codebook(name, bits, x.device)
+    codes, absmax = qm.quantize_moment(x.float(), cb, bits, spec.block_size)
+    return {f"{key}_codes": codes, f"{key}_absmax": absmax}
+
+
+# -- linear algebra ---------------------------------------------------------------------------
+def _eigh_desc(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str] | None:
+    """Eigenvalues (descending) and eigenvectors of symmetric ``a``; float64 retry; None on failure."""
+    for dtype, status in ((torch.float32, "ok"), (torch.float64, "retried")):
+        try:
+            lam, q = torch.linalg.eigh(a.to(dtype))
+        except torch.linalg.LinAlgError:
+            continue
+        if bool(torch.isfinite(q).all()):
+            return lam.flip(0).float(), q.flip(1).float(), status
+    return None
+
+
+def _qr(p: torch.Tensor) -> tuple[torch.Tensor, str] | None:
+    for dtype, status in ((torch.float32, "ok"), (torch.float64, "retried")):
+        try:
+            q, _ = torch.linalg.qr(p.to(dtype))
+        except torch.linalg.LinAlgError:
+            continue
+        if bool(torch.isfinite(q).all()):
+            return q.float(), status
+    return None
+
+
+def _cholesky(a: torch.Tensor) -> tuple[torch.Tensor, str] | None:
+    c, info = torch.linalg.cholesky_ex(a)
+    if int(info) == 0 and bool(torch.isfinite(c).all()):
+        return c, "ok"
+    a64 = a.double()
+    jitter = 1e-6 * a64.diagonal().abs().amax().clamp(min=1e-30)
+    c, info = torch.linalg.cholesky_ex(a64 + jitter * torch.eye(a.shape[0], dtype=a64.dtype, device=a.device))
+    if int(info) == 0 and bool(torch.isfinite(c).all()):
+        return c.float(), "retried"
+    return None
+
+
+# -- the optimizer ----------------------------------------------------------------------------
+class SOAP4bit(Optimizer):
+    """SOAP whose eigenvector matrices are stored at 4 bits (``bits=32``: the fp32 reference).
+
+    Args:
+        params: parameters or parameter-group dicts (any setting below except ``distributed`` /
+            ``distributed_dtype`` may be overridden per group).
+        lr: learning rate.
+        betas: Adam's (beta1, beta2) in the eigenbasis.
+        eps: Adam's denominator epsilon.
+        weight_decay: decoupled weight decay (``p *= 1 - lr * weight_decay``).
+        shampoo_beta: EMA coefficient of the statistics L, R.
+        precondition_frequency: Adam steps between eigenbasis refreshes.
+        max_precondition_dim: largest factor order.
+        large_dims: "block" (larger dims cut into blocks, as Shampoo4bit's ``max_order``) or
+            "unrotated" (a larger dim gets no eigenbasis, as in the paper's code).
+        bits: 4 or 8 for quantized eigenvector matrices, 32 for fp32 SOAP.
+        moment_bits: 32, 8 or 4 for Adam's moments; None: 32 at ``bits=32``, 8 otherwise.
+        statistics: "eigen", "cholesky8" or "dense" (see the module docstring); None: "dense" at
+            ``bits=32``, "eigen" otherwise.
+        second_moment: "full" or "factored"; None: "full" at ``bits=32``, "factored" otherwise.
+        first_moment_basis: "original" (the parameter's basis) or "rotated" (the eigenbasis).
+        bjorck_steps: Björck steps applied to dequantized eigenvector matrices.
+        codebook: the eigenvector quantization map ("linear2", the paper's).
+        block_size: elements per quantization block of an eigenvector.
+        scale_dtype: dtype of the per-block scales.
+        min_quant_numel: eigenvector matrices with fewer elements stay fp32.
+        kernel_backend: "auto", "triton" or "torch" for the quantization kernels.
+        distributed: "auto" (DDP: blocks sharded over the ranks; FSDP2: local shards) or "off".
+        distributed_dtype: "float32" or "bfloat16": the dtype the directions travel in under DDP.
+    """
+
+    SETTINGS = SOAP_SETTINGS
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 3e-3,
+        betas: tuple[float, float] = (0.95, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        shampoo_beta: float = 0.95,
+        precondition_frequency: int = 10,
+        max_precondition_dim: int = 256,
+        large_dims: Literal["block", "unrotated"] = "block",
+        bits: Literal[4, 8, 32] = 4,
+        moment_bits: Literal[4, 8, 32] | None = None,
+        statistics: Literal["rotated8", "rotated4", "eigen", "cholesky8", "dense"] | None = None,
+        second_moment: Literal["full", "factored"] | None = None,
+        first_moment_basis: Literal["original", "rotated"] = "original",
+        bjorck_steps: int = 0,
+        codebook: Literal["linear2", "linear1.5", "dynamic", "linear"] = "linear2",
+        block_size: int = 64,
+        scale_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16",
+        min_quant_numel: int = 4096,
+        kernel_backend: Literal["auto", "triton", "torch"] = "auto",
+        distributed: Literal["auto", "off"] | bool = "auto",
+        distributed_dtype: Literal["float32", "bfloat16"] = "float32",
+    ):
+        args = dict(locals())
+        defaults = {k: args[k] for k in _KEYS}
+        SOAP_SETTINGS.validate(defaults, resolve=False)
+        distributed = SOAP_SETTINGS["distributed"].check("distributed", distributed)
+        distributed_dtype = SOAP_SETTINGS["distributed_dtype"].check("distributed_dtype", distributed_dtype)
+        self._layer = D.DistributedLayer(distributed, distributed_dtype)
+        self._has_sharded = False
+        self._init_bookkeeping()
+        super().__init__(params, defaults)
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def _init_bookkeeping(self) -> None:
+        self._counts: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        self._skip_run = 0
+        self._skip_warned = False
+        self._plans: dict[int, _Plan] = {}
+        self._checked: dict[int, tuple] = {}
+        self._pruned_plan: D.Plan | None = None
+        self._partial = False
+        self._consolidated: tuple[int, dict] | None = None
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Event counts (see ``COUNTERS``)."""
+        return dict(self._counts)
+
+    @property
+    def distributed(self) -> str:
+        return self._layer.mode
+
+    @property
+    def distributed_dtype(self) -> str:
+        return next(k for k, v in D.COMM_DTYPES.items() if v == self._layer.dtype)
+
+    @property
+    def layout(self) -> str | None:
+        """None (every rank computes every block), "ddp" or "fsdp2"; None until the first step."""
+        return self._layer.kind
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for p in group["params"]:
+            if p.is_complex():
+                raise ValueError(
+                    f"complex parameters are not supported (got one of shape {tuple(p.shape)}); "
+                    "optimize torch.view_as_real(p) as a real parameter instead"
+                )
+        SOAP_SETTINGS.validate(group)
+        self._layer.check(group["params"])
+        self._has_sharded = self._has_sharded or any(D.is_sharded(p) for p in group["params"])
+        group.setdefault("clock", self.param_groups[0].get("clock", 0))
+
+    @property
+    def _clock(self) -> int:
+        return self.param_groups[0]["clock"] if self.param_groups else 0
+
+    def _check_group(self, group: dict) -> None:
+        sig = tuple(repr(group[k]) for k in _KEYS)
+        if self._checked.get(id(group)) != sig:
+            SOAP_SETTINGS.validate(group)
+            self._checked[id(group)] = tuple(repr(group[k]) for k in _KEYS)
+
+    def _plan(self, p: torch.Tensor, group: dict) -> _Plan:
+        fmt = tuple(group[k] for k in _FORMAT)
+        plan = self._plans.get(id(p))
+        if plan is not None and plan.fmt == fmt:
+            return plan
+        if plan is not None and self.state.get(p):
+            changed = [f"{k} {a!r} -> {b!r}" for k, a, b in zip(_FORMAT, plan.fmt, fmt) if a != b]
+            raise ValueError(
+                f"the storage format of a parameter of shape {tuple(p.shape)} changed after its state was "
+                f"created ({', '.join(changed)}); the stored state cannot be reinterpreted. Keep these settings "
+                "fixed, or start a new optimizer (or clear its state) to change them"
+            )
+        plan = self._plans[id(p)] = make_plan(p, group)
+        return plan
+
+    # -- state ---------------------------------------------------------------------------------
+    def _new_state(self, p: torch.Tensor, group: dict, device=None, blocks: Iterable[int] | None = None) -> dict:
+        """A fresh state for ``p`` (not stored); ``device="meta"`` only describes it. ``blocks``:
+        the blocks to include (a DDP rank's own); None: all."""
+        t = D.local_view(p)[0]
+        device = t.device if device is None else torch.device(device)
+        plan = make_plan(p, group)
+        mbits, codec = group["moment_bits"], _Codec.of(group)
+        state: dict[str, Any] = {"step": torch.zeros((), dtype=torch.float32, device=device)}
+        shape = tuple(t.shape)
+        if plan.mshape is None:  # plain Adam
+            state.update(_moment_init("exp_avg", shape, mbits, t.dtype, device))
+            state.update(_moment_init("exp_avg_sq", shape, mbits, t.dtype, device))
+            return state
+        if group["first_moment_basis"] == "original":
+            state.update(_moment_init("exp_avg", shape, mbits, t.dtype, device))
+        keep = None if blocks is None else set(blocks)
+        for i, (block, sides) in enumerate(zip(plan.blocks, plan.sides)):
+            if keep is not None and i not in keep:
+                continue
+            state.update(self._block_init(i, block, sides, group, codec, device))
+        return state
+
+    @staticmethod
+    def _block_init(i, block, sides, group, codec, device) -> dict[str, torch.Tensor]:
+        mbits, f32 = group["moment_bits"], torch.float32
+        out: dict[str, torch.Tensor] = {}
+        for side, k in zip("LR", sides):
+            if k is not None:
+                out.update({f"{i}.{side}.{n}": v for n, v in _side_init(codec, group["statistics"], k, device).items()})
+        shape = (block.rows, block.cols)
+        if group["first_moment_basis"] == "rotated":
+            out.update(_moment_init(f"{i}.exp_avg", shape, mbits, f32, device))
+        if group["second_moment"] == "factored":
+            out[f"{i}.exp_avg_sq_row"] = torch.zeros(block.rows, dtype=f32, device=device)
+            out[f"{i}.exp_avg_sq_col"] = torch.zeros(block.cols, dtype=f32, device=device)
+        else:
+            out.update(_moment_init(f"{i}.exp_avg_sq", shape, mbits, f32, device))
+        return out
+
+    def init_state(self) -> None:
+        """Create the state of every parameter now instead of at its first step."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if not self.state.get(p):
+                    self.state[p] = self._new_state(p, group)
+
+    def memory_report(self) -> dict[str, int]:
+        """Exact bytes of the optimizer state by kind (moments, eigenvectors, eigenvalues,
+        factors, scales, other) plus ``second_order`` and ``total``; under DDP sharding or FSDP2
+        this rank's bytes."""
+        return memory_report(self.state.values())
+
+    def eigenbases(self) -> Iterable[tuple[torch.Tensor, int, str, torch.Tensor]]:
+        """``(param, block, side, Q)`` for every stored eigenvector matrix on this rank, as fp32
+        columns after dequantizing (and the group's Björck steps)."""
+        for group in self.param_groups:
+            codec = _Codec.of(group)
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state:
+                    continue
+                for i, sides in enumerate(self._plan(p, group).sides):
+                    for side, k in zip("LR", sides):
+                        prefix = f"{i}.{side}."
+                        if k is not None and any(key.startswith(prefix) for key in state):
+                            view = {key[len(prefix):]: v for key, v in state.items() if key.startswith(prefix)}
+                            yield p, i, side, codec.load_q(view, k, group["bjorck_steps"])
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The state plus ``counters``: tensors and plain numbers only (``torch.load(weights_only=True)``).
+        Under DDP sharding this rank's blocks (``"rank_local"``) unless :meth:`consolidate_state_dict`
+        ran just before; FSDP2 states in the DTensor form of ``torch.distributed.checkpoint``."""
+        consolidated, self._consolidated = self._consolidated, None
+        if consolidated is not None and consolidated[0] == self._clock:
+            return consolidated[1]
+        sd = super().state_dict()
+        sd["counters"] = self.counters
+        if self._layer.kind == "ddp" and self._pruned_plan is not None:
+            sd["rank_local"] = {"rank": D.world(self._layer.group)[1], "world_size": self._pruned_plan.world_size}
+        if self._has_sharded:
+            params = self._params()
+            sd["state"] = {pid: D.export_state(params[pid], st) for pid, st in sd["state"].items()}
+        return sd
+
+    def consolidate_state_dict(self, to: int = 0) -> None:
+        """Under DDP sharding collect every rank's blocks on rank ``to`` (every rank calls it); the
+        next :meth:`state_dict` there holds them all. A no-op otherwise."""
+        self._consolidated = None
+        if self._layer.kind != "ddp" or self._pruned_plan is None:
+            return
+        sd = super().state_dict()
+        sd["state"] = {pid: dict(st) for pid, st in sd["state"].items()}
+        sd["counters"] = self.counters
+        mine = {pid: {k: v for k, v in st.items() if D.block_index(k) is not None} for pid, st in sd["state"].items()}
+        merged = D.gather_block_state(mine, dst=to, group=self._layer.group)
+        if merged is not None:
+            for pid, entries in merged.items():
+                sd["state"].setdefault(pid, {}).update(entries)
+            self._consolidated = (self._clock, sd)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a checkpoint after checking it fits (keys, shapes, dtypes, finite values); nothing
+        changes when the check fails (:class:`CheckpointMismatchError`)."""
+        rank_local = state_dict.get("rank_local") if isinstance(state_dict, Mapping) else None
+        if rank_local is not None:
+            here = {"rank": D.world(self._layer.group)[1], "world_size": D.world(self._layer.group)[0]}
+            if dict(rank_local) != here:
+                raise CheckpointMismatchError(
+                    f"this state holds only the blocks of rank {rank_local.get('rank')} of "
+                    f"{rank_local.get('world_size')} (DDP sharding); this is rank {here['rank']} of "
+                    f"{here['world_size']}. Save with consolidate_state_dict() first for a state any layout can load"
+                )
+        if self._has_sharded and isinstance(state_dict, Mapping) and isinstance(state_dict.get("state"), Mapping):
+            saved = [pid for g in state_dict.get("param_groups", ()) for pid in g.get("params", ())]
+            params = dict(zip(saved, self._params()))
+            state = {pid: D.import_state(params[pid], st) if pid in params and isinstance(st, Mapping) else st
+                     for pid, st in state_dict["state"].items()}
+            state_dict = {**state_dict, "state": state}
+        load_optimizer_state(self, state_dict, super().load_state_dict, partial_blocks=rank_local is not None)
+        self._plans.clear()
+        self._checked.clear()
+        self._pruned_plan, self._partial, self._consolidated = None, rank_local is not None, None
+        self._counts = dict.fromkeys(COUNTERS, 0)
+        self._counts.update({k: int(v) for k, v in state_dict.get("counters", {}).items() if k in self._counts})
+        for group in self.param_groups:
+            group.setdefault("clock", 0)
+        if "counters" not in state_dict:
+            self._counts["steps"] = self._clock
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "_counts": self.counters, "distributed": self.distributed,
+                "distributed_dtype": self.distributed_dtype}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        counts = state.pop("_counts", None)
+        mode, dtype = state.pop("distributed", "auto"), state.pop("distributed_dtype", "float32")
+        super().__setstate__(state)
+        self._layer = D.DistributedLayer(mode, dtype)
+        self._has_sharded = any(D.is_sharded(p) for p in self._params())
+        self._init_bookkeeping()
+        if counts:
+            self._counts.update(counts)
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    # -- DDP ownership -------------------------------------------------------------------------
+    def _ddp_plan(self) -> dict[int, int]:
+        refs, index, pid = [], {}, 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                index[id(p)] = pid
+                refs.extend(D.BlockRef(pid, i, b.rows, b.cols) for i, b in enumerate(self._plan(p, group).blocks))
+                pid += 1
+        plan = self._layer.plan(refs)
+        if plan is not self._pruned_plan:
+            moved = self._pruned_plan is not None
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if self.state.get(p):
+                        n = len(self._plan(p, group).blocks)
+                        D.prune_state(self.state[p], self._layer.owned_blocks(index[id(p)], n))
+            self._pruned_plan = plan
+            if moved:
+                self._fill_missing(index)
+        return index
+
+    def _fill_missing(self, index: dict[int, int] | None) -> None:
+        """A fresh block state for every block this rank computes but holds none of."""
+        restarted = 0
+        for group in self.param_groups:
+            codec = _Codec.of(group)
+            for p in group["params"]:
+                state, plan = self.state.get(p), self._plan(p, group)
+                if not state or plan.mshape is None:
+                    continue
+                present = {D.block_index(k) for k in state}
+                device = state["step"].device
+                for i, (block, sides) in enumerate(zip(plan.blocks, plan.sides)):
+                    if i in present or (index is not None and not self._layer.owns(index[id(p)], i)):
+                        continue
+                    restarted += 1
+                    state.update(self._block_init(i, block, sides, group, codec, device))
+        if self._layer.resolved:
+            self._partial = False
+            if restarted:
+                warnings.warn(f"SOAP4bit: {restarted} block(s) this rank computes had no state; they restart "
+                              "from a fresh eigenbasis", RuntimeWarning, stacklevel=3)
+
+    # -- the step ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimizer step; ``closure`` (if given) is called once with grad enabled."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = []
+        for group in self.param_groups:
+            self._check_group(group)
+            for p in group["params"]:
+                if p.grad is not None:
+                    if p.grad.is_sparse:
+                        raise RuntimeError("SOAP4bit does not support sparse gradients")
+                    work.append((p, group, self._plan(p, group)))
+        if not work:
+            return loss
+        layer = self._layer
+        kind = layer.kind if layer.resolved else layer.resolve(self._params())
+        fsdp = kind == "fsdp2"
+        index = self._ddp_plan() if kind == "ddp" else None
+        if self._partial:
+            self._fill_missing(index)
+        views = [D.local_view(p) for p, _, _ in work]
+        clock = self._clock + 1
+        if not self._finite([g for _, g in views], fsdp):
+            return self._skip(clock, loss)
+
+        # 1. compute: new entries and directions, nothing written yet
+        new_states: dict[torch.Tensor, dict] = {}
+        updates: list[tuple[torch.Tensor, dict, dict, dict, torch.Tensor | None]] = []  # (tensor, group, state, entries, direction)
+        gathered: list[tuple[int, int, torch.Tensor]] = []
+        counts = dict.fromkeys(("refreshes", "retried_updates", "failed_updates"), 0)
+        for (p, group, plan), (t, grad) in zip(work, views):
+            owned = None
+            if index is not None and plan.mshape is not None:
+                owned = set(layer.owned_blocks(index[id(p)], len(plan.blocks)))
+            state = self.state.get(p)
+            if not state:
+                state = new_states[p] = self._new_state(p, group, blocks=owned)
+            entries, direction = self._compute(t, grad, group, plan, state, owned, counts, gathered,
+                                               index[id(p)] if index is not None else None)
+            updates.append((t, group, state, entries, direction))
+        if gathered:
+            layer.gather(gathered)
+        dirs = [d for *_, d in updates if d is not None]
+        if dirs and not self._finite(dirs, fsdp):
+            return self._skip(clock, loss)
+
+        # 2. commit
+        for p, state in new_states.items():
+            self.state[p] = state
+        for t, group, state, entries, direction in updates:
+            state.update(entries)
+            if direction is not None:
+                lr, wd = group["lr"], group["weight_decay"]
+                if wd:
+                    t.mul_(1 - lr * wd)
+                t.add_(direction.to(t.dtype), alpha=-lr)
+        for k, v in counts.items():
+            self._counts[k] += v
+        self._commit_clock(clock)
+        self._skip_run = 0
+        return loss
+
+    def _finite(self, tensors: list[torch.Tensor], fsdp: bool) -> bool:
+        flags = [torch.isfinite(t).all() for t in tensors if t is not None]
+        ok = torch.stack(flags).all() if flags else torch.tensor(True)
+        return D.all_true(ok, self._layer.group) if fsdp else bool(ok)
+
+    def _skip(self, clock: int, loss: Any) -> Any:
+        self._commit_clock(clock)
+        self._counts["skipped_nonfinite"] += 1
+        self._skip_run += 1
+        if self._skip_run >= SKIP_WARN_AFTER and not self._skip_warned:
+            self._skip_warned = True
+            warnings.warn(
+                f"SOAP4bit skipped each of the last {self._skip_run} steps because a gradient or direction held "
+                f"inf / NaN (counters['skipped_nonfinite'] = {self._counts['skipped_nonfinite']}): nothing is "
+                "being trained. Check the loss and the parameters for inf / NaN.",
+                RuntimeWarning, stacklevel=3,
+            )
+        return loss
+
+    def _commit_clock(self, clock: int) -> None:
+        for group in self.param_groups:
+            group["clock"] = clock
+        self._counts["steps"] = clock
+
+    def _compute(self, t, grad, group, plan, state, owned, counts, gathered, pid):
+        """New state entries of one parameter and its direction (None at its first step)."""
+        b1, b2 = group["betas"]
+        mbits = group["moment_bits"]
+        first = float(state["step"]) == 0  # the first step only sets up the eigenbases
+        step = float(state["step"]) + 1
+        entries: dict[str, torch.Tensor] = {"step": state["step"] + 1}
+        t_adam = step - 1  # Adam steps including this one
+        if plan.mshape is None:  # plain Adam
+            g = grad.float()
+            if first:
+                return entries, None
+            m = torch.lerp(_moment_load(state, "exp_avg", g.shape, mbits), g, 1 - b1)
+            v = _moment_load(state, "exp_avg_sq", g.shape, mbits).mul(b2).addcmul_(g, g, value=1 - b2)
+            entries.update(_moment_store("exp_avg", m, mbits, t.dtype))
+            entries.update(_moment_store("exp_avg_sq", v, mbits, t.dtype))
+            return entries, _adam_direction(m, v, b1, b2, group["eps"], t_adam)
+        g = grad.float().reshape(plan.mshape) if plan.layout is None else plan.layout.to_matrix(grad.float())
+        m_full = None
+        if group["first_moment_basis"] == "original" and not first:
+            m_full = torch.lerp(_moment_load(state, "exp_avg", plan.mshape, mbits) if plan.layout is None
+                                else _local_moment(state, plan, mbits), g, 1 - b1)
+            stored = m_full if plan.layout is None else plan.layout.from_matrix(m_full)
+            entries.update(_moment_store("exp_avg", stored.reshape(t.shape), mbits, t.dtype))
+        direction = None if first else torch.zeros(plan.mshape, dtype=torch.float32, device=g.device)
+        refresh = not first and t_adam % group["precondition_frequency"] == 0
+        for i, (block, sides) in enumerate(zip(plan.blocks, plan.sides)):
+            if owned is not None and i not in owned:
+                if direction is not None:
+                    gathered.append((pid, i, direction[block.r0:block.r1, block.c0:block.c1]))
+                continue
+            whole = len(plan.blocks) == 1
+            gb = g if whole else g[block.r0:block.r1, block.c0:block.c1]
+            mb = None
+            if m_full is not None:
+                mb = m_full if whole else m_full[block.r0:block.r1, block.c0:block.c1]
+            new, d = _block_step(i, block, sides, gb, mb, group, state, first, refresh, t_adam, counts)
+            entries.update(new)
+            if d is not None:
+                direction[block.r0:block.r1, block.c0:block.c1] = d
+                if owned is not None:
+                    gathered.append((pid, i, direction[block.r0:block.r1, block.c0:block.c1]))
+        if direction is not None:
+            direction = direction.reshape(t.shape) if plan.layout is None else plan.layout.from_matrix(direction)
+        return entries, direction
+
+
+def _local_moment(state, plan: _Plan, bits: int) -> torch.Tensor:
+    """An FSDP2 shard's first moment (the shape of its local rows) as the padded matrix."""
+    rows = plan.layout.rows
+    local = _moment_load(state, "exp_avg", (rows, *plan.layout.padded_shape[1:]), bits)
+    return plan.layout.to_matrix(local)
+
+
+def _adam_direction(m: torch.Tensor, v: torch.Tensor, b1: float, b2: float, eps: float, t: float) -> torch.Tensor:
+    """``(m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)``."""
+    bc1, bc2 = 1 - b1**t, 1 - b2**t
+    return (m / bc1) / (v / bc2).sqrt().add_(eps)
+
+
+def _rotate(x: torch.Tensor, ql: torch.Tensor | None, qr: torch.Tensor | None) -> torch.Tensor:
+    if ql is not None:
+        x = ql.mT @ x
+    if qr is not None:
+        x = x @ qr
+    return x
+
+
+def _rotate_back(x: torch.Tensor, ql: torch.Tensor | None, qr: torch.Tensor | None) -> torch.Tensor:
+    if ql is not None:
+        x = ql @ x
+    if qr is not None:
+        x = x @ qr.mT
+    return x
+
+
+def _block_step(i, block, sides, g, m_orig, group, state, first, refresh, t, counts):
+    """One SOAP block: (new entries, direction or None)."""
+    codec, stats = _Codec.of(group), group["statistics"]
+    b1, b2 = group["betas"]
+    beta, mbits, f = group["shampoo_beta"], group["moment_bits"], group["precondition_frequency"]
+    factored = group["second_moment"] == "factored"
+    rotated_m = group["first_moment_basis"] == "rotated"
+    shape = (block.rows, block.cols)
+    new: dict[str, torch.Tensor] = {}
+    views = []
+    for side, k in zip("LR", sides):
+        if k is None:
+            views.append(None)
+            continue
+        prefix = f"{i}.{side}."
+        views.append({key[len(prefix):]: v for key, v in state.items() if key.startswith(prefix)})
+    qs = [None if v is None else codec.load_q(v, k, group["bjorck_steps"]) for v, k in zip(views, sides)]
+
+    # Adam in the eigenbasis
+    direction = None
+    v_key = f"{i}.exp_avg_sq"
+    if not first:
+        gr = _rotate(g, *qs)
+        if factored:
+            sq = gr.square()
+            row = state[f"{v_key}_row"] * b2 + sq.sum(1) * (1 - b2)
+            col = state[f"{v_key}_col"] * b2 + sq.sum(0) * (1 - b2)
+            v = torch.outer(row, col) / row.sum().clamp(min=torch.finfo(torch.float32).tiny)
+            new[f"{v_key}_row"], new[f"{v_key}_col"] = row, col
+        else:
+            v = _moment_load(state, v_key, shape, mbits).mul(b2).addcmul_(gr, gr, value=1 - b2)
+        if rotated_m:
+            m = torch.lerp(_moment_load(state, f"{i}.exp_avg", shape, mbits), gr, 1 - b1)
+        else:
+            m = _rotate(m_orig, *qs)
+        direction = _rotate_back(_adam_direction(m, v, b1, b2, group["eps"], t), *qs)
+    else:
+        gr = _rotate(g, *qs)  # identity bases: the gradient itself
+        v = m = None
+
+    # statistics and (at the first step / a refresh) new eigenbases
+    perms: list[torch.Tensor | None] = []
+    new_qs: list[torch.Tensor | None] = []
+    for side, k, view, q in zip("LR", sides, views, qs):
+        if k is None:
+            perms.append(None)
+            new_qs.append(None)
+            continue
+        res = _side_update(side, k, view, q, g, gr, stats, codec, beta, f, first, refresh, counts)
+        out, perm, q_new = res
+        perms.append(perm)
+        new_qs.append(q_new)
+        new.update({f"{i}.{side}.{n}": v for n, v in out.items()})
+
+    # moments follow a basis change: the second moment is permuted (as SOAP does), a rotated first
+    # moment is carried into the new basis
+    if not first:
+        pl, pr = perms
+        if factored:
+            if pl is not None:
+                new[f"{v_key}_row"] = new[f"{v_key}_row"][pl]
+            if pr is not None:
+                new[f"{v_key}_col"] = new[f"{v_key}_col"][pr]
+        else:
+            if pl is not None:
+                v = v[pl]
+            if pr is not None:
+                v = v[:, pr]
+            new.update(_moment_store(v_key, v, mbits, torch.float32))
+        if rotated_m:
+            if any(q is not None for q in new_qs):
+                ql = None if new_qs[0] is None else qs[0].mT @ new_qs[0]
+                qr = None if new_qs[1] is None else qs[1].mT @ new_qs[1]
+                m = _rotate(m, ql, qr)
+            new.update(_moment_store(f"{i}.exp_avg", m, mbits, torch.float32))
+    return new, direction
+
+
+def _outer(x: torch.Tensor, side: str) -> torch.Tensor:
+    return x @ x.mT if side == "L" else x.mT @ x
+
+
+def _power_step(a_rot: torch.Tensor, q: torch.Tensor, counts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """One power iteration + QR on the statistic given in basis ``q`` (``a_rot = q^T A q``): the
+    columns ordered by the estimated eigenvalues ``diag(a_rot)``; returns (order, new basis,
+    the statistic in the new basis ``Q_new^T A Q_new``), None on failure."""
+    counts["refreshes"] += 1
+    perm = torch.argsort(a_rot.diagonal(), descending=True)
+    a_rot = a_rot[perm][:, perm]
+    q = q[:, perm]
+    res = _qr(q @ a_rot)
+    if res is None:
+        counts["failed_updates"] += 1
+        return None
+    q_new, status = res
+    counts["retried_updates"] += status == "retried"
+    turn = q.mT @ q_new  # the new basis in the old (ordered) one
+    return perm, q_new, turn.mT @ a_rot @ turn
+
+
+def _side_update(side, k, view, q, g, gr, stats, codec, beta, f, first, refresh, counts):
+    """One factor's statistic and, at the first step or a refresh, its new eigenbasis: (entries,
+    permutation of the old basis or None, new basis or None)."""
+    out: dict[str, torch.Tensor] = {}
+    if first:  # L = (1 - b) G G^T, its eigenbasis by eigh
+        a = _outer(g, side) * (1 - beta)
+        counts["refreshes"] += 1
+        res = _eigh_desc(a + 1e-30 * torch.eye(k, device=a.device))
+        if res is None:
+            counts["failed_updates"] += 1
+            lam, q_new = a.diagonal(), None
+        else:
+            lam, q_new, status = res
+            counts["retried_updates"] += status == "retried"
+        if stats == "dense":
+            out["factor"] = a
+        elif stats == "eigen":
+            out["eigvals"] = lam.clamp(min=0)
+        elif stats in _ROTATED_BITS:
+            out.update(codec.store_rotated(torch.diag(lam) if q_new is not None else a, _ROTATED_BITS[stats]))
+        else:
+            chol = _cholesky(a)
+            if chol is None:
+                counts["failed_updates"] += 1
+            else:
+                counts["retried_updates"] += chol[1] == "retried"
+                out.update(codec.store_chol(chol[0]))
+        if q_new is not None:
+            out.update(codec.store_q(q_new))
+        return out, None, q_new
+    perm = q_new = None
+    if stats in ("dense", "cholesky8"):  # the statistic in the parameter's basis
+        gg = _outer(g, side)
+        if stats == "dense":
+            a = view["factor"] * beta + gg * (1 - beta)
+            out["factor"] = a
+        else:
+            c = codec.load_chol(view, k)
+            a = torch.addmm(gg, c, c.mT, beta=1 - beta, alpha=beta)
+            chol = _cholesky(a)
+            if chol is None:
+                counts["failed_updates"] += 1
+            else:
+                counts["retried_updates"] += chol[1] == "retried"
+                out.update(codec.store_chol(chol[0]))
+        if refresh:
+            counts["refreshes"] += 1
+            perm = torch.argsort((q * (a @ q)).sum(0), descending=True)
+            res = _qr(a @ q[:, perm])
+            if res is None:
+                counts["failed_updates"] += 1
+                perm = None
+            else:
+                q_new, status = res
+                counts["retried_updates"] += status == "retried"
+    elif stats == "eigen":  # Q diag(lambda) Q^T: the rotated gradient's diagonal every step
+        rot = _outer(gr, side) if refresh else None
+        diag = rot.diagonal() if refresh else (gr.square().sum(1) if side == "L" else gr.square().sum(0))
+        lam = view["eigvals"] * beta + diag * (1 - beta)
+        if refresh:  # this step's off-diagonal stands for the steps since the last refresh
+            a_rot = rot * (1 - beta**f)
+            a_rot.diagonal().copy_(lam)
+            res = _power_step(a_rot, q, counts)
+            if res is not None:
+                perm, q_new, a_new = res
+                lam = a_new.diagonal()
+        out["eigvals"] = lam.clamp(min=0)
+    else:  # the statistic in its eigenbasis, Q^T L Q
+        bits = _ROTATED_BITS[stats]
+        a_rot = torch.add(codec.load_rotated(view, k, bits) * beta, _outer(gr, side), alpha=1 - beta)
+        if refresh:
+            res = _power_step(a_rot, q, counts)
+            if res is not None:
+                perm, q_new, a_rot = res
+        out.update(codec.store_rotated(a_rot, bits))
+    if q_new is not None:
+        out.update(codec.store_q(q_new))
+    return out, perm, q_new
