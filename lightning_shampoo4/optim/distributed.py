@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from .blocking import Block, blocks_for, matrix_shape, split
 from .memory import kind_of
+from .state_keys import block_of
 
 __all__ = [
     "COMM_DTYPES",
@@ -43,6 +44,7 @@ __all__ = [
     "DistributedLayer",
     "Plan",
     "ShardLayout",
+    "StepLayout",
     "UnsupportedStrategyError",
     "all_true",
     "block_cost",
@@ -415,8 +417,7 @@ def gather_blocks(
 # -- state: ownership, consolidation, checkpoint form ---------------------------------------
 def block_index(key: str) -> int | None:
     """The block a state key belongs to (``"3.L.eigvals"`` -> 3), ``None`` for per-parameter keys."""
-    head = key.split(".", 1)[0]
-    return int(head) if head.isdigit() and "." in key else None
+    return block_of(key)
 
 
 def prune_state(state: dict[str, Any], keep: Iterable[int]) -> int:
@@ -520,6 +521,7 @@ class DistributedLayer:
         self.kind: str | None = None
         self._resolved = False
         self._plan: Plan | None = None
+        self._pruned: Plan | None = None  # the assignment the state was last pruned to
         self._rank = 0
 
     @property
@@ -576,3 +578,93 @@ class DistributedLayer:
         if self._plan is None:
             return
         gather_blocks([(dst, self._plan.owner(pid, i)) for pid, i, dst in blocks], self.dtype, self.group)
+
+    # -- one step -------------------------------------------------------------------------
+    def begin_step(self, params: Sequence[torch.Tensor], blocks: Sequence[tuple[torch.Tensor, int, Sequence[Block]]],
+                   states: Mapping[torch.Tensor, dict[str, Any]]) -> StepLayout:
+        """How this step is distributed: resolve the layout (``params``: every parameter), and
+        under DDP assign every block an owner (``blocks``: ``(param, index, blocks)`` of every
+        parameter, the same on every rank). The first time an assignment is used each state in
+        ``states`` is pruned to the blocks this rank owns; ``StepLayout.moved`` says whether
+        blocks changed owner since the previous assignment (their new owners lack their state)."""
+        kind = self.kind if self._resolved else self.resolve(params)
+        if kind != "ddp":
+            return StepLayout(kind, self, None, False)
+        refs = [BlockRef(pid, i, b.rows, b.cols) for _, pid, bs in blocks for i, b in enumerate(bs)]
+        plan = self.plan(refs)
+        moved = False
+        if plan is not self._pruned:
+            for p, pid, bs in blocks:
+                state = states.get(p)
+                if state:
+                    prune_state(state, self.owned_blocks(pid, len(bs)))
+            moved = self._pruned is not None
+            self._pruned = plan
+        return StepLayout(kind, self, {id(p): pid for p, pid, _ in blocks}, moved)
+
+    @property
+    def pruned(self) -> Plan | None:
+        """The DDP assignment the state was last pruned to (None: the state is full)."""
+        return self._pruned
+
+    def forget_assignment(self) -> None:
+        """A state was loaded: prune it again at the next step."""
+        self._pruned = None
+
+
+class StepLayout(NamedTuple):
+    """What one optimizer step needs to know of the distribution (from
+    :meth:`DistributedLayer.begin_step`): which blocks this rank computes, the local shards it
+    works on, and the collectives that make every rank agree."""
+
+    kind: str | None  # None (every rank computes everything), "ddp" or "fsdp2"
+    layer: DistributedLayer
+    index: dict[int, int] | None  # DDP: id(param) -> its index in the assignment
+    moved: bool  # DDP: blocks changed owner since the previous assignment
+
+    @property
+    def fsdp(self) -> bool:
+        return self.kind == "fsdp2"
+
+    def local(self, params: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The tensors the step updates and their gradients: the local shards under FSDP2."""
+        if not self.fsdp:
+            return list(params), [p.grad for p in params]
+        views = [local_view(p) for p in params]
+        return [t for t, _ in views], [g for _, g in views]
+
+    def param_index(self, p: torch.Tensor) -> int | None:
+        return None if self.index is None else self.index[id(p)]
+
+    def owned(self, p: torch.Tensor, n_blocks: int) -> list[int] | None:
+        """The blocks of ``p`` this rank computes; None: all of them (no DDP sharding)."""
+        if self.index is None or not n_blocks:
+            return None
+        return self.layer.owned_blocks(self.index[id(p)], n_blocks)
+
+    def all_true(self, ok: bool) -> bool:
+        """A host-side check that must agree on every rank (FSDP2 ranks see different shards;
+        DDP ranks hold the same gradients, so their answers agree already)."""
+        return all_true(torch.tensor(ok), self.layer.group) if self.fsdp else ok
+
+    def any_flag(self, flags: dict[torch.device, torch.Tensor]) -> dict[torch.device, torch.Tensor]:
+        """Device-side "non-finite" flags, raised on every rank if raised on one (FSDP2)."""
+        if not self.fsdp:
+            return flags
+        return {dev: max_across(flag, self.layer.group) for dev, flag in flags.items()}
+
+    def whole_norms(self, gn: list[torch.Tensor], hn: list[torch.Tensor], sharded: list[bool]
+                    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Grafting norms of whole parameters: the local shards' squared norms summed over the
+        ranks (one all-reduce) for the entries that are shards."""
+        if not any(sharded):
+            return gn, hn
+        sq = torch.stack([torch.stack(gn), torch.stack(hn)]).square()
+        mask = torch.tensor(sharded, device=sq.device)
+        sq = torch.where(mask, sum_across(sq * mask, self.layer.group), sq).sqrt()
+        return list(sq[0].unbind()), list(sq[1].unbind())
+
+    def gather(self, blocks: Sequence[tuple[int, int, torch.Tensor]]) -> None:
+        """Fill in the blocks other ranks computed (DDP; the same list on every rank)."""
+        if blocks:
+            self.layer.gather(blocks)

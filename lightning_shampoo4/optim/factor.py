@@ -1,7 +1,8 @@
 """A read-only view of one factor's state, for callbacks, benchmarks and tests.
 
-The optimizer state stays plain tensors under keys ``"{block}.{side}.{name}"``; a
-:class:`Factor` pairs such a key prefix with the storage mode that knows how to read it.
+The optimizer state stays plain tensors under keys ``"{block}.{side}.{name}"``
+(:class:`.state_keys.StateKey`); a :class:`Factor` pairs such a key prefix with the storage
+that knows how to read it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Iterator, Mapping
 import torch
 
 from ..kernels import QuantizedMatrix
+from .state_keys import StateKey
 from .storage import FactorConfig, Storage
 
 
@@ -27,8 +29,9 @@ class PrefixView(Mapping):
         return self.state[f"{self.prefix}.{name}"]
 
     def __iter__(self) -> Iterator[str]:
-        start = f"{self.prefix}."
-        return (k[len(start) :] for k in self.state if k.startswith(start))
+        block, side = self.prefix.split(".")
+        keys = (StateKey.parse(k) for k in self.state)
+        return (k.name for k in keys if k.block == int(block) and k.side == side)
 
     def __len__(self) -> int:
         return sum(1 for _ in self)

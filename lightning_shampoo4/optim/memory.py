@@ -6,6 +6,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from .state_keys import StateKey
+
 KINDS = ("moments", "eigenvectors", "eigenvalues", "factors", "roots", "scales", "other")
 SECOND_ORDER = ("eigenvectors", "eigenvalues", "factors", "roots", "scales")
 
@@ -17,7 +19,7 @@ _PREFIXES = (("eigvecs", "eigenvectors"), ("eigvals", "eigenvalues"), ("factor",
 
 def kind_of(key: str) -> str:
     """The kind of a state entry (``"0.L.root_codes"`` -> ``"roots"``)."""
-    name = key.rsplit(".", 1)[-1]
+    name = StateKey.parse(key).name
     if name.startswith(_MOMENTS):
         return "moments"
     if name.endswith("_absmax"):

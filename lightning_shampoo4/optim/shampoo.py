@@ -1,13 +1,17 @@
 """``Shampoo4bit``: Shampoo with 4-bit quantized preconditioners, grafted onto AdamW or SGD.
 
-One step (``docs/algorithms.md``), in three phases so that it either completes or leaves no trace:
+One step (``docs/algorithms.md``) is a short sequence of named phases, so that it either
+completes or leaves no trace:
 
-1. **compute**: for every parameter with a gradient, the due statistics (PU) and inverse-root
-   (PIRU) updates of its blocks, each *returning* new state entries, then the preconditioned,
-   grafted direction ``L^-1/4 G R^-1/4 * ||G|| / ||L^-1/4 G R^-1/4||``;
-2. **check**: one device-side flag for "some direction is inf/NaN";
-3. **commit**: write the new entries, advance the counters and run the base optimizer (fused
-   AdamW or SGD) with that flag, so a non-finite step changes nothing.
+1. **plan blocks** (``_plan_blocks``, ``_distribute``): the parameters with gradients, their
+   blocks, and under several processes which rank computes which (:mod:`.distributed`);
+2. **statistics and roots** (``_statistics_and_roots``): the due statistics (PU) and
+   inverse-root (PIRU) updates of every block, each *returning* new state entries;
+3. **precondition** (``_precondition``): ``L^-1/4 G R^-1/4`` per block, batched, grafted to the
+   gradient's norm;
+4. **check**: one device-side flag for "some direction is inf/NaN";
+5. **commit** (``_commit``): the base optimizer (fused AdamW or SGD) with that flag, then the new
+   entries and counters, so a non-finite step changes nothing.
 
 Steps without a PU or PIRU (the steady state) never wait on the device: the flag stays on the
 device and the count of skipped steps is read only when :attr:`Shampoo4bit.counters` is.
@@ -41,6 +45,7 @@ from .factor import Factor, PrefixView
 from .memory import memory_report
 from .storage import FAILED, RETRIED, FactorConfig, Storage, Update, storage_for
 from .settings import SHAMPOO_SETTINGS
+from .state_keys import StateKey
 
 __all__ = ["COUNTERS", "Shampoo4bit", "UnsupportedStrategyError"]
 
@@ -65,8 +70,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 class _Side(NamedTuple):
-    prefix: str
+    prefix: str  # of the factor's state keys (:class:`.state_keys.StateKey`)
     order: int
+    name: str  # "L" or "R"
 
 
 class _Plan(NamedTuple):
@@ -80,6 +86,20 @@ class _Plan(NamedTuple):
     sides: tuple[tuple[_Side, _Side], ...]
     fmt: tuple
     layout: D.ShardLayout | None = None
+
+
+class _StepWork:
+    """What one step computes before it commits: the parameters with gradients, their gradient
+    matrices, the new state entries and counts (written only by the commit phase)."""
+
+    def __init__(self, work, layout: D.StepLayout, tensors, grads, clock: int, due: dict) -> None:
+        self.work, self.layout, self.tensors, self.grads = work, layout, tensors, grads
+        self.clock, self.due = clock, due
+        self.matrices: dict[torch.Tensor, torch.Tensor] = {}  # param -> its gradient as the matrix its blocks cut
+        self.pending: list[tuple[dict, str, dict]] = []  # (state, key prefix, new entries)
+        self.new_states: dict[torch.Tensor, dict] = {}  # states of parameters stepped for the first time
+        self.counts = dict.fromkeys(("stat_updates", "root_updates", "retried_updates", "failed_updates"), 0)
+        self.timers = dict.fromkeys(TIMERS, 0.0)
 
 
 class _LocalStates(NamedTuple):
@@ -251,7 +271,6 @@ class Shampoo4bit(Optimizer):
         self._group_cache: dict[int, tuple[tuple, dict[int, Storage]]] = {}
         self.sync_timers = False  # synchronize CUDA around PU / PIRU so the timers are exact
         self._stand_ins: dict[tuple[int, torch.device], tuple[Storage, Any]] = {}
-        self._pruned_plan: D.Plan | None = None  # the DDP plan the state was last pruned to
         self._partial = False  # loaded a rank-local state: fill in missing blocks at the next step
         self._consolidated: tuple[int, dict] | None = None  # (clock, full state) on the gathering rank
 
@@ -360,7 +379,7 @@ class Shampoo4bit(Optimizer):
                 continue
             for side in (left, right):
                 for name, t in self._storage(group, side.order).init(device).items():
-                    state[f"{side.prefix}.{name}"] = t
+                    state[str(StateKey(i, side.name, name))] = t
         if plan.sides:
             state["last_root_step"] = 0  # optimizer step of the last root update; 0: none yet
         return state
@@ -387,7 +406,7 @@ class Shampoo4bit(Optimizer):
                 if not state:
                     continue
                 sides = self._plan(p, group).sides
-                present = {D.block_index(k) for k in state} if sides else ()
+                present = {StateKey.parse(k).block for k in state} if sides else ()
                 for i, (left, right) in enumerate(sides):
                     if i not in present:
                         continue
@@ -409,8 +428,8 @@ class Shampoo4bit(Optimizer):
             return consolidated[1]
         sd = super().state_dict()
         sd["counters"] = self.counters
-        if self._layer.kind == "ddp" and self._pruned_plan is not None:
-            sd["rank_local"] = {"rank": D.world(self._layer.group)[1], "world_size": self._pruned_plan.world_size}
+        if self._layer.kind == "ddp" and self._layer.pruned is not None:
+            sd["rank_local"] = {"rank": D.world(self._layer.group)[1], "world_size": self._layer.pruned.world_size}
         if self._has_sharded:
             params = self._params()
             sd["state"] = {pid: D.export_state(params[pid], st) for pid, st in sd["state"].items()}
@@ -422,12 +441,13 @@ class Shampoo4bit(Optimizer):
         process. Lightning's ``DDPStrategy`` calls it before rank 0 saves a checkpoint, so its
         checkpoints load under any layout. A no-op otherwise."""
         self._consolidated = None
-        if self._layer.kind != "ddp" or self._pruned_plan is None:
+        if self._layer.kind != "ddp" or self._layer.pruned is None:
             return
         sd = super().state_dict()
         sd["state"] = {pid: dict(st) for pid, st in sd["state"].items()}  # torch's are the live dicts
         sd["counters"] = self.counters
-        mine = {pid: {k: v for k, v in st.items() if D.block_index(k) is not None} for pid, st in sd["state"].items()}
+        mine = {pid: {k: v for k, v in st.items() if StateKey.parse(k).block is not None}
+                for pid, st in sd["state"].items()}
         merged = D.gather_block_state(mine, dst=to, group=self._layer.group)
         if merged is not None:
             for pid, entries in merged.items():
@@ -467,7 +487,8 @@ class Shampoo4bit(Optimizer):
         self._plans.clear()
         self._group_cache.clear()
         self._skips.clear()
-        self._pruned_plan, self._partial, self._consolidated = None, rank_local is not None, None
+        self._layer.forget_assignment()
+        self._partial, self._consolidated = rank_local is not None, None
         self._counts = {k: 0 for k in COUNTERS} | {k: 0.0 for k in TIMERS}
         self._counts.update({k: v for k, v in state_dict.get("counters", {}).items() if k in self._counts})
         for group in self.param_groups:
@@ -502,6 +523,28 @@ class Shampoo4bit(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        work = self._plan_blocks()
+        if not work:
+            return loss
+        layout = self._distribute(work)
+        tensors, grads = layout.local([p for p, _, _ in work])
+        clock = self._clock + 1
+        due = self._due(clock)
+        updates_due = any(s or r for s, r in due.values())
+        if updates_due and not layout.all_true(_all_finite(grads)):
+            return self._skip(clock, loss)
+        step = _StepWork(work, layout, tensors, grads, clock, due)
+        operands = self._statistics_and_roots(step)
+        directions = self._precondition(step, operands)
+        found_inf = layout.any_flag(_non_finite_flags(directions, tensors))
+        if updates_due and any(bool(f) for f in found_inf.values()):
+            return self._skip(clock, loss)
+        self._commit(step, directions, found_inf, updates_due)
+        return loss
+
+    # -- its phases ----------------------------------------------------------------------
+    def _plan_blocks(self) -> list[tuple[torch.Tensor, dict, _Plan]]:
+        """``(param, group, plan)`` of every parameter with a gradient (groups revalidated if changed)."""
         work = []
         for group in self.param_groups:
             self._group_storages(group)  # validates the group if it changed
@@ -510,133 +553,111 @@ class Shampoo4bit(Optimizer):
                     if p.grad.is_sparse:
                         raise RuntimeError("Shampoo4bit does not support sparse gradients")
                     work.append((p, group, self._plan(p, group)))
-        if not work:
-            return loss
-        layer = self._layer
-        kind = layer.kind if layer.resolved else layer.resolve(self._params())
-        fsdp = kind == "fsdp2"
-        owners, index = self._ddp_plan() if kind == "ddp" else (None, None)
-        if self._partial:
-            self._fill_missing(index)
-        if fsdp:  # the local shards and their gradients, as plain tensors
-            views = [D.local_view(p) for p, _, _ in work]
-            tensors, grads = [t for t, _ in views], [g for _, g in views]
-        else:
-            tensors, grads = [p for p, _, _ in work], [p.grad for p, _, _ in work]
-        clock = self._clock + 1
+        return work
+
+    def _distribute(self, work: list[tuple[torch.Tensor, dict, _Plan]]) -> D.StepLayout:
+        """The step's layout (:mod:`.distributed`); under DDP, blocks this rank newly computes get
+        a fresh state (after a rank-local load, or when blocks changed owner)."""
+        index = {id(p): i for i, p in enumerate(self._params())}
+        blocks = [(p, index[id(p)], self._plan(p, g).blocks) for g in self.param_groups for p in g["params"]]
+        layout = self._layer.begin_step(self._params(), blocks, self.state)
+        if self._partial or layout.moved:
+            self._fill_missing(layout)
+        return layout
+
+    def _due(self, clock: int) -> dict[int, tuple[bool, bool]]:
+        """Per group: whether statistics (PU) and roots (PIRU) are due at ``clock``."""
         due = {}
         for group in self.param_groups:
             active = group["precondition"] and clock >= group["start_preconditioning_step"]
             due[id(group)] = (active and clock % group["stat_interval"] == 0, active and clock % group["root_interval"] == 0)
-        updates_due = any(s or r for s, r in due.values())
-        if updates_due and not self._grads_finite(grads, fsdp):
-            self._commit_clock(clock)
-            self._counts["skipped_nonfinite"] += 1
-            self._fold_skips()
-            return loss
+        return due
 
-        # 1. compute
-        counts = dict.fromkeys(("stat_updates", "root_updates", "retried_updates", "failed_updates"), 0)
-        timers = dict.fromkeys(TIMERS, 0.0)
-        pending: list[tuple[dict, str, dict]] = []  # (state, key prefix, new entries)
-        new_states: dict[torch.Tensor, dict] = {}
-        directions: list[torch.Tensor] = []
-        jobs: list[preconditioning.Job] = []
-        skip: list[bool] | None = [] if owners is not None else None  # DDP: jobs of other ranks' blocks
-        # (direction index, G, plan, first job, parameter index, owned blocks or None: all)
-        preconditioned: list[tuple[int, torch.Tensor, _Plan, int, int | None, list[int] | None]] = []
-        for k, (p, group, plan) in enumerate(work):
-            grad = grads[k]
-            pid = owned = None
-            if owners is not None and plan.sides:
-                pid = index[id(p)]
-                owned = layer.owned_blocks(pid, len(plan.blocks))
+    def _skip(self, clock: int, loss: Any) -> Any:
+        """A step that changes nothing but the clock (a gradient or direction held inf / NaN)."""
+        self._commit_clock(clock)
+        self._counts["skipped_nonfinite"] += 1
+        self._fold_skips()
+        return loss
+
+    def _statistics_and_roots(self, step: _StepWork) -> list[list | None]:
+        """Due PU / PIRU of every block (new entries into ``step.pending``, nothing written);
+        per parameter the ``(left, right)`` root operands of its blocks, or None for a parameter
+        that is not preconditioned (yet)."""
+        operands = []
+        for (p, group, plan), grad in zip(step.work, step.grads):
             state = self.state.get(p)
+            owned = step.layout.owned(p, len(plan.blocks))
             if not state:
-                state = new_states[p] = self._new_state(p, group, blocks=owned)
+                state = step.new_states[p] = self._new_state(p, group, blocks=owned)
             if not plan.sides:
-                directions.append(grad)
+                operands.append(None)
                 continue
-            stats_due, roots_due = due[id(group)]
             g = grad.float().reshape(plan.mshape) if plan.layout is None else plan.layout.to_matrix(grad.float())
-            operands = self._update_factors(
-                p, group, plan, state, g, stats_due, roots_due, clock, pending, counts, timers, owned
-            )
-            if operands is None:
-                directions.append(grad)
+            step.matrices[p] = g
+            operands.append(self._update_factors(p, group, plan, state, g, *step.due[id(group)], step, owned))
+        return operands
+
+    def _precondition(self, step: _StepWork, operands: list[list | None]) -> list[torch.Tensor]:
+        """The grafted direction of every parameter: ``L^-1/4 G R^-1/4`` per block, batched
+        (:func:`preconditioning.run`), other ranks' blocks gathered (DDP), rescaled to the
+        gradient's norm; the raw gradient where there is no root."""
+        layout, jobs, skip = step.layout, [], []
+        placed = []  # (parameter slot, G, plan, first job, parameter index, owned blocks or None: all)
+        for slot, ((p, group, plan), pair) in enumerate(zip(step.work, operands)):
+            if pair is None:
                 continue
+            g, owned = step.matrices[p], layout.owned(p, len(plan.blocks))
             dtype, backend = _DTYPES[group["precondition_dtype"]], group["kernel_backend"]
-            preconditioned.append((len(directions), g, plan, len(jobs), pid, owned))
-            directions.append(grad)  # replaced below
-            for i, (block, (lo, ro)) in enumerate(zip(plan.blocks, operands)):
+            placed.append((slot, g, plan, len(jobs), layout.param_index(p), owned))
+            for i, (block, (lo, ro)) in enumerate(zip(plan.blocks, pair)):
                 gb = g if len(plan.blocks) == 1 else g[block.r0 : block.r1, block.c0 : block.c1]
                 jobs.append(preconditioning.Job(gb, lo, ro, dtype, backend))
-                if skip is not None:
-                    skip.append(owned is not None and i not in owned)
-        results = preconditioning.run(jobs) if skip is None else preconditioning.run(jobs, skip)
-        graft = []
-        gathered: list[tuple[int, int, torch.Tensor]] = []  # (parameter index, block, destination): DDP
-        for slot, g, plan, first, pid, owned in preconditioned:
-            if len(plan.blocks) == 1 and owned is None:
-                hat = results[first]
-            else:
-                hat = torch.empty_like(g)
-                for i, block in enumerate(plan.blocks):
-                    dst = hat if len(plan.blocks) == 1 else hat[block.r0 : block.r1, block.c0 : block.c1]
-                    if results[first + i] is not None:  # None: another rank's block, gathered below
-                        dst.copy_(results[first + i])
-                    if owned is not None:
-                        gathered.append((pid, i, dst))
+                skip.append(owned is not None and i not in owned)
+        results = preconditioning.run(jobs, skip) if any(skip) else preconditioning.run(jobs)
+        directions = list(step.grads)
+        graft, gathered = [], []
+        for slot, g, plan, first, pid, owned in placed:
+            hat = _assemble(g, plan, results[first : first + len(plan.blocks)], owned, pid, gathered)
             if plan.layout is not None:
                 hat = plan.layout.from_matrix(hat)  # the data rows (a view): padding is neither applied nor grafted
-            graft.append((slot, g, hat))
+            graft.append((slot, g, hat, plan.layout is not None))
             directions[slot] = hat
-        if gathered:
-            layer.gather(gathered)  # every rank's blocks, before grafting (the same list on every rank)
-        self._graft(graft, [plan.layout is not None for _, _, plan, *_ in preconditioned] if fsdp else None)
-        for i, t in enumerate(tensors):
-            if directions[i] is not grads[i]:
+        layout.gather(gathered)  # every rank's blocks, before grafting
+        self._graft(graft, layout)
+        for i, t in enumerate(step.tensors):
+            if directions[i] is not step.grads[i]:
                 directions[i] = directions[i].view(t.shape).to(t.dtype)
+        return directions
 
-        # 2. check
-        found_inf = _non_finite_flags(directions, tensors)
-        if fsdp:  # one rank's inf / NaN skips the step on every rank
-            found_inf = {dev: D.max_across(flag, layer.group) for dev, flag in found_inf.items()}
-        if updates_due and any(bool(f) for f in found_inf.values()):
-            self._commit_clock(clock)
-            self._counts["skipped_nonfinite"] += 1
-            self._fold_skips()
-            return loss
-
-        # 3. commit: the base update first, the one part left that can raise (out of memory);
-        # it changes nothing when it does, and the new states it needed are taken back
-        for p, state in new_states.items():
+    def _commit(self, step: _StepWork, directions: list[torch.Tensor], found_inf: dict, updates_due: bool) -> None:
+        """The base update first, the one part left that can raise (out of memory): it changes
+        nothing when it does, and the new states it needed are taken back. Then the new
+        entries, the counters and the clock."""
+        for p, state in step.new_states.items():
             self.state[p] = state
         try:
-            if fsdp:  # the base update runs on the local shards
-                local = [(t, group, plan) for t, (_, group, plan) in zip(tensors, work)]
-                states = _LocalStates({t: self.state[p] for t, (p, _, _) in zip(tensors, work)})
+            if step.layout.fsdp:  # the base update runs on the local shards
+                local = [(t, group, plan) for t, (_, group, plan) in zip(step.tensors, step.work)]
+                states = _LocalStates({t: self.state[p] for t, (p, _, _) in zip(step.tensors, step.work)})
                 base_update.apply(states, local, directions, found_inf)
             else:
-                base_update.apply(self, work, directions, found_inf)
+                base_update.apply(self, step.work, directions, found_inf)
         except BaseException:
-            for p in new_states:
+            for p in step.new_states:
                 del self.state[p]
             raise
-        for state, prefix, entries in pending:
+        for state, prefix, entries in step.pending:
             for name, t in entries.items():
                 state[f"{prefix}.{name}" if prefix else name] = t
-        for k, v in counts.items():
+        for k, v in (step.counts | step.timers).items():
             self._counts[k] += v
-        for k, v in timers.items():
-            self._counts[k] += v
-        self._commit_clock(clock)
+        self._commit_clock(step.clock)
         if updates_due:
             self._fold_skips()  # the flags were read above: no extra wait
         else:
             for dev, flag in found_inf.items():
                 self._skips[dev] = self._skips[dev] + flag if dev in self._skips else flag.clone()
-        return loss
 
     def _commit_clock(self, clock: int) -> None:
         for group in self.param_groups:
@@ -647,57 +668,28 @@ class Shampoo4bit(Optimizer):
         """Every parameter, in the order of the state dict's parameter ids."""
         return [p for group in self.param_groups for p in group["params"]]
 
-    def _grads_finite(self, grads: list[torch.Tensor], fsdp: bool) -> bool:
-        """Host check of the gradients (steps with PU / PIRU); under FSDP2 over all ranks' shards.
-        DDP ranks hold the same gradients, so their local answers agree already."""
-        ok = _all_finite(grads)
-        return D.all_true(torch.tensor(ok), self._layer.group) if fsdp else ok
-
-    def _ddp_plan(self) -> tuple[D.Plan, dict[int, int]]:
-        """The owner of every block (identical on every rank) and each parameter's index; the
-        first time a plan is used, the state is pruned to this rank's blocks (a loaded full
-        state) and blocks this rank owns but lacks get a fresh state."""
-        refs, index = [], {}
-        pid = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                index[id(p)] = pid
-                refs.extend(D.BlockRef(pid, i, b.rows, b.cols) for i, b in enumerate(self._plan(p, group).blocks))
-                pid += 1
-        plan = self._layer.plan(refs)
-        if plan is not self._pruned_plan:
-            pruned = self._pruned_plan is not None
-            for group in self.param_groups:
-                for p in group["params"]:
-                    state = self.state.get(p)
-                    if state:
-                        D.prune_state(state, self._layer.owned_blocks(index[id(p)], len(self._plan(p, group).blocks)))
-            self._pruned_plan = plan
-            if pruned:  # the blocks moved between ranks (parameter groups changed)
-                self._fill_missing(index)
-        return plan, index
-
-    def _fill_missing(self, index: dict[int, int] | None) -> None:
+    def _fill_missing(self, layout: D.StepLayout | None) -> None:
         """Give a fresh state to every block this rank computes but holds no state for (after
         loading a rank-local state, or when blocks changed owner); warns once the layout is
         decided, since those blocks restart their statistics."""
-        layer, restarted = self._layer, 0
+        restarted = 0
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p)
                 plan = self._plan(p, group)
                 if not state or not plan.sides:
                     continue
-                present = {D.block_index(k) for k in state}
+                present = {StateKey.parse(k).block for k in state}
                 device = next(v.device for v in state.values() if isinstance(v, torch.Tensor))
+                owned = None if layout is None else layout.owned(p, len(plan.blocks))
                 for i, (left, right) in enumerate(plan.sides):
-                    if i in present or (index is not None and not layer.owns(index[id(p)], i)):
+                    if i in present or (owned is not None and i not in owned):
                         continue
                     restarted += 1
                     for side in (left, right):
                         for name, t in self._storage(group, side.order).init(device).items():
-                            state[f"{side.prefix}.{name}"] = t
-        if layer.resolved:
+                            state[str(StateKey(i, side.name, name))] = t
+        if self._layer.resolved:
             self._partial = False
             if restarted:
                 warnings.warn(
@@ -705,19 +697,19 @@ class Shampoo4bit(Optimizer):
                     "loaded under another layout, or blocks that changed owner); they restart from a fresh "
                     "statistic",
                     RuntimeWarning,
-                    stacklevel=3,
+                    stacklevel=4,
                 )
 
-    def _update_factors(
-        self, p, group, plan, state, g, stats_due, roots_due, clock, pending, counts, timers, owned=None
-    ):
-        """Due PU / PIRU of every block (new entries into ``pending``); the ``(left, right)``
-        root operands per block, or None while no root exists (the base optimizer then runs on
-        the raw gradient). Blocks another rank owns (not in ``owned``, under DDP) get stand-in
-        operands of the same format, without data. Their updates are counted too, so counts
-        agree across ranks (except retried and failed ones, which only the owner sees)."""
+    def _update_factors(self, p, group, plan, state, g, stats_due, roots_due, step: _StepWork, owned=None):
+        """Due PU / PIRU of every block of one parameter (new entries into ``step.pending``);
+        the ``(left, right)`` root operands per block, or None while no root exists (the base
+        optimizer then runs on the raw gradient). Blocks another rank owns (not in ``owned``,
+        under DDP) get stand-in operands of the same format, without data. Their updates are
+        counted too, so counts agree across ranks (except retried and failed ones, which only
+        the owner sees)."""
+        counts = step.counts
         if roots_due:
-            pending.append((state, "", {"last_root_step": clock}))
+            step.pending.append((state, "", {"last_root_step": step.clock}))
         operands = []
         for i, (block, (left, right)) in enumerate(zip(plan.blocks, plan.sides)):
             if owned is not None and i not in owned:
@@ -728,34 +720,37 @@ class Shampoo4bit(Optimizer):
                 )
                 continue
             gb = g if len(plan.blocks) == 1 else g[block.r0 : block.r1, block.c0 : block.c1]
-            pair = []
-            for side, is_left in ((left, True), (right, False)):
-                storage = self._storage(group, side.order)
-                new: dict[str, torch.Tensor] = {}
-                view = ChainMap(new, PrefixView(state, side.prefix))
-                fresh = None
-                if stats_due:
-                    t0 = self._tick(p)
-                    upd = _guarded(storage.update_stats, view, gb @ gb.mT if is_left else gb.mT @ gb)
-                    new.update(upd.entries)
-                    fresh = upd.fresh
-                    _record(upd.status, counts)
-                    counts["stat_updates"] += 1
-                    timers["time_stats_s"] += self._tick(p) - t0
-                if roots_due:
-                    t0 = self._tick(p)
-                    upd = _guarded(storage.update_root, view, fresh)
-                    new.update(upd.entries)
-                    _record(upd.status, counts)
-                    counts["root_updates"] += 1
-                    timers["time_roots_s"] += self._tick(p) - t0
-                if new:
-                    pending.append((state, side.prefix, new))
-                pair.append(storage.operand(view))
-            operands.append(pair)
+            operands.append([self._update_side(p, group, side, state, gb @ gb.mT if side.name == "L" else gb.mT @ gb,
+                                               stats_due, roots_due, step) for side in (left, right)])
         if not roots_due and state["last_root_step"] == 0:
             return None
         return operands
+
+    def _update_side(self, p, group, side: _Side, state: dict, m: torch.Tensor, stats_due: bool, roots_due: bool,
+                     step: _StepWork):
+        """One factor: its PU (``m``: this step's G G^T or G^T G) and PIRU when due; its root operand."""
+        storage = self._storage(group, side.order)
+        new: dict[str, torch.Tensor] = {}
+        view = ChainMap(new, PrefixView(state, side.prefix))
+        fresh = None
+        if stats_due:
+            t0 = self._tick(p)
+            upd = _guarded(storage.update_stats, view, m)
+            new.update(upd.entries)
+            fresh = upd.fresh
+            _record(upd.status, step.counts)
+            step.counts["stat_updates"] += 1
+            step.timers["time_stats_s"] += self._tick(p) - t0
+        if roots_due:
+            t0 = self._tick(p)
+            upd = _guarded(storage.update_root, view, fresh)
+            new.update(upd.entries)
+            _record(upd.status, step.counts)
+            step.counts["root_updates"] += 1
+            step.timers["time_roots_s"] += self._tick(p) - t0
+        if new:
+            step.pending.append((state, side.prefix, new))
+        return storage.operand(view)
 
     def _stand_in(self, group: dict, order: int, device: torch.device):
         """An operand with the format of a real root of this order but no data: it places another
@@ -768,24 +763,20 @@ class Shampoo4bit(Optimizer):
             cached = self._stand_ins[(id(storage), device)] = (storage, storage.operand(empty))
         return cached[1]
 
-    def _graft(self, graft: list[tuple[int, torch.Tensor, torch.Tensor]], sharded: list[bool] | None = None) -> None:
+    def _graft(self, graft: list[tuple[int, torch.Tensor, torch.Tensor, bool]], layout: D.StepLayout) -> None:
         """Rescale every preconditioned matrix to its gradient's norm, in place.
 
         Norms are taken in float64, so a huge but finite gradient cannot overflow them. Under
-        FSDP2 (``sharded``: which entries are local shards) the norms are the whole parameter's:
-        the shards' squared norms are summed over the ranks in one all-reduce, so every rank
-        scales its shard alike, as one device would.
+        FSDP2 (entries whose last item is True are local shards) the norms are the whole
+        parameter's (:meth:`.distributed.StepLayout.whole_norms`), so every rank scales its
+        shard alike, as one device would.
         """
         if not graft:
             return
-        _, grads, hats = zip(*graft)
+        _, grads, hats, sharded = zip(*graft)
         gn = torch._foreach_norm(list(grads), 2, dtype=torch.float64)
         hn = torch._foreach_norm(list(hats), 2, dtype=torch.float64)
-        if sharded is not None and any(sharded):
-            sq = torch.stack([torch.stack(gn), torch.stack(hn)]).square()
-            mask = torch.tensor(sharded, device=sq.device)
-            sq = torch.where(mask, D.sum_across(sq * mask, self._layer.group), sq).sqrt()
-            gn, hn = list(sq[0].unbind()), list(sq[1].unbind())
+        gn, hn = layout.whole_norms(list(gn), list(hn), list(sharded))
         torch._foreach_add_(hn, 1e-12)
         torch._foreach_div_(gn, hn)
         torch._foreach_mul_(list(hats), gn)
@@ -809,8 +800,25 @@ def make_plan(p: torch.Tensor, group: dict) -> _Plan:
         mshape, blocks = layout.mshape, layout.blocks
     else:
         mshape, blocks = blocks_for(tuple(p.shape), group["max_order"])
-    sides = tuple((_Side(f"{i}.L", b.rows), _Side(f"{i}.R", b.cols)) for i, b in enumerate(blocks))
+    sides = tuple((_Side(StateKey.prefix(i, "L"), b.rows, "L"), _Side(StateKey.prefix(i, "R"), b.cols, "R"))
+                  for i, b in enumerate(blocks))
     return _Plan(mshape, blocks, sides, fmt, layout)
+
+
+def _assemble(g: torch.Tensor, plan: _Plan, results: list, owned: list[int] | None, pid: int | None,
+              gathered: list[tuple[int, int, torch.Tensor]]) -> torch.Tensor:
+    """One parameter's preconditioned matrix from its blocks' results; under DDP the blocks
+    another rank computed (result None) are listed in ``gathered`` to be filled in."""
+    if len(plan.blocks) == 1 and owned is None:
+        return results[0]
+    hat = torch.empty_like(g)
+    for i, block in enumerate(plan.blocks):
+        dst = hat if len(plan.blocks) == 1 else hat[block.r0 : block.r1, block.c0 : block.c1]
+        if results[i] is not None:
+            dst.copy_(results[i])
+        if owned is not None:
+            gathered.append((pid, i, dst))
+    return hat
 
 
 def _guarded(update: Callable[..., Update], *args) -> Update:
