@@ -511,13 +511,15 @@ class SOAP4bit(Optimizer):
             if k is not None:
                 out.update({f"{i}.{side}.{n}": v for n, v in _side_init(codec, group["statistics"], k, device).items()})
         shape = (block.rows, block.cols)
+        # the block's moments in the eigenbasis live under its left side ("{i}.L."); a factored second
+        # moment keeps its row sums there and its column sums under the right side
         if group["first_moment_basis"] == "rotated":
-            out.update(_moment_init(f"{i}.exp_avg", shape, mbits, f32, device))
+            out.update(_moment_init(f"{i}.L.exp_avg", shape, mbits, f32, device))
         if group["second_moment"] == "factored":
-            out[f"{i}.exp_avg_sq_row"] = torch.zeros(block.rows, dtype=f32, device=device)
-            out[f"{i}.exp_avg_sq_col"] = torch.zeros(block.cols, dtype=f32, device=device)
+            out[f"{i}.L.exp_avg_sq"] = torch.zeros(block.rows, dtype=f32, device=device)
+            out[f"{i}.R.exp_avg_sq"] = torch.zeros(block.cols, dtype=f32, device=device)
         else:
-            out.update(_moment_init(f"{i}.exp_avg_sq", shape, mbits, f32, device))
+            out.update(_moment_init(f"{i}.L.exp_avg_sq", shape, mbits, f32, device))
         return out
 
     def init_state(self) -> None:
@@ -857,19 +859,19 @@ def _block_step(i, block, sides, g, m_orig, group, state, first, refresh, t, cou
 
     # Adam in the eigenbasis
     direction = None
-    v_key = f"{i}.exp_avg_sq"
+    v_key, row_key, col_key, m_key = f"{i}.L.exp_avg_sq", f"{i}.L.exp_avg_sq", f"{i}.R.exp_avg_sq", f"{i}.L.exp_avg"
     if not first:
         gr = _rotate(g, *qs)
         if factored:
             sq = gr.square()
-            row = state[f"{v_key}_row"] * b2 + sq.sum(1) * (1 - b2)
-            col = state[f"{v_key}_col"] * b2 + sq.sum(0) * (1 - b2)
+            row = state[row_key] * b2 + sq.sum(1) * (1 - b2)
+            col = state[col_key] * b2 + sq.sum(0) * (1 - b2)
             v = torch.outer(row, col) / row.sum().clamp(min=torch.finfo(torch.float32).tiny)
-            new[f"{v_key}_row"], new[f"{v_key}_col"] = row, col
+            new[row_key], new[col_key] = row, col
         else:
             v = _moment_load(state, v_key, shape, mbits).mul(b2).addcmul_(gr, gr, value=1 - b2)
         if rotated_m:
-            m = torch.lerp(_moment_load(state, f"{i}.exp_avg", shape, mbits), gr, 1 - b1)
+            m = torch.lerp(_moment_load(state, m_key, shape, mbits), gr, 1 - b1)
         else:
             m = _rotate(m_orig, *qs)
         direction = _rotate_back(_adam_direction(m, v, b1, b2, group["eps"], t), *qs)
@@ -897,9 +899,9 @@ def _block_step(i, block, sides, g, m_orig, group, state, first, refresh, t, cou
         pl, pr = perms
         if factored:
             if pl is not None:
-                new[f"{v_key}_row"] = new[f"{v_key}_row"][pl]
+                new[row_key] = new[row_key][pl]
             if pr is not None:
-                new[f"{v_key}_col"] = new[f"{v_key}_col"][pr]
+                new[col_key] = new[col_key][pr]
         else:
             if pl is not None:
                 v = v[pl]
@@ -911,7 +913,7 @@ def _block_step(i, block, sides, g, m_orig, group, state, first, refresh, t, cou
                 ql = None if new_qs[0] is None else qs[0].mT @ new_qs[0]
                 qr = None if new_qs[1] is None else qs[1].mT @ new_qs[1]
                 m = _rotate(m, ql, qr)
-            new.update(_moment_store(f"{i}.exp_avg", m, mbits, torch.float32))
+            new.update(_moment_store(m_key, m, mbits, torch.float32))
     return new, direction
 
 
