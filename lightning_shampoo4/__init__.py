@@ -2,13 +2,15 @@
 
 Where things are:
 
-* :class:`Shampoo4bit` (``optim/``): the optimizer; depends on torch only.
+* :class:`Shampoo4bit` (``optim/``): the optimizer; depends on torch only. :class:`SOAP4bit`
+  (``optim/soap.py``): Adam in Shampoo's eigenbasis, its eigenvector matrices at 4 bits. Every
+  argument of both is declared once, in ``optim/settings.py``.
 * ``quant/``: codebooks and block-wise quantization (the pure-torch reference).
 * ``linalg``: Björck, subspace iteration, inverse roots.
 * ``kernels/``: the dispatcher the optimizer calls; Triton kernels for CUDA, and C kernels
   (``kernels/cpu.py``, compiled on first use) that store and rebuild symmetric matrices on the CPU.
-* :func:`configure_shampoo` (``configure.py``): optimizer + parameter groups + schedule for
-  a LightningModule's ``configure_optimizers``.
+* :func:`configure_shampoo` / :func:`configure_soap` (``configure.py``): optimizer + parameter
+  groups + schedule for a LightningModule's ``configure_optimizers``.
 * ``callbacks/``: :class:`PreconditionerSchedule`, :class:`QuantizedStateMonitor`,
   :class:`ShampooPrecision`.
 * ``models/``, ``data/``, ``recipes/``, ``cli.py``: the recipe registry and the
@@ -16,7 +18,7 @@ Where things are:
 
 Importing the package (or ``lightning_shampoo4.optim``) loads torch only: the optimizer and
 ``configure`` are imported here, the Lightning-facing names on first use. LightningCLI resolves
-short class names (``--optimizer Shampoo4bit``, ``--trainer.callbacks+=QuantizedStateMonitor``)
+short class names (``--optimizer Shampoo4bit``, ``--optimizer SOAP4bit``, ``--trainer.callbacks+=QuantizedStateMonitor``)
 only for classes that have been imported, so the callbacks are imported as soon as Lightning's
 CLI is: right here if ``lightning.pytorch.cli`` is already loaded, else right after it is
 first imported (a ``sys.meta_path`` hook that watches for that one module).
@@ -29,8 +31,8 @@ import sys
 import warnings
 from typing import Any
 
-from .configure import GroupedShampoo4bit, configure_shampoo, shampoo_param_groups
-from .optim import Shampoo4bit
+from .configure import GroupedShampoo4bit, configure_optimizer, configure_shampoo, configure_soap, shampoo_param_groups
+from .optim import SOAP4bit, Shampoo4bit
 
 __version__ = "0.2.0"
 
@@ -51,11 +53,14 @@ __all__ = [
     "ImageClassifier",
     "PreconditionerSchedule",
     "QuantizedStateMonitor",
+    "SOAP4bit",
     "Shampoo4bit",
     "ShampooPrecision",
     "UnsupportedStrategyError",
     "__version__",
+    "configure_optimizer",
     "configure_shampoo",
+    "configure_soap",
     "get_recipe",
     "list_recipes",
     "register_recipe",

@@ -47,6 +47,7 @@ __all__ = [
     "build_lr_scheduler",
     "configure_optimizer",
     "configure_shampoo",
+    "configure_soap",
     "is_preconditioned",
     "shampoo_param_groups",
 ]
@@ -406,6 +407,9 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, **schedule_args: Any) -
 
 
 # -- the helper ----------------------------------------------------------------------------
+_UNSET: Any = object()  # an argument the caller did not give
+
+
 def _table_of(optimizer: str | type) -> SettingsTable:
     """The settings table of ``optimizer``: a class, or a class name in any case ("soap4bit")."""
     name = optimizer if isinstance(optimizer, str) else optimizer.__name__
@@ -469,13 +473,24 @@ def configure_optimizer(
     no_weight_decay: Sequence[str] = (),
     no_precondition: Sequence[str] = (),
     precondition_embeddings: bool = False,
-    max_precondition_dim: int | None = DEFAULT_MAX_PRECONDITION_DIM,
+    max_precondition_dim: Any = _UNSET,
     **optimizer_kwargs: Any,
 ) -> dict[str, Any]:
     """:func:`configure_shampoo` for any of the package's optimizers (``optimizer``: its class or
-    class name, e.g. ``"SOAP4bit"``); ``optimizer_kwargs`` are that optimizer's arguments."""
+    class name, e.g. ``"SOAP4bit"``); ``optimizer_kwargs`` are that optimizer's arguments.
+
+    ``max_precondition_dim`` is the grouping rule's (:func:`shampoo_param_groups`), except for an
+    optimizer that declares an argument of that name (SOAP4bit: its largest factor order), which
+    gets it instead."""
     table = _table_of(optimizer)
-    who = "configure_shampoo" if table.optimizer == "Shampoo4bit" else f"configure_optimizer({table.optimizer!r})"
+    if "max_precondition_dim" in table.names:
+        if max_precondition_dim is not _UNSET:
+            optimizer_kwargs["max_precondition_dim"] = max_precondition_dim
+        max_precondition_dim = None
+    elif max_precondition_dim is _UNSET:
+        max_precondition_dim = DEFAULT_MAX_PRECONDITION_DIM
+    who = {"Shampoo4bit": "configure_shampoo", "SOAP4bit": "configure_soap"}.get(
+        table.optimizer, f"configure_optimizer({table.optimizer!r})")
     _check_call(module, table, optimizer_kwargs, who)
     groups = shampoo_param_groups(
         module,
@@ -484,6 +499,11 @@ def configure_optimizer(
         precondition_embeddings=precondition_embeddings,
         max_precondition_dim=max_precondition_dim,
     )
+    if PRECONDITION_KEY not in table.names:  # an optimizer without first-order-only groups
+        if no_precondition:
+            raise ValueError(f"no_precondition needs an optimizer with first-order-only groups; {table.optimizer} "
+                             "preconditions every matrix")
+        groups = _merge_by_weight_decay(groups)
     if schedule not in SCHEDULES:  # checked before the Trainer is asked for its length
         raise ValueError(f"schedule={schedule!r} is not supported; choose one of {SCHEDULES}")
     built = table.optimizer_class()(groups, **optimizer_kwargs)
@@ -547,4 +567,42 @@ def configure_shampoo(
         total_steps=total_steps, milestones=milestones, gamma=gamma, min_lr_ratio=min_lr_ratio,
         no_weight_decay=no_weight_decay, no_precondition=no_precondition,
         precondition_embeddings=precondition_embeddings, max_precondition_dim=max_precondition_dim, **shampoo_kwargs,
+    )
+
+
+def _merge_by_weight_decay(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The groups without the ``precondition`` key, those with the same weight decay merged."""
+    merged: dict[Any, dict[str, Any]] = {}
+    for group in groups:
+        key = group.get("weight_decay")
+        target = merged.setdefault(key, {k: v for k, v in group.items() if k not in ("params", PRECONDITION_KEY)}
+                                   | {"params": []})
+        target["params"] += list(group["params"])
+    return list(merged.values())
+
+
+def configure_soap(
+    module: nn.Module,
+    *,
+    lr: float = 3e-3,
+    weight_decay: float = 0.0,
+    schedule: str = "none",
+    warmup_steps: int | float = 0,
+    total_steps: int | None = None,
+    milestones: Sequence[int | float] = (0.3, 0.6, 0.9),
+    gamma: float = 0.1,
+    min_lr_ratio: float = 0.0,
+    no_weight_decay: Sequence[str] = (),
+    **soap_kwargs: Any,
+) -> dict[str, Any]:
+    """:func:`configure_shampoo` for :class:`~lightning_shampoo4.optim.soap.SOAP4bit`: the same
+    weight-decay groups (no decay on biases, norms, embeddings and ``no_weight_decay`` names) and
+    schedule; ``soap_kwargs`` are any other SOAP4bit argument (``bits``, ``precondition_frequency``, ...).
+
+    ``return configure_soap(self, lr=3e-3, weight_decay=0.01, schedule="cosine", warmup_steps=0.05)``
+    """
+    return configure_optimizer(
+        module, "SOAP4bit", lr=lr, weight_decay=weight_decay, schedule=schedule, warmup_steps=warmup_steps,
+        total_steps=total_steps, milestones=milestones, gamma=gamma, min_lr_ratio=min_lr_ratio,
+        no_weight_decay=no_weight_decay, **soap_kwargs,
     )

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .configure import PRECONDITION_KEY, build_lr_scheduler, configure_optimizer, shampoo_param_groups
-from .optim.settings import OPTIMIZERS, SettingsTable, quantize_to_storage
+from .optim.settings import BASE_SETTINGS, OPTIMIZERS, SettingsTable, quantize_to_storage
 
 __all__ = [
     "FIRST_ORDER",
@@ -88,13 +88,15 @@ def coerce_config(cls: type, value: Any) -> Any:
 
 
 # -- the optimizer section, derived from the settings tables ---------------------------------------
+def implied(table: SettingsTable) -> dict[str, dict[str, Any]]:
+    """A table's recipe variants and what each implies; a table that declares none gets one named
+    after the optimizer (``"soap4bit"``) that builds its defaults."""
+    return {k: dict(v) for k, v in table.variants.items()} or {table.optimizer.lower(): {}}
+
+
 def _variants() -> dict[str, SettingsTable]:
     """Every recipe variant and the optimizer it builds."""
-    out: dict[str, SettingsTable] = {}
-    for table in OPTIMIZERS.values():
-        for name in table.variants:
-            out[name] = table
-    return out
+    return {name: table for table in OPTIMIZERS.values() for name in implied(table)}
 
 
 VARIANT_TABLES = _variants()
@@ -116,15 +118,26 @@ def _optimizer_fields() -> list[tuple[str, Any, Any]]:
     for table in OPTIMIZERS.values():
         for s in table.settings:
             rows.setdefault(s.name, []).append(s)
-    by_variant = {k for table in OPTIMIZERS.values() for implied in table.variants.values() for k in implied}
+    by_variant = _variant_keys()
     out = []
     for name, declared in rows.items():
         s = declared[0]
         default, tp = s.default, s.annotation
-        if name in by_variant or s.deprecated is not None or any(r.default != default for r in declared[1:]):
+        if any(r.annotation != tp for r in declared[1:]):  # two optimizers, two types: checked by each
+            default, tp = None, Any
+        elif name in by_variant or s.deprecated is not None or any(r.default != default for r in declared[1:]):
             default, tp = None, _optional(tp)
         out.append((name, tp, field(default=default)))
     return out
+
+
+def _variant_keys() -> set[str]:
+    return {k for table in OPTIMIZERS.values() for settings in implied(table).values() for k in settings}
+
+
+def _base_default(name: str) -> Any:
+    """A base-optimizer setting's default (for ``first_order`` where the section leaves it null)."""
+    return next(s.default for s in BASE_SETTINGS if s.name == name)
 
 
 def _optimizer_doc() -> str:
@@ -136,10 +149,7 @@ def _optimizer_doc() -> str:
         "",
         "Attributes:",
         f"    variant: which optimizer: {', '.join(VARIANTS)}. "
-        + "; ".join(
-            f"{name} = {table.describe(implied)}" for name, table in VARIANT_TABLES.items()
-            for implied in [table.variants[name]]
-        )
+        + "; ".join(f"{name} = {table.describe(implied(table)[name])}" for name, table in VARIANT_TABLES.items())
         + f"; {FIRST_ORDER} = plain torch SGD / AdamW.",
     ]
     seen = set()
@@ -159,9 +169,9 @@ def _post_init(self: Any) -> None:
             setattr(self, f.name, tuple(value))
     if self.variant not in VARIANTS:
         raise RecipeError(f"optimizer.variant must be one of {VARIANTS}, got {self.variant!r}.{suggest(self.variant, VARIANTS)}")
-    if not self.lr > 0:
+    if self.lr is not None and not self.lr > 0:
         raise RecipeError(f"optimizer.lr must be > 0, got {self.lr!r}")
-    if self.weight_decay < 0:
+    if self.weight_decay is not None and self.weight_decay < 0:
         raise RecipeError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay!r}")
     if getattr(self, "quantize", None) is not None:
         _translate_quantize(self)
@@ -191,14 +201,13 @@ def _translate_quantize(cfg: Any) -> None:
 def _check_first_order(cfg: Any) -> None:
     """``first_order`` is plain torch SGD / AdamW: a setting only another variant reads is refused
     when it is set to anything but its default (it would have no effect)."""
-    variant_keys = {k for table in OPTIMIZERS.values() for implied in table.variants.values() for k in implied}
-    for key in sorted(variant_keys):
+    for key in sorted(_variant_keys()):
         if getattr(cfg, key) is not None:
             raise RecipeError(
                 f"optimizer.{key}={getattr(cfg, key)!r} has no effect with variant='first_order'; "
                 f"pick another variant ({', '.join(VARIANT_TABLES)}) or leave it null"
             )
-    if cfg.moment_bits != 32:
+    if cfg.moment_bits not in (None, 32):
         raise RecipeError(
             f"optimizer.moment_bits={cfg.moment_bits!r} needs another variant ({', '.join(VARIANT_TABLES)}): "
             "variant='first_order' is plain torch SGD / AdamW with fp32 moments"
@@ -223,7 +232,7 @@ def _optimizer_kwargs(self: Any) -> dict[str, Any]:
     if table is None:
         raise RecipeError("optimizer.variant='first_order' has no Shampoo settings")
     kwargs = {s.name: getattr(self, s.name) for s in table.settings if getattr(self, s.name) is not None}
-    for key, value in table.variants[self.variant].items():
+    for key, value in implied(table)[self.variant].items():
         kwargs.setdefault(key, value)
     return kwargs
 
@@ -235,6 +244,8 @@ def _describe(self: Any) -> str:
     if self.table is None:
         return base
     kwargs = self.optimizer_kwargs()
+    if "base" not in self.table.names:  # an optimizer with its own update (SOAP4bit: Adam in an eigenbasis)
+        return self.table.describe(kwargs)
     if kwargs.get("moment_bits", 32) != 32:
         base = f"{kwargs['moment_bits']}-bit {base}"
     return f"{self.table.describe(kwargs)} + {base}"
@@ -293,10 +304,11 @@ def first_order_param_groups(model: nn.Module) -> list[dict[str, Any]]:
 
 def _first_order(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
     groups = first_order_param_groups(model)
-    if cfg.base == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    kw = {k: getattr(cfg, k) if getattr(cfg, k) is not None else _base_default(k) for k in _FIRST_ORDER_KEYS}
+    if kw["base"] == "sgd":
+        return torch.optim.SGD(groups, lr=kw["lr"], momentum=kw["momentum"], nesterov=kw["nesterov"],
+                               weight_decay=kw["weight_decay"])
+    return torch.optim.AdamW(groups, lr=kw["lr"], betas=kw["betas"], eps=kw["eps"], weight_decay=kw["weight_decay"])
 
 
 def build_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:

@@ -372,3 +372,19 @@ def test_nonfinite_gradient_without_scaler_is_skipped_by_the_optimizer():
         for v in s.values()
         if torch.is_tensor(v) and v.is_floating_point()
     )
+
+
+def test_monitor_logs_soap4bit_bytes_and_counters(tmp_path):
+    from lightning_shampoo4 import SOAP4bit
+
+    class SoapNet(Net):
+        def configure_optimizers(self):
+            return SOAP4bit(self.parameters(), lr=0.01, precondition_frequency=2, min_quant_numel=64)
+
+    monitor = QuantizedStateMonitor(every_n_steps=2)
+    trainer = _trainer(callbacks=[monitor])
+    trainer.fit(SoapNet(), _loader())
+    last = monitor.last_metrics
+    assert last["shampoo/steps"] == 4 and last["shampoo/refreshes"] >= 1 and last["shampoo/skipped_nonfinite"] == 0
+    assert last["shampoo/bytes/total"] > 0 and 0 < last["shampoo/memory_vs_adamw"]
+    assert "shampoo/root_nre" not in last  # Shampoo4bit's factor metrics only

@@ -216,3 +216,10 @@ def test_validate_from_checkpoint(capsys, tmp_path):
     assert main(["validate", "--ckpt_path", str(ckpt), "--trainer.limit_val_batches", "2",
                  "--trainer.default_root_dir", str(tmp_path)]) == 0
     assert "val/acc" in capsys.readouterr().out
+
+
+def test_soap_variant_runs_and_its_summary_names_it(capsys):
+    assert main(["fit", "--optimizer.variant", "soap4bit", *SHORT]) == 0
+    summary = capsys.readouterr().out.split("lightning-shampoo4 fit summary")[-1]
+    assert "optimizer         4-bit SOAP" in summary
+    assert "storage           max_precondition_dim=256 large_dims=block bits=4 moment_bits=8" in summary

@@ -306,3 +306,15 @@ def test_doc_python_snippets_run_as_written(index, tmp_path, monkeypatch):
         assert opt.param_groups[0]["precondition_dtype"] == "bfloat16"
         metrics = (tmp_path / "logs" / "lightning_logs" / "version_0" / "metrics.csv").read_text()
         assert "shampoo/compression_ratio" in metrics and "shampoo/root_nre" in metrics
+
+
+@pytest.mark.parametrize("spelling", ["SOAP4bit", "lightning_shampoo4.SOAP4bit"])
+def test_soap_by_short_name_and_class_path(spelling):
+    from lightning_shampoo4 import SOAP4bit
+
+    cli = _cli(BoringModel, BoringDataModule, ["--optimizer", spelling, "--optimizer.lr=0.01",
+                                               "--optimizer.precondition_frequency=5"], run=False)
+    assert cli.config["optimizer"]["class_path"] == "lightning_shampoo4.SOAP4bit"
+    out = cli.model.configure_optimizers()
+    opt = out[0][0] if isinstance(out, tuple) else out
+    assert isinstance(opt, SOAP4bit) and opt.defaults["lr"] == 0.01 and opt.defaults["precondition_frequency"] == 5

@@ -1,4 +1,4 @@
-"""Helpers shared by the callbacks: find a trainer's Shampoo4bit optimizers, check its strategy."""
+"""Helpers shared by the callbacks: find a trainer's optimizers of this package, check its strategy."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from ..configure import is_preconditioned
 from ..optim import Shampoo4bit
+from ..optim.settings import OPTIMIZERS
 from ..strategies import check_strategy
 
 __all__ = [
@@ -27,18 +28,25 @@ def _unwrap(optimizer: Any) -> Any:
     return getattr(optimizer, "_optimizer", optimizer)
 
 
-def shampoo_optimizers(trainer: pl.Trainer) -> list[Shampoo4bit]:
-    """The trainer's optimizers that are :class:`Shampoo4bit` (subclasses included), in order."""
-    return [opt for opt in map(_unwrap, trainer.optimizers) if isinstance(opt, Shampoo4bit)]
+def _classes(accepts: tuple[str, ...]) -> tuple[type, ...]:
+    """The optimizer classes named in ``accepts`` (from the settings tables)."""
+    return tuple(OPTIMIZERS[name].optimizer_class() for name in accepts if name in OPTIMIZERS)
 
 
-def require_shampoo_optimizers(trainer: pl.Trainer, who: str) -> list[Shampoo4bit]:
+def shampoo_optimizers(trainer: pl.Trainer, accepts: tuple[str, ...] = ("Shampoo4bit",)) -> list[Any]:
+    """The trainer's optimizers that are one of ``accepts`` (class names; subclasses included), in order."""
+    classes = _classes(accepts)
+    return [opt for opt in map(_unwrap, trainer.optimizers) if isinstance(opt, classes)]
+
+
+def require_shampoo_optimizers(trainer: pl.Trainer, who: str, accepts: tuple[str, ...] = ("Shampoo4bit",)) -> list[Any]:
     """Like :func:`shampoo_optimizers`, but raise a clear error when there is none."""
-    found = shampoo_optimizers(trainer)
+    found = shampoo_optimizers(trainer, accepts)
     if not found:
         kinds = [type(_unwrap(opt)).__name__ for opt in trainer.optimizers] or ["none"]
+        wanted = " or ".join(accepts)
         raise MisconfigurationException(
-            f"{who} needs a Shampoo4bit optimizer, but the model's configure_optimizers returned: "
+            f"{who} needs a {wanted} optimizer, but the model's configure_optimizers returned: "
             f"{', '.join(kinds)}. Return lightning_shampoo4.Shampoo4bit (or use "
             "lightning_shampoo4.configure.configure_shampoo) or remove the callback."
         )
@@ -64,7 +72,10 @@ def param_names(module: Any) -> dict[int, str]:
 
 class ShampooCallback(pl.Callback):
     """Base of the package's callbacks: checks the strategy in ``setup`` and finds the
-    Shampoo4bit optimizers in ``on_fit_start`` (they do not exist before), raising clearly."""
+    optimizers it works with (``accepts``: class names) in ``on_fit_start`` (they do not exist
+    before), raising clearly."""
+
+    accepts: tuple[str, ...] = ("Shampoo4bit",)
 
     def __init__(self) -> None:
         self._optimizers: list[Shampoo4bit] = []
@@ -74,4 +85,4 @@ class ShampooCallback(pl.Callback):
             check_trainer_strategy(trainer, type(self).__name__)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._optimizers = require_shampoo_optimizers(trainer, type(self).__name__)
+        self._optimizers = require_shampoo_optimizers(trainer, type(self).__name__, self.accepts)

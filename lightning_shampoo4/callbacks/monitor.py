@@ -61,7 +61,11 @@ def _local_numel(p: torch.Tensor) -> int:
 
 
 class QuantizedStateMonitor(ShampooCallback):
-    """Every ``every_n_steps`` optimizer steps, log the state of each Shampoo4bit optimizer.
+    """Every ``every_n_steps`` optimizer steps, log the state of each Shampoo4bit or SOAP4bit optimizer.
+
+    For a ``SOAP4bit`` optimizer the metrics are the bytes by kind, ``memory_vs_adamw`` and its
+    own counters (``steps``, ``refreshes``, ``skipped_nonfinite``, ``retried_updates``,
+    ``failed_updates``); the Kronecker-factor metrics below are Shampoo4bit's.
 
     Logged with ``pl_module.log_dict`` (so they are in ``trainer.callback_metrics`` and
     ``EarlyStopping`` / ``ModelCheckpoint`` can monitor them) and written to every logger of the
@@ -179,17 +183,15 @@ class QuantizedStateMonitor(ShampooCallback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 
+    accepts = ("Shampoo4bit", "SOAP4bit")
+
     # -- measuring -----------------------------------------------------------------------
-    def collect(self, optimizer: Shampoo4bit, names: dict[int, str], prefix: str = "shampoo/") -> dict[str, float]:
+    def collect(self, optimizer: Any, names: dict[int, str], prefix: str = "shampoo/") -> dict[str, float]:
         """All metrics of ``optimizer`` now (see the class docstring), keys under ``prefix``."""
-        m: dict[str, float] = {}
-        report = optimizer.memory_report()
-        for kind in (*KINDS, "second_order", "total"):
-            m[f"{prefix}bytes/{kind}"] = float(report[kind])
-        adamw = 2 * 4 * sum(_local_numel(p) for g in optimizer.param_groups for p in g["params"])
-        m[f"{prefix}bytes/adamw_fp32"] = float(adamw)
-        if adamw:
-            m[f"{prefix}memory_vs_adamw"] = report["total"] / adamw
+        m = self._bytes(optimizer, prefix)
+        if not isinstance(optimizer, Shampoo4bit):  # SOAP4bit: bytes and its own counters
+            m.update({f"{prefix}{key}": float(value) for key, value in optimizer.counters.items()})
+            return m
         shampoo_params = {id(p) for _, g in preconditioned_groups(optimizer) for p in g["params"]}
         factors = [f for f in optimizer.factors() if id(f[0]) in shampoo_params]
         fp32_bytes = sum(8 * f.order**2 for *_, f in factors)
@@ -211,6 +213,19 @@ class QuantizedStateMonitor(ShampooCallback):
             device_type = factors[0][0].device.type
             with torch.no_grad(), torch.autocast(device_type, enabled=False):  # fp32, whatever the precision
                 m.update(self._errors(optimizer, factors, names, prefix))
+        return m
+
+    @staticmethod
+    def _bytes(optimizer: Any, prefix: str) -> dict[str, float]:
+        """The state bytes by kind, and against fp32 AdamW's two moments."""
+        m: dict[str, float] = {}
+        report = optimizer.memory_report()
+        for kind in (*KINDS, "second_order", "total"):
+            m[f"{prefix}bytes/{kind}"] = float(report[kind])
+        adamw = 2 * 4 * sum(_local_numel(p) for g in optimizer.param_groups for p in g["params"])
+        m[f"{prefix}bytes/adamw_fp32"] = float(adamw)
+        if adamw:
+            m[f"{prefix}memory_vs_adamw"] = report["total"] / adamw
         return m
 
     def _errors(self, optimizer: Shampoo4bit, factors: list, names: dict[int, str], prefix: str) -> dict[str, float]:

@@ -4,7 +4,9 @@
   it fixes the stored format, one doc line); validation, checkpoint format keys, the recipes'
   optimizer section, the command line and the docs tables are derived from it. A second
   optimizer declares its own table there the same way.
-* :mod:`.shampoo`: :class:`Shampoo4bit` and its step (compute, check, commit).
+* :mod:`.shampoo`: :class:`Shampoo4bit` and its step (plan blocks, statistics and roots,
+  precondition, check, commit).
+* :mod:`.soap`: :class:`SOAP4bit`, Adam in Shampoo's eigenbasis with 4-bit eigenvector matrices.
 * :mod:`.storage`: one module per storage of a Kronecker factor (``storage=``).
 * :mod:`.base_update`: the AdamW / SGD update fed with the preconditioned direction.
 * :mod:`.blocking`, :mod:`.checkpoint`, :mod:`.memory`: parameter tensors to blocks, checked
@@ -17,6 +19,7 @@ from .factor import Factor
 from .memory import KINDS, SECOND_ORDER, memory_report
 from .settings import OPTIMIZERS, SHAMPOO_SETTINGS, Setting, SettingsTable
 from .shampoo import COUNTERS, Shampoo4bit, UnsupportedStrategyError
+from .soap import SOAP_SETTINGS, SOAP4bit  # registers its settings table
 
 __all__ = [
     "COUNTERS",
@@ -26,6 +29,8 @@ __all__ = [
     "SECOND_ORDER",
     "CheckpointMismatchError",
     "Factor",
+    "SOAP4bit",
+    "SOAP_SETTINGS",
     "Setting",
     "SettingsTable",
     "Shampoo4bit",
