@@ -99,7 +99,7 @@ def test_quant_error_quick(tmp_path):
     # the paper's ordering: quantizing U beats quantizing A; Björck helps; Linear-2 beats DT
     assert errs["linear2/4/U+1"]["nre"] < errs["linear2/4/U"]["nre"] < errs["linear2/4/A"]["nre"]
     assert errs["linear2/4/U"]["nre"] < errs["dynamic/4/U"]["nre"]
-    assert abs(errs["linear2/4/U"]["nre"] - 0.092) < 0.01  # SPEC's stand-in figure (n barely matters)
+    assert abs(errs["linear2/4/U"]["nre"] - 0.092) < 0.01  # the paper's A2 figure (n barely matters)
     assert set(data["lm"]["factors"]) == {"L", "R"}
     assert (tmp_path / "lm_preconditioner.npz").exists()
     assert len(data["synthetic"]["orthogonality"]) == 4

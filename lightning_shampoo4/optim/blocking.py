@@ -1,4 +1,4 @@
-"""How a parameter tensor maps onto Shampoo blocks (SPEC.md section 4, last paragraph).
+"""How a parameter tensor maps onto Shampoo blocks (``docs/algorithms.md``).
 
 Size-1 dims are squeezed; rank <= 1 tensors get no preconditioner; rank >= 2 tensors are
 seen as ``(shape[0], prod(rest))`` (a conv weight O x I x kh x kw becomes O x I*kh*kw); each

@@ -291,6 +291,8 @@ class SettingsTable:
 
 
 def _type_name(tp: Any) -> str:
+    if getattr(tp, "__args__", None):
+        return str(tp).replace("typing.", "")
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
