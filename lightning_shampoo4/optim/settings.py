@@ -359,7 +359,7 @@ def _error_feedback(group: Mapping[str, Any]) -> bool:
     return group["storage"] == "cholesky" and group["statistic_bits"] == 4
 
 
-# The pre-0.3 ``quantize`` values in today's terms (``statistic_bits=None``: the group's ``bits``).
+# The ``quantize`` values of 0.2.0 in today's terms (``statistic_bits=None``: the group's ``bits``).
 QUANTIZE_RENAMES: dict[str, dict[str, Any]] = {
     "cholesky8": dict(storage="cholesky", statistic_bits=8, error_feedback=False),
     "cholesky": dict(storage="cholesky", statistic_bits=None, error_feedback=True),
@@ -369,7 +369,7 @@ QUANTIZE_RENAMES: dict[str, dict[str, Any]] = {
 
 
 def quantize_to_storage(quantize: str, bits: Any) -> dict[str, Any]:
-    """The ``storage`` / ``statistic_bits`` / ``error_feedback`` of a pre-0.3 ``quantize`` value."""
+    """The ``storage`` / ``statistic_bits`` / ``error_feedback`` of a ``quantize`` value of 0.2.0."""
     new = dict(QUANTIZE_RENAMES[_choice("quantize", quantize, tuple(QUANTIZE_RENAMES))])
     bits = _scalar(bits)
     if new["statistic_bits"] is None or bits == 32:
@@ -479,7 +479,7 @@ SHAMPOO_SETTINGS = register(SettingsTable(
         *BASE_SETTINGS,
         *STORAGE_SETTINGS,
         Setting.choice("quantize", None, (None, *QUANTIZE_RENAMES),
-                       "deprecated: the storage before 0.3 (cholesky8, eigenvectors, cholesky, preconditioner); "
+                       "deprecated: the storage as 0.2.0 spelled it (cholesky8, eigenvectors, cholesky, preconditioner); "
                        "use storage / statistic_bits / error_feedback", deprecated=_translate_quantize),
         Setting.integer("max_order", 1200, "largest factor order; larger dims are split into blocks", 1, format=True),
         Setting.number("shampoo_beta", 0.95, "EMA coefficient of the Kronecker statistics", 0.0, 1.0),
