@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from .distributed import block_index
 from .settings import quantize_to_storage
+from .state_keys import block_of
 
 _MOMENTS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
 _NON_NEGATIVE = ("exp_avg_sq", "_absmax")  # key endings whose values are >= 0 in any valid state
@@ -52,6 +52,29 @@ def load_optimizer_state(
 
     ``partial_blocks``: the state of some Shampoo blocks may be absent as a whole (a DDP rank's
     own blocks only); what is there is checked as usual."""
+    saved_groups = _check_form(state_dict)
+    groups, by_id = _merge_groups(optimizer, saved_groups)
+    _check_settings(optimizer.SETTINGS, groups)
+    loaded: dict[torch.Tensor, dict[str, Any]] = {}
+    flags: list[tuple[torch.Tensor, str, str]] = []
+    for pid, saved_state in state_dict["state"].items():
+        if pid not in by_id:
+            raise CheckpointMismatchError(f"the checkpoint has state for parameter id {pid!r}, which no group lists")
+        index, position, p, group, merged = by_id[pid]
+        what = _describe(index, position, p, group)
+        loaded[p] = _param_state(optimizer, p, merged, saved_state, what, partial_blocks, flags)
+    _check_finite(flags)
+    clock = max([g["clock"] for g in groups] or [0])
+    torch_load({**state_dict, "state": {}, "param_groups": [g | {"params": s["params"]} for g, s in zip(groups, saved_groups)]})
+    for group in optimizer.param_groups:
+        group["clock"] = clock
+    optimizer.state.clear()
+    for p, st in loaded.items():
+        optimizer.state[p] = st
+
+
+def _check_form(state_dict: Any) -> list:
+    """The saved groups, once ``state_dict`` has the form of an optimizer state dict."""
     if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
         raise CheckpointMismatchError("not an optimizer state dict: it needs 'state' and 'param_groups'")
     saved_groups = state_dict["param_groups"]
@@ -62,6 +85,12 @@ def load_optimizer_state(
             "not an optimizer state dict: 'state' must map parameter ids to dicts and 'param_groups' be a list "
             "of dicts with 'params'"
         )
+    return list(saved_groups)
+
+
+def _merge_groups(optimizer, saved_groups: list) -> tuple[list[dict], dict[Any, tuple]]:
+    """Each saved group over this optimizer's (keys an older version lacks keep this one's values),
+    and ``parameter id -> (index, position, param, group, merged group)``."""
     if len(saved_groups) != len(optimizer.param_groups):
         raise CheckpointMismatchError(
             f"the checkpoint has {len(saved_groups)} parameter groups, this optimizer {len(optimizer.param_groups)}"
@@ -75,7 +104,6 @@ def load_optimizer_state(
                 f"parameter group {gi} has {len(saved['params'])} parameters in the checkpoint and "
                 f"{len(group['params'])} here"
             )
-        # keys a checkpoint of an older version lacks keep this optimizer's values
         merged = {k: v for k, v in group.items() if k != "params"} | _upgrade_group(saved)
         merged["clock"] = _count(f"the clock of parameter group {gi}", merged.get("clock", 0))
         groups.append(merged)
@@ -84,7 +112,11 @@ def load_optimizer_state(
                 raise CheckpointMismatchError(f"the checkpoint lists parameter id {pid!r} twice")
             by_id[pid] = (index, position, p, group, merged)
             index += 1
-    table = optimizer.SETTINGS
+    return groups, by_id
+
+
+def _check_settings(table, groups: list[dict]) -> None:
+    """The saved groups' settings pass the optimizer's own checks."""
     for merged in groups:
         check = {k: v for k, v in merged.items() if k in table.group_keys}
         try:
@@ -92,74 +124,69 @@ def load_optimizer_state(
         except ValueError as err:
             raise CheckpointMismatchError(f"the checkpoint's hyper-parameters are invalid: {err}") from None
 
-    loaded: dict[torch.Tensor, dict[str, Any]] = {}
-    flags = []
-    for pid, saved_state in state_dict["state"].items():
-        if pid not in by_id:
-            raise CheckpointMismatchError(f"the checkpoint has state for parameter id {pid!r}, which no group lists")
-        index, position, p, group, merged = by_id[pid]
-        what = _describe(index, position, p, group)
-        if not isinstance(saved_state, Mapping):
-            raise CheckpointMismatchError(f"the state of {what} should be a dict, the checkpoint holds "
-                                          f"{type(saved_state).__name__}")
-        expected = optimizer._new_state(p, merged, device="meta")
-        state = _upgrade(dict(saved_state), p, merged, expected)
-        missing = sorted(set(expected) - set(state))
-        if partial_blocks and missing:
-            absent = {block_index(k) for k in missing}
-            if None not in absent and not any(block_index(k) in absent for k in state):  # whole blocks only
-                expected = {k: v for k, v in expected.items() if k in state}
-                missing = []
-        unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise CheckpointMismatchError(
-                f"the checkpoint's state for {what} does not fit this optimizer's settings: "
-                f"missing {missing or 'nothing'}, unexpected {unexpected or 'nothing'}"
-            )
-        out: dict[str, Any] = {}
-        for key, want in expected.items():
-            got = state[key]
-            if not isinstance(want, torch.Tensor):  # step numbers such as last_root_step
-                out[key] = _count(f"'{key}' of {what}", got)
-                continue
-            if not isinstance(got, torch.Tensor):
-                raise CheckpointMismatchError(f"'{key}' of {what} should be a tensor, the checkpoint holds {type(got).__name__}")
-            if got.device.type == "meta":
-                raise CheckpointMismatchError(f"'{key}' of {what} is a meta tensor: the checkpoint has no data for it")
-            if tuple(got.shape) != tuple(want.shape):
-                raise CheckpointMismatchError(
-                    f"'{key}' of {what} has shape {tuple(got.shape)} in the checkpoint; this optimizer expects "
-                    f"{tuple(want.shape)} (a checkpoint of another model or other settings?)"
-                )
-            if key in _MOMENTS:
-                if not got.is_floating_point():
-                    raise CheckpointMismatchError(f"'{key}' of {what} has dtype {got.dtype}; expected a float tensor")
-                got = got.to(p.dtype)
-            elif got.dtype != want.dtype:
-                raise CheckpointMismatchError(f"'{key}' of {what} has dtype {got.dtype}; expected {want.dtype}")
-            got = got.detach().to(p.device, copy=True)
-            if got.is_floating_point():
-                ok = torch.isfinite(got).all()
-                if key.endswith(_NON_NEGATIVE):
-                    ok = ok & (got >= 0).all()
-                flags.append((ok, key, what))
-            out[key] = got
-        loaded[p] = out
-    if flags:
-        ok = torch.stack([f.cpu() for f, _, _ in flags]).tolist()
-        bad = [f"'{key}' of {what}" for good, (_, key, what) in zip(ok, flags) if not good]
-        if bad:
-            raise CheckpointMismatchError(f"the checkpoint holds inf / NaN (or a negative second moment or "
-                                          f"scale) in {', '.join(bad[:5])}"
-                                          + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
 
-    clock = max([g["clock"] for g in groups] or [0])
-    torch_load({**state_dict, "state": {}, "param_groups": [g | {"params": s["params"]} for g, s in zip(groups, saved_groups)]})
-    for group in optimizer.param_groups:
-        group["clock"] = clock
-    optimizer.state.clear()
-    for p, st in loaded.items():
-        optimizer.state[p] = st
+def _param_state(optimizer, p: torch.Tensor, merged: dict, saved_state: Any, what: str, partial_blocks: bool,
+                 flags: list) -> dict[str, Any]:
+    """One parameter's saved state checked against the entries its settings give (names, shapes,
+    dtypes) and copied to its device; float tensors' finiteness checks are added to ``flags``."""
+    if not isinstance(saved_state, Mapping):
+        raise CheckpointMismatchError(f"the state of {what} should be a dict, the checkpoint holds "
+                                      f"{type(saved_state).__name__}")
+    expected = optimizer._new_state(p, merged, device="meta")
+    state = _upgrade(dict(saved_state), p, merged, expected)
+    missing = sorted(set(expected) - set(state))
+    if partial_blocks and missing:
+        absent = {block_of(k) for k in missing}
+        if None not in absent and not any(block_of(k) in absent for k in state):  # whole blocks only
+            expected = {k: v for k, v in expected.items() if k in state}
+            missing = []
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointMismatchError(
+            f"the checkpoint's state for {what} does not fit this optimizer's settings: "
+            f"missing {missing or 'nothing'}, unexpected {unexpected or 'nothing'}"
+        )
+    return {key: _entry(key, want, state[key], p, what, flags) for key, want in expected.items()}
+
+
+def _entry(key: str, want: Any, got: Any, p: torch.Tensor, what: str, flags: list) -> Any:
+    """One saved entry checked against the expected one (a step number, or a meta tensor)."""
+    if not isinstance(want, torch.Tensor):  # step numbers such as last_root_step
+        return _count(f"'{key}' of {what}", got)
+    if not isinstance(got, torch.Tensor):
+        raise CheckpointMismatchError(f"'{key}' of {what} should be a tensor, the checkpoint holds {type(got).__name__}")
+    if got.device.type == "meta":
+        raise CheckpointMismatchError(f"'{key}' of {what} is a meta tensor: the checkpoint has no data for it")
+    if tuple(got.shape) != tuple(want.shape):
+        raise CheckpointMismatchError(
+            f"'{key}' of {what} has shape {tuple(got.shape)} in the checkpoint; this optimizer expects "
+            f"{tuple(want.shape)} (a checkpoint of another model or other settings?)"
+        )
+    if key in _MOMENTS:
+        if not got.is_floating_point():
+            raise CheckpointMismatchError(f"'{key}' of {what} has dtype {got.dtype}; expected a float tensor")
+        got = got.to(p.dtype)
+    elif got.dtype != want.dtype:
+        raise CheckpointMismatchError(f"'{key}' of {what} has dtype {got.dtype}; expected {want.dtype}")
+    got = got.detach().to(p.device, copy=True)
+    if got.is_floating_point():
+        ok = torch.isfinite(got).all()
+        if key.endswith(_NON_NEGATIVE):
+            ok = ok & (got >= 0).all()
+        flags.append((ok, key, what))
+    return got
+
+
+def _check_finite(flags: list[tuple[torch.Tensor, str, str]]) -> None:
+    """One host sync for every float entry's finiteness check."""
+    if not flags:
+        return
+    ok = torch.stack([f.cpu() for f, _, _ in flags]).tolist()
+    bad = [f"'{key}' of {what}" for good, (_, key, what) in zip(ok, flags) if not good]
+    if bad:
+        raise CheckpointMismatchError(f"the checkpoint holds inf / NaN (or a negative second moment or "
+                                      f"scale) in {', '.join(bad[:5])}"
+                                      + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
 
 
 def _upgrade_group(saved: Mapping[str, Any]) -> dict[str, Any]:
