@@ -47,6 +47,18 @@ Measures, per update t (float64; roots with relative damping rho = eps * lambda_
 ``cosine``    cosine between R_L G_t R_R (the variant's stored roots) and the exact
               L_t^-1/4 G_t R_t^-1/4 (the direction before grafting)
 Measured at root updates only (every update with the default ``--root-interval 1``).
+
+SOAP (``--soap``, written to ``drift_soap.json``)
+-------------------------------------------------
+``SOAP4bit`` variants (``SOAP_DRIFT_VARIANTS``: how the statistics L, R and the eigenvector
+matrices are stored) fed the same gradient stream as a float64 shadow of the statistics
+(``L_t = b L + (1 - b) G G^T``, ``b = 0.95``) and as the fp32 SOAP (``bits=32``). After every
+eigenbasis refresh (``precondition_frequency`` 10) and at every step:
+
+``basis_offdiag``  ||offdiag(Q^T L_t Q)||_F / ||L_t||_F for the variant's stored (dequantized)
+                   eigenbasis Q of each side (mean of L and R): how far Q is from diagonalizing
+                   the exact statistic (fp32 SOAP's own figure is its power iteration's lag)
+``cosine``         cosine between the variant's update and fp32 SOAP's at the same step
 """
 
 from __future__ import annotations
@@ -175,6 +187,70 @@ def make_stream(spec: dict[str, Any], updates: int, cond: float, cache: Path | N
         return synthetic_stream(spec["m"], spec["n"], updates, cond)
     overrides = {k: v for k, v in spec.items() if k not in ("kind", "updates", "variants")}
     return captured_stream(spec["kind"], updates, cache, **overrides)
+
+
+# -- SOAP: the stored statistics and eigenbases against a float64 shadow -----------------------
+SOAP_DRIFT_VARIANTS: dict[str, dict[str, Any]] = {
+    "soap32": dict(bits=32),
+    "q4_dense": dict(bits=4, statistics="dense", second_moment="full", moment_bits=32),
+    "q4_cholesky8": dict(bits=4, statistics="cholesky8", second_moment="full", moment_bits=32),
+    "q4_rotated8": dict(bits=4, statistics="rotated8", second_moment="full", moment_bits=32),
+    "q4_rotated4": dict(bits=4, statistics="rotated4", second_moment="full", moment_bits=32),
+    "q4_eigen": dict(bits=4, statistics="eigen", second_moment="full", moment_bits=32),
+    "q4_rotated4_bjorck1": dict(bits=4, statistics="rotated4", bjorck_steps=1, second_moment="full", moment_bits=32),
+    "soap4_default": dict(bits=4),
+}
+
+
+def soap_drift(grads: Iterator[torch.Tensor], updates: int, variants: list[str], frequency: int = 10) -> dict[str, Any]:
+    """Feed every SOAP variant the stream; basis error against the float64 shadow statistics and
+    update cosine against fp32 SOAP, per step."""
+    from lightning_shampoo4.optim.soap import SOAP4bit
+
+    runs: dict[str, Any] = {}
+    shadow_l = shadow_r = None
+    first = None
+    for t, g in enumerate(grads):
+        if t >= updates:
+            break
+        if first is None:
+            first = g
+            for name in variants:
+                p = torch.nn.Parameter(torch.zeros_like(g))
+                opt = SOAP4bit([p], lr=1.0, shampoo_beta=BETA, precondition_frequency=frequency,
+                               max_precondition_dim=max(g.shape), **SOAP_DRIFT_VARIANTS[name])
+                runs[name] = {"p": p, "opt": opt, "basis": [], "cosine": [], "steps": []}
+        g64 = g.double()
+        gl, gr = g64 @ g64.T, g64.T @ g64
+        shadow_l = (1 - BETA) * gl if shadow_l is None else BETA * shadow_l + (1 - BETA) * gl
+        shadow_r = (1 - BETA) * gr if shadow_r is None else BETA * shadow_r + (1 - BETA) * gr
+        directions = {}
+        for name, r in runs.items():
+            before = r["p"].detach().clone()
+            r["p"].grad = g.clone()
+            r["opt"].step()
+            directions[name] = (before - r["p"].detach()).double()
+        ref = directions.get("soap32")
+        for name, r in runs.items():
+            errs = []
+            for _, _, side, q in r["opt"].eigenbases():
+                stat = shadow_l if side == "L" else shadow_r
+                rot = q.double().T @ stat @ q.double()
+                off = rot - torch.diag(rot.diagonal())
+                errs.append(float(off.norm() / stat.norm()))
+            r["steps"].append(t + 1)
+            r["basis"].append(sum(errs) / len(errs))
+            if ref is not None and t > 0:
+                r["cosine"].append(_cos(directions[name], ref))
+    out = {}
+    for name, r in runs.items():
+        late = r["basis"][len(r["basis"]) // 2:]
+        cos_late = r["cosine"][len(r["cosine"]) // 2:]
+        out[name] = {"settings": SOAP_DRIFT_VARIANTS[name], "basis_offdiag": r["basis"], "cosine": r["cosine"],
+                     "basis_offdiag_mean_second_half": sum(late) / len(late),
+                     "cosine_mean_second_half": sum(cos_late) / len(cos_late) if cos_late else None,
+                     "state_bytes": r["opt"].memory_report()}
+    return {"shape": list(first.shape), "updates": updates, "frequency": frequency, "variants": out}
 
 
 # -- the exact shadow ----------------------------------------------------------------------------
@@ -651,9 +727,13 @@ def main(
                         help="keep the other streams (and, for a stream run again, the other variants) of an "
                         "existing result file: run streams or variant groups one at a time")
     parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing result file")
+    parser.add_argument("--soap", action="store_true",
+                        help="the SOAP4bit variants instead (SOAP_DRIFT_VARIANTS; result file drift_soap.json)")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     run = setup_run(args)
+    if args.soap:
+        return soap_main(args, argv, run)
     if args.plot_only:
         import json
 
@@ -721,6 +801,39 @@ def main(
 
         with tempfile.TemporaryDirectory() as tmp:
             shutil.move(write_result(Path(tmp), NAME, payload, run, argv), args.out / f"{args.name}.json")
+    return payload
+
+
+def soap_main(args: Any, argv: list[str], run: dict[str, Any]) -> dict[str, Any]:
+    specs = QUICK if args.quick else FULL
+    chosen = args.streams or ["charlm", "synthetic"]
+    cache = args.cache if not args.quick else QUICK_DIR / "drift_cache"
+    variants = args.variants or list(SOAP_DRIFT_VARIANTS)
+    streams: dict[str, Any] = {}
+    rows = []
+    for sname in chosen:
+        spec = specs[sname]
+        updates = args.updates or min(spec["updates"], 300)
+        t0 = time.perf_counter()
+        res = soap_drift(make_stream(spec, updates, args.cond, cache), updates, variants)
+        res["wall_s"] = round(time.perf_counter() - t0, 1)
+        streams[sname] = res
+        for name, v in res["variants"].items():
+            rows.append([sname, name, v["basis_offdiag_mean_second_half"], v["cosine_mean_second_half"],
+                         v["state_bytes"]["second_order"]])
+        print(f"[drift] soap {sname} done in {res['wall_s']:.0f}s", flush=True)
+    text = table(["stream", "variant", "basis off-diagonal / ||L|| (2nd half)", "cosine to fp32 SOAP (2nd half)",
+                  "second-order bytes"], rows, 4)
+    print(text)
+    payload = {"config": {"beta": BETA, "precondition_frequency": 10, "variants": {v: SOAP_DRIFT_VARIANTS[v]
+                                                                                   for v in variants}},
+               "streams": streams, "table": text}
+    name = args.name if args.name != NAME else "drift_soap"
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.move(write_result(Path(tmp), NAME, payload, run, argv), args.out / f"{name}.json")
     return payload
 
 

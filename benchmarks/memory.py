@@ -68,6 +68,7 @@ from lightning_shampoo4 import Shampoo4bit
 from lightning_shampoo4.configure import PRECONDITION_KEY, shampoo_param_groups
 from lightning_shampoo4.models import create_model
 from lightning_shampoo4.optim.blocking import blocks_for
+from lightning_shampoo4.optim.soap import SOAP4bit
 from lightning_shampoo4.quant.moments import moment_bytes
 
 NAME = "memory"
@@ -80,8 +81,14 @@ MOMENT_VARIANTS: dict[str, dict[str, Any]] = {
     "cholesky8_m4": dict(SHAMPOO_VARIANTS["cholesky8"], moment_bits=4),
 }
 VARIANT_KWARGS: dict[str, dict[str, Any]] = {**SHAMPOO_VARIANTS, **MOMENT_VARIANTS}
+# SOAP4bit (its defaults at 4 bits, and its fp32 reference) and, when installed, the peers
+SOAP_VARIANTS: dict[str, dict[str, Any]] = {"soap4": dict(bits=4), "soap32": dict(bits=32)}
+PEER_VARIANTS = ("soap_po", "singd")  # pytorch_optimizer's SOAP (fp32), singd's SINGD (dense, fp32)
+# not among the CIFAR models of create_model: quality.py's char-level transformer (its charlm settings)
+EXTRA_MODELS = {"charlm": "adamw"}
 VARIANTS = ("baseline", "shampoo32", "shampoo8", "naive4", "shampoo4", "cholesky4", "cholesky8", "shampoo4_m8",
             "shampoo4_m4", "cholesky8_m8", "cholesky8_m4")
+SOAP_CHOICES = ("soap4", "soap32", *PEER_VARIANTS)  # on request (--variants)
 PEAK_VARIANTS = ("baseline", "shampoo32", "shampoo4", "shampoo4_m8", "shampoo4_m4")
 VARIANT_LABELS = {
     **LABELS,
@@ -91,6 +98,10 @@ VARIANT_LABELS = {
     "cholesky8": "4-bit Shampoo, default storage (fp32 moments)",
     "cholesky8_m8": "4-bit Shampoo, default storage + 8-bit moments",
     "cholesky8_m4": "4-bit Shampoo, default storage + 4-bit moments",
+    "soap4": "4-bit SOAP (SOAP4bit defaults)",
+    "soap32": "32-bit SOAP (SOAP4bit bits=32)",
+    "soap_po": "SOAP (pytorch_optimizer, fp32)",
+    "singd": "SINGD (dense, fp32) + AdamW",
 }
 # Paper Table 2: total peak GPU MB at batch 128 (first-order, + 32-bit Shampoo, + 4-bit Shampoo).
 PAPER_PEAK_MB = {
@@ -110,7 +121,7 @@ def label(variant: str, base: str) -> str:
 def param_groups(model: torch.nn.Module, variant: str) -> list[dict[str, Any]]:
     """``shampoo_param_groups(model)``; for the first-order baseline without the Shampoo-only keys."""
     groups = shampoo_param_groups(model)
-    if variant == "baseline":
+    if variant == "baseline" or variant in SOAP_VARIANTS or variant in PEER_VARIANTS:
         groups = [{k: v for k, v in g.items() if k not in SHAMPOO_ONLY_KEYS} for g in groups]
     return groups
 
@@ -126,13 +137,21 @@ def make_optimizer(params: Any, base: str, variant: str, **overrides: Any) -> to
     hp = dict(lr=1e-3, weight_decay=0.05)
     if variant == "baseline":
         return torch.optim.AdamW(params, **hp)
+    if variant in SOAP_VARIANTS:
+        return SOAP4bit(params, **hp, **SOAP_VARIANTS[variant], **overrides)
+    if variant == "soap_po":
+        from pytorch_optimizer import SOAP
+
+        return _Peer(SOAP(params, **hp, betas=(0.95, 0.95), precondition_frequency=10))
     return Shampoo4bit(params, base="adamw", **hp, **VARIANT_KWARGS[variant], **overrides)
 
 
 def state_report(opt: torch.optim.Optimizer) -> dict[str, int]:
     """Bytes of the optimizer state by kind (``Shampoo4bit.memory_report`` or the torch equivalent)."""
-    if isinstance(opt, Shampoo4bit):
+    if isinstance(opt, (Shampoo4bit, SOAP4bit)):
         return opt.memory_report()
+    if isinstance(opt, _Peer):
+        return opt.report()
     moments = other = 0
     for state in opt.state.values():
         for key, value in state.items():
@@ -148,6 +167,89 @@ def state_report(opt: torch.optim.Optimizer) -> dict[str, int]:
 def adamw32_bytes(params: list[torch.Tensor]) -> int:
     """What fp32 AdamW keeps for ``params``: two fp32 moments, 8 bytes per element."""
     return 8 * sum(p.numel() for p in params)
+
+
+class _Peer:
+    """A peer optimizer (pytorch_optimizer's SOAP, SINGD + AdamW) counted tensor by tensor: Adam
+    moments (``exp_avg*``) and SINGD's momentum (``momentum_buffer``) as moments, every other state
+    tensor (statistics, eigenbases, Kronecker factors and their momenta) as second-order state."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer, extra: list[torch.Tensor] | None = None) -> None:
+        self.optimizers, self.extra = optimizers, extra or []
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def report(self) -> dict[str, int]:
+        moments = second = 0
+        seen: set[int] = set()
+
+        def walk(key: str, x: Any) -> None:
+            nonlocal moments, second
+            if isinstance(x, torch.Tensor):
+                if id(x) in seen:
+                    return
+                seen.add(id(x))
+                nbytes = x.numel() * x.element_size()
+                if key.startswith(("exp_avg", "momentum_buffer")):
+                    moments += nbytes
+                else:
+                    second += nbytes
+            elif isinstance(x, dict):
+                for k, v in x.items():
+                    walk(str(k), v)
+            elif isinstance(x, (list, tuple)):
+                for v in x:
+                    walk(key, v)
+
+        for o in self.optimizers:
+            for state in o.state.values():
+                walk("", state)
+        for t in self.extra:
+            walk("", t)
+        return {"moments": moments, "second_order": second, "other": 0, "total": moments + second}
+
+
+def _singd(model: torch.nn.Module, model_name: str) -> _Peer:
+    """SINGD (dense structures) on the linear and conv layers, AdamW on the rest, after one real
+    forward + backward (SINGD's state lives in its per-layer Kronecker factors K, C and their
+    momenta, created at construction)."""
+    from singd.optim.optimizer import SINGD
+
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    covered = {id(p) for m in layers for p in m.parameters(recurse=False)}
+    singd = SINGD(model, lr=1e-3, weight_decay=0.05, structures=("dense", "dense"), warn_unsupported=False,
+                  loss_average="batch+sequence" if model_name == "charlm" else "batch")
+    rest = [p for p in model.parameters() if id(p) not in covered]
+    adamw = torch.optim.AdamW(rest, lr=1e-3, weight_decay=0.05)
+    x = (torch.randint(0, 128, (2, 64)) if model_name == "charlm" else torch.randn(2, 3, 32, 32))
+    model.zero_grad()
+    out = model(x)
+    out.float().square().mean().backward()
+    singd.step()
+    adamw.step()
+    # K, C and their momenta live on SINGD itself, not in its ``state``
+    extra = [t for name in ("Ks", "Cs", "m_Ks", "m_Cs") for d in [getattr(singd, name, {})]
+             for mat in (d.values() if isinstance(d, dict) else []) for t in _tensors_of(mat)]
+    return _Peer(singd, adamw, extra=extra)
+
+
+def _tensors_of(x: Any) -> list[torch.Tensor]:
+    """The tensors a SINGD structured matrix holds (its registered tensors are attributes)."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    return [v for v in vars(x).values() if isinstance(v, torch.Tensor)]
+
+
+def build_model(model_name: str) -> torch.nn.Module:
+    """A CIFAR-100 model of ``create_model``, or ``charlm``: quality.py's char-level transformer."""
+    if model_name == "charlm":
+        import quality
+
+        cfg = quality.FULL["charlm"]
+        return quality.CharTransformer(quality.VOCAB, cfg["context"], cfg["d_model"], cfg["n_layers"], cfg["n_heads"])
+    return create_model(model_name, num_classes=100)
 
 
 def factor_orders(opt: torch.optim.Optimizer) -> list[int]:
@@ -178,8 +280,8 @@ def measure_state(model_name: str, variants: tuple[str, ...], device: str = "cpu
     checks that.
     """
     torch.manual_seed(0)
-    model = create_model(model_name, num_classes=100)
-    base = MODELS.get(model_name, "adamw")
+    model = build_model(model_name)
+    base = {**MODELS, **EXTRA_MODELS}.get(model_name, "adamw")
     params = list(model.parameters())
     swap = {id(p): p for p in params}
     if device == "meta":
@@ -198,8 +300,21 @@ def measure_state(model_name: str, variants: tuple[str, ...], device: str = "cpu
         for p in params:
             p.grad = torch.zeros_like(p)
         groups = [{**g, "params": [swap[id(p)] for p in g["params"]]} for g in param_groups(model, variant)]
+        if variant == "singd":
+            if device == "meta":
+                continue  # SINGD needs a real forward + backward
+            opt = _singd(model, model_name)
+            rep = opt.report()
+            out["variants"][variant] = {"state": rep, "total_vs_adamw32": rep["total"] / adamw32, "num_factors": 0,
+                                        "max_order": 0}
+            continue
         opt = make_optimizer(groups, base, variant)
-        if device == "meta" and isinstance(opt, Shampoo4bit):
+        if device == "meta" and isinstance(opt, SOAP4bit):
+            opt.init_state()
+            rep = opt.memory_report()
+        elif device == "meta" and variant == "soap_po":
+            continue  # its state exists only after a real step
+        elif device == "meta" and isinstance(opt, Shampoo4bit):
             opt.init_state()
             rep = opt.memory_report()
             extra = _missing_momentum_bytes(opt)
@@ -219,6 +334,11 @@ def measure_state(model_name: str, variants: tuple[str, ...], device: str = "cpu
     for p in params:
         p.grad = None
     v = out["variants"]
+    if "soap32" in v:
+        ref = v["soap32"]["state"]["second_order"]
+        for name in ("soap4", "soap_po"):
+            if name in v and v[name]["state"]["second_order"]:
+                v[name]["second_order_soap32_over_this"] = ref / v[name]["state"]["second_order"]
     if "shampoo32" in v:
         ref = v["shampoo32"]["state"]["second_order"]
         for name, rec in v.items():
@@ -405,7 +525,8 @@ def measure_peak(model_name: str, variant: str, batch_size: int, threads: int, t
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = base_parser(__doc__.split("\n\n")[0], NAME)
     parser.add_argument("--models", nargs="+", default=list(MODELS), help="models (CIFAR-100 heads, 32x32)")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="variants of the state table")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS + SOAP_CHOICES,
+                        help="variants of the state table (soap4, soap32, soap_po, singd: on request)")
     parser.add_argument(
         "--peak-variants", nargs="+", default=None, choices=VARIANTS,
         help=f"variants whose peak RSS is measured (default: those of {' '.join(PEAK_VARIANTS)} in --variants)",
@@ -448,6 +569,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             shapes_only = measure_state(model_name, variants, "meta")
             results[model_name]["meta_matches_real"] = all(
                 shapes_only["variants"][v]["state"] == results[model_name]["variants"][v]["state"] for v in variants
+                if v in shapes_only["variants"]
             )
         print(f"[memory] {model_name}: state bytes ({state_device}) in {time.perf_counter() - t0:.1f}s", flush=True)
         if peak:
@@ -481,11 +603,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             st = v["state"]
             rows.append([
                 model_name, label(variant, r["base"]), f"{mib(st['moments']):.1f}", f"{mib(st['second_order']):.1f}",
-                f"{mib(st['total']):.1f}", f"{v['total_vs_adamw32']:.2f}", v.get("second_order_32_over_this"),
+                f"{mib(st['total']):.1f}", f"{v['total_vs_adamw32']:.2f}",
+                v.get("second_order_32_over_this", v.get("second_order_soap32_over_this")),
             ])
     print("\nOptimizer state (MiB, exact; CIFAR-100 heads; AdamW-32 = 8 bytes per parameter element)")
     print(table(
-        ["model", "optimizer", "moments", "second-order", "total", "total vs AdamW-32 (x)", "2nd-order 32-bit / this (x)"],
+        ["model", "optimizer", "moments", "second-order", "total", "total vs AdamW-32 (x)",
+         "2nd-order 32-bit / this (x; SOAP: vs 32-bit SOAP)"],
         rows, 2,
     ))
     if peak:
@@ -529,7 +653,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "training step run; then the peak-RSS mark (VmHWM) is reset and a second step measured "
             "(forward+backward, preconditioned optimizer step, one PU+PIRU of the largest factor); reported: "
             "peak minus the RSS once the model was built (and minus the RSS before it)",
-            "shampoo": {k: VARIANT_KWARGS[k] for k in variants if k != "baseline"},
+            "shampoo": {k: VARIANT_KWARGS[k] for k in variants if k in VARIANT_KWARGS},
+            "soap": {k: SOAP_VARIANTS[k] for k in variants if k in SOAP_VARIANTS},
+            "peers": {"soap_po": "pytorch_optimizer.SOAP(lr=1e-3, weight_decay=0.05, betas=(0.95, 0.95), "
+                                 "precondition_frequency=10), its defaults otherwise (max_precondition_dim 10000)",
+                      "singd": "singd SINGD(structures=('dense', 'dense')) on Linear / Conv2d layers after one real "
+                               "forward + backward; AdamW on the rest"},
             "first_order": {"sgdm": "torch.optim.SGD(lr=0.1, momentum=0.9, weight_decay=5e-4)",
                             "adamw": "torch.optim.AdamW(lr=1e-3, weight_decay=0.05)"},
         },

@@ -28,12 +28,22 @@ Optimizers (all share one warm-up + cosine schedule, gradient clipping at norm 1
 ``cholesky8_m4`` the same with AdamW's moments at 4 bits (``moment_bits=4``).
 ``shampoo4_bf16`` (only when named in ``--optimizers``) Shampoo4bit(bits=4,
                 precondition_dtype="bfloat16"): the preconditioning matmuls in bf16.
+``soap4``       SOAP4bit(): SOAP (Adam in Shampoo's eigenbasis, Vyas et al., arXiv 2409.11321) with
+                4-bit eigenvector matrices and its default compact moments (``docs/soap.md``).
+``soap32``      SOAP4bit(bits=32): the fp32 SOAP, the reference of ``soap4``.
+``soap_po``     (only when named, needs ``pytorch_optimizer``) pytorch_optimizer's SOAP, fp32, its
+                defaults but betas (0.95, 0.95), ``precondition_frequency`` 10.
+``singd``       (only when named, needs ``singd``) SINGD (structured inverse-free KFAC, arXiv
+                2312.05705) on the hidden linear layers, AdamW on the rest (same lr).
 ``muon``        torch.optim.Muon (Newton-Schulz orthogonalised momentum, ``adjust_lr_fn=
                 "match_rms_adamw"`` so it shares AdamW's learning-rate scale) on the hidden 2-D
                 weight matrices; AdamW on embeddings, the output head, biases and norms, same lr.
 
 ``--reuse NAME ...`` takes those optimizers' records from an earlier results file (``--reuse-from``)
 when its task settings are identical, e.g. torch's AdamW and Muon, which no change here affects.
+
+Curves record the training time (``train_s``, evaluations excluded) at every evaluation; the run's
+``time_s`` includes the evaluations.
 
 Protocol: a learning-rate sweep on seed 0 for every optimizer, the best lr chosen by final
 validation loss (a best lr on the edge of the grid extends the grid that way, by the grid's
@@ -64,14 +74,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import LABELS, SHAMPOO_VARIANTS, base_parser, setup_run, table, write_result
 
 from lightning_shampoo4 import Shampoo4bit
+from lightning_shampoo4.optim.soap import SOAP4bit
 
 NAME = "quality"
 OPTIMIZERS = ("adamw", "shampoo32", "naive4", "shampoo4", "shampoo4_m4", "cholesky4", "cholesky8", "cholesky8_m4",
               "muon")
-OPTIONAL = ("shampoo4_bf16",)  # run only when named
+OPTIONAL = ("shampoo4_bf16", "soap4", "soap32", "soap_po", "singd")  # run only when named
 LABELS = {**LABELS, "shampoo4_m4": "4-bit eigenvector Shampoo + 4-bit moments",
           "cholesky8_m4": "4-bit Shampoo (default) + 4-bit moments",
-          "shampoo4_bf16": "4-bit eigenvector Shampoo, bf16 matmuls"}
+          "shampoo4_bf16": "4-bit eigenvector Shampoo, bf16 matmuls",
+          "soap4": "4-bit SOAP (SOAP4bit)", "soap32": "32-bit SOAP (SOAP4bit bits=32)",
+          "soap_po": "SOAP (pytorch_optimizer, fp32)", "singd": "SINGD (+AdamW)"}
+# SOAP4bit variants: keyword arguments (the char-LM runs share SOAP's precondition_frequency 10)
+SOAP_KW: dict[str, dict[str, Any]] = {"soap4": dict(bits=4), "soap32": dict(bits=32)}
 SHAMPOO_KW = {
     "shampoo32": dict(bits=32),
     "naive4": dict(bits=4, quantize="preconditioner"),
@@ -252,6 +267,25 @@ def make_optimizer(name: str, model: nn.Module, task: str, lr: float, cfg: dict[
             torch.optim.Muon(hidden, lr=lr, weight_decay=wd, adjust_lr_fn="match_rms_adamw"),
             torch.optim.AdamW(rest, lr=lr, weight_decay=wd),
         )
+    if name in SOAP_KW:
+        return SOAP4bit(model.parameters(), lr=lr, weight_decay=wd, **SOAP_KW[name])
+    if name == "soap_po":
+        from pytorch_optimizer import SOAP
+
+        return SOAP(model.parameters(), lr=lr, weight_decay=wd, betas=(0.95, 0.95), precondition_frequency=10)
+    if name == "singd":
+        from singd.optim.optimizer import SINGD
+
+        hidden, rest = muon_param_split(model, task)
+        ids = {id(p) for p in hidden}
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear) and id(m.weight) in ids]
+        biases = [m.bias for m in linears if m.bias is not None]
+        bias_ids = {id(b) for b in biases}
+        return Combined(
+            SINGD(model, params=hidden + biases, lr=lr, weight_decay=wd, structures=("dense", "dense"),
+                  loss_average="batch+sequence" if task == "charlm" else "batch", warn_unsupported=False),
+            torch.optim.AdamW([p for p in rest if id(p) not in bias_ids], lr=lr, weight_decay=wd),
+        )
     return Shampoo4bit(
         model.parameters(), lr=lr, weight_decay=wd, base="adamw", stat_interval=cfg["stat_interval"],
         root_interval=cfg["root_interval"], **SHAMPOO_KW[name],
@@ -331,6 +365,7 @@ def train_run(task: str, opt_name: str, lr: float, seed: int, data: dict[str, to
     train_ema = None
     diverged = False
     t0 = time.perf_counter()
+    eval_s = 0.0
     for step in range(steps):
         for g, base in zip(opt.param_groups, base_lrs):
             g["lr"] = base * lr_factor(step, steps)
@@ -345,13 +380,17 @@ def train_run(task: str, opt_name: str, lr: float, seed: int, data: dict[str, to
         value = float(loss.detach())
         train_ema = value if train_ema is None else 0.9 * train_ema + 0.1 * value
         if (step + 1) % cfg["eval_every"] == 0 and step + 1 < steps:
+            train_s = time.perf_counter() - t0 - eval_s  # training time so far, evaluations excluded
+            e0 = time.perf_counter()
             ev = evaluate(task, model, data, cfg, full=False)
-            curve.append({"step": step + 1, "train_loss": train_ema, "val_loss": ev["loss"]})
+            eval_s += time.perf_counter() - e0
+            curve.append({"step": step + 1, "train_loss": train_ema, "val_loss": ev["loss"], "train_s": round(train_s, 2)})
+    train_s = time.perf_counter() - t0 - eval_s
     if diverged:
         final = {"loss": float("inf"), "acc": 0.0}
     else:
         final = evaluate(task, model, data, cfg, full=True)
-        curve.append({"step": steps, "train_loss": train_ema, "val_loss": final["loss"]})
+        curve.append({"step": steps, "train_loss": train_ema, "val_loss": final["loss"], "train_s": round(train_s, 2)})
     rec = {
         "optimizer": opt_name,
         "lr": lr,
@@ -360,11 +399,12 @@ def train_run(task: str, opt_name: str, lr: float, seed: int, data: dict[str, to
         "val_acc": final["acc"],
         "diverged": diverged or not math.isfinite(final["loss"]),
         "time_s": round(time.perf_counter() - t0, 2),
+        "train_s": round(train_s, 2),
         "curve": curve,
     }
     if "bits_per_char" in final:
         rec["val_bits_per_char"] = final["bits_per_char"]
-    if isinstance(opt, Shampoo4bit):
+    if isinstance(opt, (Shampoo4bit, SOAP4bit)):
         rec["counters"] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in opt.counters.items()}
     return rec
 
@@ -578,6 +618,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "settings": {
             "optimizers": {n: LABELS[n] for n in args.optimizers},
             "shampoo": {n: kw for n, kw in SHAMPOO_KW.items() if n in args.optimizers},
+            "soap": {n: kw for n, kw in SOAP_KW.items() if n in args.optimizers},
             "schedule": f"linear warm-up {WARMUP_FRACTION:.0%} of steps, cosine to {FINAL_LR_FRACTION:g} x lr",
             "grad_clip_norm": CLIP_NORM,
             "adam_betas": [0.9, 0.999],

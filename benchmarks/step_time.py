@@ -73,6 +73,11 @@ Part ``optstep``: the optimizer step alone
   is its base optimizer until the first root update. DS updates its factor statistics on every
   step; that is how it works, so its steady step includes them and it has no separate
   statistics step.
+* ``soap4`` / ``soap32`` (not run by default): ``SOAP4bit`` at its defaults (``bits=4``) and its fp32
+  reference (``bits=32``), betas (0.95, 0.95), ``precondition_frequency`` = ``--opt-stat-interval``:
+  its eigenbasis refresh is booked as the statistics step (the first step, which only sets up
+  the eigenbases, is in the warm-up), so ``amortized_10_50_ms`` is SOAP's amortized step at its
+  default frequency 10; ``x_soap32`` compares with the fp32 reference.
 * Schedule: contenders are interleaved step by step in one process (the order rotates each step);
   one warm-up root interval (ends with the first root update), then ``--opt-cycles`` measured
   root intervals at the scaled-down ``--opt-stat-interval`` / ``--opt-root-interval`` (default
@@ -158,6 +163,7 @@ from lightning_shampoo4 import (
 )
 from lightning_shampoo4.kernels import cpu
 from lightning_shampoo4.models import create_model
+from lightning_shampoo4.optim.soap import SOAP4bit
 
 NAME = "step_time"
 OPT_NAME = "step_time_optstep"
@@ -402,6 +408,7 @@ def train_part(args: Any, argv: list[str]) -> dict[str, Any]:
 # == part "optstep": the optimizer step alone on recorded gradients ==========================
 OPT_CONTENDERS = ("ours32", "ours4", "ours8", "naive4", "cholesky4", "cholesky8", "adamw", "ds32")
 BF16_CONTENDERS = ("ours4_bf16", "ours32_bf16")  # on request: fast only with bf16 matrix units
+SOAP_CONTENDERS = ("soap4", "soap32")  # on request: SOAP4bit (4-bit) and its fp32 reference
 OPT_LABELS = {
     "ours32": "Shampoo4bit bits=32",
     "ours4": "Shampoo4bit bits=4",
@@ -413,7 +420,10 @@ OPT_LABELS = {
     "ours32_bf16": "Shampoo4bit bits=32, bf16 matmuls",
     "adamw": "AdamW (foreach)",
     "ds32": "DS32 (Distributed Shampoo fp32)",
+    "soap4": "SOAP4bit bits=4",
+    "soap32": "SOAP4bit bits=32",
 }
+SOAP_KW = {"soap4": dict(bits=4), "soap32": dict(bits=32)}
 OURS_VARIANT = {"ours32": "shampoo32", "ours4": "shampoo4", "ours8": "shampoo8", "naive4": "naive4",
                 "cholesky4": "cholesky4", "cholesky8": "cholesky8", "ours4_bf16": "shampoo4",
                 "ours32_bf16": "shampoo32"}
@@ -790,6 +800,10 @@ def make_contender(name: str, params: list[torch.Tensor], t1: int, t2: int, ds: 
         return torch.optim.AdamW(params, **OPT_HP, foreach=True), "torch.optim.AdamW(foreach=True)"
     if name == "ds32":
         return make_ds32(ds, params, t2)
+    if name in SOAP_CONTENDERS:  # its eigenbasis refresh takes the place of the statistics step
+        kw = dict(**OPT_HP, shampoo_beta=SHAMPOO_BETA, precondition_frequency=t1, **SOAP_KW[name])
+        kw["betas"] = (0.95, 0.95)
+        return SOAP4bit(params, **kw), kw
     kw = dict(**OPT_HP, base="adamw", shampoo_beta=SHAMPOO_BETA, matrix_eps=DAMPING, max_order=MAX_ORDER,
               stat_interval=t1, root_interval=t2, **SHAMPOO_VARIANTS[OURS_VARIANT[name]])
     if name in BF16_CONTENDERS:
@@ -800,6 +814,8 @@ def make_contender(name: str, params: list[torch.Tensor], t1: int, t2: int, ds: 
 def _kind_by_schedule(name: str, s: int, t1: int, t2: int) -> str:
     if name == "adamw":
         return "steady"
+    if name in SOAP_CONTENDERS:  # step 1 sets up the eigenbases; then a refresh every t1 Adam steps
+        return "stat" if s > 1 and (s - 1) % t1 == 0 else "steady"
     if s % t2 == 0:
         return "root"
     if name == "ds32":
@@ -940,7 +956,7 @@ def run_workload(name: str, args: Any, ds: Any) -> dict[str, Any]:
         if isinstance(getattr(c["opt"], "counters", None), dict):
             r["counters"] = dict(c["opt"].counters)
         results[c["name"]] = r
-    for ref in ("ours32", "ds32"):
+    for ref in ("ours32", "ds32", "soap32"):
         if ref not in results:
             continue
         for r in results.values():
@@ -1003,6 +1019,19 @@ def print_summary(workloads: dict[str, Any], contenders: list[str]) -> None:
                        + ("" if x is None else f" ({x:.2f}x)"))
         rows.append(row)
     print(table(["contender", *workloads], rows, 2))
+    soap = [c for c in names if c in SOAP_CONTENDERS]
+    if soap:
+        print("\nSOAP: amortized opt.step() thread CPU ms at precondition_frequency 10 (x 32-bit SOAP)\n")
+        rows = []
+        for c in soap:
+            row = [OPT_LABELS[c]]
+            for w in workloads.values():
+                r = w["results"].get(c)
+                x = None if r is None else _fmt_ratio(r, "soap32", "amortized_10_50_ms")
+                row.append(None if r is None else f"{r['thread']['amortized_10_50_ms']:.1f}"
+                           + ("" if x is None else f" ({x:.2f}x)"))
+            rows.append(row)
+        print(table(["contender", *workloads], rows, 2))
 
 
 def optstep_part(args: Any, argv: list[str]) -> dict[str, Any]:
@@ -1070,7 +1099,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train.add_argument("--device", default="cpu", help="cpu or cuda")
     opt = parser.add_argument_group("part optstep")
     opt.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
-    opt.add_argument("--contenders", nargs="+", default=list(OPT_CONTENDERS), choices=OPT_CONTENDERS + BF16_CONTENDERS)
+    opt.add_argument("--contenders", nargs="+", default=list(OPT_CONTENDERS),
+                     choices=OPT_CONTENDERS + BF16_CONTENDERS + SOAP_CONTENDERS)
     opt.add_argument("--opt-stat-interval", type=int, default=5, help="T1 of the measured optimizer steps")
     opt.add_argument("--opt-root-interval", type=int, default=20, help="T2 of the measured optimizer steps (multiple of T1)")
     opt.add_argument("--opt-cycles", type=int, default=4, help="measured root intervals after the warm-up one")

@@ -262,8 +262,9 @@ def test_memory_report_kinds_and_sizes():
     rep = opt.memory_report()
     # Q's: 4-bit codes (half a byte per entry) plus one bf16 scale per 64 entries
     assert rep["eigenvectors"] == (256 * 256 + 128 * 128) // 2
-    assert rep["scales"] == 2 * (256 * 256 + 128 * 128) // 64
-    assert rep["eigenvalues"] == 4 * (256 + 128)
+    # the rotated statistics: 8-bit strict triangles, fp32 diagonals (their scales: one per row run)
+    assert rep["factors"] == 256 * 255 // 2 + 128 * 127 // 2 + 4 * (256 + 128)
+    assert rep["scales"] == 2 * (256 * 256 + 128 * 128) // 64 + 2 * (255 + 127)
     assert rep["moments"] == 256 * 128 + 4 * (256 * 128 // 256) + 4 * (256 + 128)  # 8-bit m, factored v
     ref = SOAP4bit([torch.nn.Parameter(torch.randn(256, 128))], bits=32)
     ref.init_state()

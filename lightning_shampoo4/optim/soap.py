@@ -86,7 +86,7 @@ def _resolve_moment_bits(g: Mapping[str, Any]) -> int:
 
 
 def _resolve_statistics(g: Mapping[str, Any]) -> str:
-    return "dense" if g["bits"] == 32 else "eigen"
+    return "dense" if g["bits"] == 32 else "rotated8"
 
 
 def _resolve_second_moment(g: Mapping[str, Any]) -> str:
@@ -116,8 +116,9 @@ SOAP_SETTINGS = register(SettingsTable(
                        "bits of Adam's moments (the second moment too when second_moment='full'); "
                        "None: 32 at bits=32, else 8", format=True, resolve=_resolve_moment_bits),
         Setting.choice("statistics", None, (None, "rotated8", "rotated4", "eigen", "cholesky8", "dense"),
-                       "how L, R are kept: eigen (Q diag(lambda) Q^T with the stored Q), cholesky8 (8-bit "
-                       "Cholesky factor) or dense fp32; None: dense at bits=32, else eigen",
+                       "how L, R are kept: rotated8 / rotated4 (Q^T L Q: fp32 diagonal, 8- / 4-bit off-diagonal), "
+                       "eigen (Q diag(lambda) Q^T), cholesky8 (8-bit Cholesky factor) or dense fp32; None: dense "
+                       "at bits=32, else rotated8",
                        format=True, resolve=_resolve_statistics),
         Setting.choice("second_moment", None, (None, "full", "factored"),
                        "Adam's second moment in the eigenbasis: full (m x n) or factored over rows and columns "
@@ -361,8 +362,8 @@ class SOAP4bit(Optimizer):
             "unrotated" (a larger dim gets no eigenbasis, as in the paper's code).
         bits: 4 or 8 for quantized eigenvector matrices, 32 for fp32 SOAP.
         moment_bits: 32, 8 or 4 for Adam's moments; None: 32 at ``bits=32``, 8 otherwise.
-        statistics: "eigen", "cholesky8" or "dense" (see the module docstring); None: "dense" at
-            ``bits=32``, "eigen" otherwise.
+        statistics: "rotated8", "rotated4", "eigen", "cholesky8" or "dense" (see the module
+            docstring); None: "dense" at ``bits=32``, "rotated8" otherwise.
         second_moment: "full" or "factored"; None: "full" at ``bits=32``, "factored" otherwise.
         first_moment_basis: "original" (the parameter's basis) or "rotated" (the eigenbasis).
         bjorck_steps: Björck steps applied to dequantized eigenvector matrices.
@@ -887,7 +888,8 @@ def _block_step(i, block, sides, g, m_orig, group, state, first, refresh, t, cou
             perms.append(None)
             new_qs.append(None)
             continue
-        res = _side_update(side, k, view, q, g, gr, stats, codec, beta, f, first, refresh, counts)
+        res = _side_update(side, k, view, q, g, gr, stats, codec, beta, f, first, refresh, counts,
+                           group["bjorck_steps"])
         out, perm, q_new = res
         perms.append(perm)
         new_qs.append(q_new)
@@ -921,25 +923,37 @@ def _outer(x: torch.Tensor, side: str) -> torch.Tensor:
     return x @ x.mT if side == "L" else x.mT @ x
 
 
-def _power_step(a_rot: torch.Tensor, q: torch.Tensor, counts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """One power iteration + QR on the statistic given in basis ``q`` (``a_rot = q^T A q``): the
-    columns ordered by the estimated eigenvalues ``diag(a_rot)``; returns (order, new basis,
-    the statistic in the new basis ``Q_new^T A Q_new``), None on failure."""
+def _power_step(a_rot: torch.Tensor, q: torch.Tensor, counts) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One power iteration + QR on the statistic ``A`` given as ``a_rot = q^T A q`` for the stored
+    (dequantized, so only nearly orthogonal) basis ``q``: the columns ordered by the estimated
+    eigenvalues ``diag(a_rot)``, ``A q = q^-T a_rot``, new basis ``QR(A q)``. Returns (order, new
+    basis), None on failure."""
     counts["refreshes"] += 1
     perm = torch.argsort(a_rot.diagonal(), descending=True)
-    a_rot = a_rot[perm][:, perm]
-    q = q[:, perm]
-    res = _qr(q @ a_rot)
+    a_rot, q = a_rot[perm][:, perm], q[:, perm]
+    try:
+        p = torch.linalg.solve(q.mT, a_rot)
+    except torch.linalg.LinAlgError:
+        p = q @ a_rot
+    res = _qr(p)
     if res is None:
         counts["failed_updates"] += 1
         return None
     q_new, status = res
     counts["retried_updates"] += status == "retried"
-    turn = q.mT @ q_new  # the new basis in the old (ordered) one
-    return perm, q_new, turn.mT @ a_rot @ turn
+    return perm, q_new
 
 
-def _side_update(side, k, view, q, g, gr, stats, codec, beta, f, first, refresh, counts):
+def _change_basis(a_rot: torch.Tensor, q: torch.Tensor, q_new: torch.Tensor) -> torch.Tensor:
+    """``Q_new^T A Q_new`` for ``A`` given as ``a_rot = q^T A q``: ``T^T a_rot T``, ``T = q^-1 Q_new``."""
+    try:
+        turn = torch.linalg.solve(q, q_new)
+    except torch.linalg.LinAlgError:
+        turn = q.mT @ q_new
+    return turn.mT @ a_rot @ turn
+
+
+def _side_update(side, k, view, q, g, gr, stats, codec, beta, f, first, refresh, counts, bjorck):
     """One factor's statistic and, at the first step or a refresh, its new eigenbasis: (entries,
     permutation of the old basis or None, new basis or None)."""
     out: dict[str, torch.Tensor] = {}
@@ -957,8 +971,12 @@ def _side_update(side, k, view, q, g, gr, stats, codec, beta, f, first, refresh,
             out["factor"] = a
         elif stats == "eigen":
             out["eigvals"] = lam.clamp(min=0)
-        elif stats in _ROTATED_BITS:
-            out.update(codec.store_rotated(torch.diag(lam) if q_new is not None else a, _ROTATED_BITS[stats]))
+        elif stats in _ROTATED_BITS:  # in the basis the next steps read: the stored one
+            if q_new is not None:
+                out.update(codec.store_q(q_new))
+                stored = codec.load_q(out, k, bjorck)
+                a = stored.mT @ a @ stored
+            out.update(codec.store_rotated(a, _ROTATED_BITS[stats]))
         else:
             chol = _cholesky(a)
             if chol is None:
@@ -966,7 +984,7 @@ def _side_update(side, k, view, q, g, gr, stats, codec, beta, f, first, refresh,
             else:
                 counts["retried_updates"] += chol[1] == "retried"
                 out.update(codec.store_chol(chol[0]))
-        if q_new is not None:
+        if q_new is not None and "eigvecs" not in out and "eigvecs_codes" not in out:
             out.update(codec.store_q(q_new))
         return out, None, q_new
     perm = q_new = None
@@ -1003,17 +1021,21 @@ def _side_update(side, k, view, q, g, gr, stats, codec, beta, f, first, refresh,
             a_rot.diagonal().copy_(lam)
             res = _power_step(a_rot, q, counts)
             if res is not None:
-                perm, q_new, a_new = res
-                lam = a_new.diagonal()
+                perm, q_new = res
+                lam = _change_basis(a_rot[perm][:, perm], q[:, perm], q_new).diagonal()
         out["eigvals"] = lam.clamp(min=0)
     else:  # the statistic in its eigenbasis, Q^T L Q
         bits = _ROTATED_BITS[stats]
         a_rot = torch.add(codec.load_rotated(view, k, bits) * beta, _outer(gr, side), alpha=1 - beta)
         if refresh:
             res = _power_step(a_rot, q, counts)
-            if res is not None:
-                perm, q_new, a_rot = res
+            if res is not None:  # the statistic in the basis the next steps will read: the stored one
+                perm, q_new = res
+                entries = codec.store_q(q_new)
+                out.update(entries)
+                stored = codec.load_q(entries, k, bjorck)
+                a_rot = _change_basis(a_rot[perm][:, perm], q[:, perm], stored)
         out.update(codec.store_rotated(a_rot, bits))
-    if q_new is not None:
+    if q_new is not None and not any(n.startswith("eigvecs") for n in out):
         out.update(codec.store_q(q_new))
     return out, perm, q_new
