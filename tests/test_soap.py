@@ -315,3 +315,19 @@ def test_ddp_sharded_equals_off(tmp_path):
                 proc.kill()
                 pytest.fail("DDP workers hung")
         assert dict(out) == {0: (True, "ddp", True), 1: (True, "ddp", True)}
+
+
+# -- Lightning ----------------------------------------------------------------------------------
+def test_lightning_cli_takes_soap4bit(tmp_path):
+    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.demos.boring_classes import BoringDataModule, BoringModel
+
+    quiet = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+             "--trainer.accelerator=cpu", "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0"]
+    args = ["fit", "--optimizer", "lightning_shampoo4.optim.soap.SOAP4bit", "--optimizer.lr", "0.01",
+            "--optimizer.precondition_frequency", "3", "--optimizer.moment_bits", "32", "--trainer.max_steps", "8",
+            f"--trainer.default_root_dir={tmp_path}", *quiet]
+    cli = LightningCLI(BoringModel, BoringDataModule, args=args, save_config_callback=None)
+    opt = cli.trainer.optimizers[0]
+    assert isinstance(opt, SOAP4bit) and opt.param_groups[0]["precondition_frequency"] == 3
+    assert opt.counters["steps"] == 8 and opt.counters["refreshes"] > 0
