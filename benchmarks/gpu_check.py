@@ -580,6 +580,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from lightning_shampoo4 import kernels
 
+    if not cuda:
+        torch.set_num_threads(1)  # tiny sizes: threads only contend (a loaded machine made eigh 100x slower)
     started = time.perf_counter()
     device = torch.device("cuda" if cuda else "cpu")
     backend = "triton" if kernels.triton_available() and (cuda or kernels.triton_interpreted()) else "torch"

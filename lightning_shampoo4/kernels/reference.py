@@ -1,10 +1,9 @@
 """Pure-torch implementations of the kernel entry points: run anywhere, define correctness.
 
-``rows`` (``materialize``, ``precondition``): an optional writer of rows of a stored symmetric
-root, ``rows(root, r0, r1, out) -> bool`` (False: not for this root), that replaces the torch
-rebuild of those rows; the CPU kernel (:mod:`.cpu`) plugs in here, bit-identically.
-``rebuild``: an optional function ``rebuild(root, r0, r1) -> fp32 (r1 - r0, n)`` that returns those
-rows instead (the dispatcher passes its custom op here, so ``torch.compile`` sees one call).
+``rebuild`` (``materialize``, ``precondition``): an optional function ``rebuild(root, r0, r1) ->
+fp32 (r1 - r0, n)``, rows ``r0 .. r1-1`` of a stored symmetric root, that replaces the torch
+rebuild of those rows: the dispatcher passes its ``rebuild_symmetric`` custom op here (the C
+kernel on the CPU, Triton on CUDA, bit-identically), so ``torch.compile`` sees one call.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from .types import QuantizedMatrix
 
 __all__ = ["dequantize", "materialize", "precondition", "quantize", "quantize_symmetric"]
 
-RowsFn = Callable[[QuantizedMatrix, int, int, torch.Tensor], bool]
 RebuildFn = Callable[[QuantizedMatrix, int, int], torch.Tensor]
 
 
@@ -27,7 +25,6 @@ def materialize(
     dtype: torch.dtype = torch.float32,
     *,
     out: torch.Tensor | None = None,
-    rows: RowsFn | None = None,
     rebuild: RebuildFn | None = None,
 ) -> torch.Tensor:
     """A dense ``dtype`` matrix from a dense or quantized root.
@@ -41,12 +38,6 @@ def materialize(
     if root.symmetric and rebuild is not None:
         dense = rebuild(root, 0, n)
         return dense.to(dtype) if out is None else out.copy_(dense)
-    if root.symmetric and rows is not None:
-        dense = out if out is not None and dtype == torch.float32 else torch.empty(n, n, device=root.codes.device)
-        if rows(root, 0, n, dense):
-            if out is None:
-                return dense.to(dtype)
-            return out if out is dense else out.copy_(dense)
     if root.symmetric:
         q = Quantized(root.codes, root.absmax, root.diag)
         return dequantize_symmetric(q, root.codebook, n, root.bits, root.block_size, dtype=dtype, out=out)
@@ -67,7 +58,6 @@ def precondition(
     right: torch.Tensor | QuantizedMatrix,
     dtype: torch.dtype = torch.float32,
     *,
-    rows: RowsFn | None = None,
     rebuild: RebuildFn | None = None,
 ) -> torch.Tensor:
     """``left @ grad @ right`` in ``dtype`` matmuls, returned in fp32.
@@ -85,12 +75,12 @@ def precondition(
         # a larger stored right root is rebuilt first and freed before the left one is: one
         # product less is held beside it (dense roots are read as they are, in the usual order)
         if isinstance(right, QuantizedMatrix) and right.order > _order(left):
-            x = grad.to(dtype) @ materialize(right, dtype, rows=rows, rebuild=rebuild)
-            return (materialize(left, dtype, rows=rows, rebuild=rebuild) @ x).float()
-        x = materialize(left, dtype, rows=rows, rebuild=rebuild) @ grad.to(dtype)
-        return (x @ materialize(right, dtype, rows=rows, rebuild=rebuild)).float()
-    g_r_t = _apply(right, grad.to(dtype).mT, dtype, rows, rebuild)  # (grad @ right)^T
-    return _apply(left, g_r_t.mT, dtype, rows, rebuild).float()
+            x = grad.to(dtype) @ materialize(right, dtype, rebuild=rebuild)
+            return (materialize(left, dtype, rebuild=rebuild) @ x).float()
+        x = materialize(left, dtype, rebuild=rebuild) @ grad.to(dtype)
+        return (x @ materialize(right, dtype, rebuild=rebuild)).float()
+    g_r_t = _apply(right, grad.to(dtype).mT, dtype, rebuild)  # (grad @ right)^T
+    return _apply(left, g_r_t.mT, dtype, rebuild).float()
 
 
 PANEL_ORDER = 2048  # a dense fp32 root above this takes more than 16 MiB
@@ -109,36 +99,25 @@ def _panel_rows(order: int) -> int:
     return -(-order // 4)
 
 
-def _panels(root: QuantizedMatrix, rows: RowsFn | None, rebuild: RebuildFn | None = None):
-    """``(r0, r1, fp32 panel)`` of a symmetric root through one reused buffer: from ``rebuild``
-    or ``rows`` when given (``rows`` when it reads the root), else from the torch rebuild
-    (:func:`symmetric_panels`)."""
+def _panels(root: QuantizedMatrix, rebuild: RebuildFn | None):
+    """``(r0, r1, fp32 panel)`` of a symmetric root: from ``rebuild`` when given, else from the
+    torch rebuild through one reused buffer (:func:`symmetric_panels`)."""
     n, step = root.order, _panel_rows(root.order)
     if rebuild is not None:
         for r0 in range(0, n, step):
             r1 = min(n, r0 + step)
             yield r0, r1, rebuild(root, r0, r1)
         return
-    if rows is not None:
-        buf = torch.empty(step * n, device=root.codes.device)
-        for r0 in range(0, n, step):
-            r1 = min(n, r0 + step)
-            panel = buf[: (r1 - r0) * n].view(r1 - r0, n)
-            if not rows(root, r0, r1, panel):  # the writer does not read this root: the first call tells
-                break
-            yield r0, r1, panel
-        else:
-            return
     q = Quantized(root.codes, root.absmax, root.diag)
     yield from symmetric_panels(q, root.codebook, n, root.bits, root.block_size, rows=step)
 
 
-def _apply(root: torch.Tensor | QuantizedMatrix, x: torch.Tensor, dtype: torch.dtype, rows: RowsFn | None,
+def _apply(root: torch.Tensor | QuantizedMatrix, x: torch.Tensor, dtype: torch.dtype,
            rebuild: RebuildFn | None = None) -> torch.Tensor:
     """``root @ x`` in ``dtype``; a panelled root a panel of rows at a time."""
     if not _panelled(root):
-        return materialize(root, dtype, rows=rows, rebuild=rebuild) @ x
+        return materialize(root, dtype, rebuild=rebuild) @ x
     out = torch.empty(root.order, x.shape[1], dtype=dtype, device=x.device)
-    for r0, r1, panel in _panels(root, rows, rebuild):
+    for r0, r1, panel in _panels(root, rebuild):
         torch.mm(panel.to(dtype), x, out=out[r0:r1])
     return out

@@ -221,6 +221,12 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def _tile_elems() -> int:
+    """Elements per program: under the interpreter as many as numpy vectorizes well (each program
+    costs a fixed ~0.1 s of tracing there), on a GPU a register-sized tile."""
+    return 1 << 18 if INTERPRETED else 4096
+
+
 @functools.lru_cache(maxsize=64)
 def _tables(n: int, block_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """int32 first block of every triangle row (n entries), and the triangle row of every block."""
@@ -280,7 +286,7 @@ def rebuild(codes, absmax, diag, codebook, n: int, bits: int, block_size: int, r
     codes, absmax, diag, cb = _operands(codes, absmax, diag, codebook, device)
     bstart, _ = _tables(n, block_size, device)
     bc = min(1024 if INTERPRETED else 128, _next_pow2(n))
-    br = max(1, min((16384 if INTERPRETED else 4096) // bc, _next_pow2(rows)))
+    br = max(1, min(_tile_elems() // bc, _next_pow2(rows)))
     grid = (triton.cdiv(rows, br) * triton.cdiv(n, bc), k)
     _rebuild_kernel[grid](codes, absmax, cb, diag, bstart, out, n, r0, rows, codes.stride(0), absmax.stride(0),
                           BLOCK_SIZE=block_size, BITS=bits, BR=br, BC=bc)
@@ -370,13 +376,13 @@ def quantize_symmetric(x: torch.Tensor, codebook: torch.Tensor, bits: int, block
     mids = midpoints(cb).contiguous()
     bstart, block_row = _tables(n, block_size, device)
     idx = torch.empty(numel, dtype=torch.uint8, device=device) if bits == 4 else codes
-    bsp = _next_pow2(block_size)
-    units = max(1, min((16384 if INTERPRETED else 4096) // bsp, _next_pow2(nscales)))
+    bsp = _next_pow2(min(block_size, n - 1))  # no block is longer than the first triangle row
+    units = max(1, min(_tile_elems() // bsp, _next_pow2(nscales)))
     _store_kernel[(triton.cdiv(nscales, units),)](
         x, x.stride(0), x.stride(1), n, nscales, block_row, bstart, mids, absmax, idx,
         BLOCK_SIZE=block_size, BSP=bsp, UNITS=units, BITS=bits, ROUND_BF16=scale_dtype == torch.bfloat16,
     )  # fmt: skip
     if bits == 4:
-        units = min(16384 if INTERPRETED else 1024, _next_pow2(nbytes))
+        units = min(_tile_elems() if INTERPRETED else 1024, _next_pow2(nbytes))
         _pack_kernel[(triton.cdiv(nbytes, units),)](idx, codes, numel, nbytes, UNITS=units)
     return codes, absmax.to(scale_dtype), diag
