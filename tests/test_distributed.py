@@ -362,8 +362,28 @@ def _detect_worker(rank, world):
     assert tuple(ex["step"].shape) == (world,) and ex["last_root_step"] == 4
     _assert_same(D.import_state(shard0, ex), st)
     assert D.export_state(repl, st) == st and D.import_state(repl, st) == st  # replicated: as is
-    with pytest.raises(NotImplementedError, match="rank-dependent size"):  # sized by the local rows
-        D.export_state(shard0, {"exp_avg_codes": torch.zeros(t.numel() // 2, dtype=torch.uint8)})
+    # quantized moments (codes sized by the local rows, 3 and 2 here): stored dequantized, laid out like
+    # the parameter, so any world size reads them; re-quantized on loading
+    from lightning_shampoo4.quant import moments
+
+    saved_min, moments.MIN_QUANTIZED_NUMEL = moments.MIN_QUANTIZED_NUMEL, 4
+    try:
+        codes, absmax = moments.quantize_moment(torch.randn(t.shape), moments.moment_codebook("exp_avg", 8), 8, 256)
+        ex = D.export_state(shard0, {"exp_avg_codes": codes, "exp_avg_absmax": absmax, "0.L.eigvals": st["0.L.eigvals"]},
+                            whole=True)
+        assert set(ex) == {"exp_avg", "0.L.eigvals"} and tuple(ex["exp_avg"].shape) == (5, 3)
+        assert ex["0.L.eigvals"] is st["0.L.eigvals"]  # whole blocks: plain, keyed by block, written by their owner
+        back = D.import_state(shard0, ex, moment_bits=8)
+        assert torch.equal(back["exp_avg_codes"], codes)
+        torch.testing.assert_close(back["exp_avg_absmax"], absmax, rtol=1e-6, atol=0)
+    finally:
+        moments.MIN_QUANTIZED_NUMEL = saved_min
+    # lossless FSDP2: the whole parameter's blocks; the gradient gathered whole, this rank's rows back
+    whole = D.shard_layout(shard0, 8, whole=True)
+    assert whole.whole and whole.mshape == (5, 3) and (whole.start, whole.rows) == (3 * rank, t.shape[0])
+    full = torch.arange(15.0).reshape(5, 3)
+    assert torch.equal(whole.to_matrix(full[whole.start : whole.start + whole.rows]), full)
+    assert torch.equal(whole.from_matrix(full), full[whole.start : whole.start + whole.rows])
 
     # the replication check: same values -> True; all-zero grads -> undecided; different -> False
     p = torch.arange(6.0).reshape(2, 3)
@@ -628,7 +648,8 @@ def _shampoo_fsdp_worker(rank, world, out):
         set_optimizer_state_dict,
     )
 
-    kw = dict(lr=0.01, min_quant_numel=4, max_order=4, stat_interval=1, root_interval=2)
+    # per-shard blocks (distributed="off"); "auto" preconditions whole blocks (tests/test_resharding.py)
+    kw = dict(lr=0.01, min_quant_numel=4, max_order=4, stat_interval=1, root_interval=2, distributed="off")
     batches = _batches()
 
     def fresh():
@@ -769,13 +790,13 @@ def _lightning_worker(rank, world, out, optimizer, sharded, port):
 
 
 def _check_fsdp2_shampoo(trainer, params):
-    """Shampoo4bit after 5 FSDP2 steps: statistics and roots updated, finite parameters, and blocks
-    of the local shards: left factors of ceil(rows / 2), right factors as on one device; the
-    monitor reports this rank's state."""
+    """Shampoo4bit after 5 FSDP2 steps (lossless, the default): statistics and roots updated,
+    finite parameters, and the whole parameters' blocks as on one device, one owner each: this
+    rank keeps one of the two blocks, and the monitor reports this rank's state."""
     opt, module = trainer.optimizers[0], trainer.lightning_module
     metrics = next(c for c in trainer.callbacks if type(c).__name__ == "QuantizedStateMonitor").last_metrics
     assert metrics["shampoo/steps"] == 4 and metrics["shampoo/root_updates"] > 0
-    assert metrics["shampoo/factors"] == 4 and math.isfinite(metrics["shampoo/root_nre"])
+    assert metrics["shampoo/factors"] == 2 and math.isfinite(metrics["shampoo/root_nre"])
     assert opt.layout == "fsdp2" and opt.counters["stat_updates"] > 0 and opt.counters["root_updates"] >= 4
     assert all(torch.isfinite(v).all() for v in params.values())
     unsharded = nn.Sequential(nn.Linear(12, 15), nn.Tanh(), nn.Linear(15, 3))
@@ -785,10 +806,11 @@ def _check_fsdp2_shampoo(trainer, params):
     ref_names = {id(p): n for n, p in unsharded.named_parameters()}
     orders = {(names[id(p)], side): f.order for p, _, side, f in opt.factors()}
     ref_orders = {(ref_names[id(p)], side): f.order for p, _, side, f in ref.factors()}
-    assert orders.keys() == ref_orders.keys()
-    for (name, side), order in orders.items():
-        rows = dict(unsharded.named_parameters())[name].shape[0]
-        assert order == (-(-rows // 2) if side == "L" else ref_orders[name, side]), (name, side)
+    assert len(orders) == 2 and all(ref_orders[k] == v for k, v in orders.items())
+    mine = sorted({name for name, _ in orders})
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    assert sorted(n for part in gathered for n in part) == sorted({n for n, _ in ref_orders})  # one owner each
     assert opt.memory_report()["second_order"] < ref.memory_report()["second_order"]
     assert metrics["shampoo/bytes/second_order"] == opt.memory_report()["second_order"]
 

@@ -26,7 +26,7 @@ import heapq
 import math
 import warnings
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -40,13 +40,16 @@ __all__ = [
     "COMM_DTYPES",
     "MODES",
     "SUPPORTED",
+    "BALANCES",
     "BlockRef",
     "DistributedLayer",
     "Plan",
     "ShardLayout",
     "StepLayout",
+    "WholeLayout",
     "UnsupportedStrategyError",
     "all_true",
+    "block_bytes",
     "block_cost",
     "block_index",
     "check_comm_dtype",
@@ -61,6 +64,7 @@ __all__ = [
     "is_sharded",
     "local_view",
     "max_across",
+    "nbytes",
     "plan_for",
     "prune_state",
     "shard_layout",
@@ -284,6 +288,36 @@ class ShardLayout(NamedTuple):
         """The inverse of :meth:`to_matrix`: the data rows of ``m`` in the local tensor's shape."""
         return m.reshape(self.padded_shape)[: self.rows]
 
+    whole = False  # the matrix is the local shard's (see :class:`WholeLayout`)
+
+
+class WholeLayout(NamedTuple):
+    """A ``Shard(0)`` parameter seen whole (lossless FSDP2): its blocks are those of the full
+    parameter, as on one device. :meth:`to_matrix` gathers the full gradient from the shards
+    (one all-gather); :meth:`from_matrix` gives this rank's rows of a full matrix (a view)."""
+
+    mshape: tuple[int, int] | None
+    blocks: tuple[Block, ...]
+    shape: tuple[int, ...]  # of the whole parameter
+    start: int  # this rank's first row
+    rows: int  # this rank's rows
+    chunk: int  # rows per rank (ceil(n / world)); the last ranks hold fewer
+    group: Any
+
+    whole = True
+
+    def to_matrix(self, t: torch.Tensor) -> torch.Tensor:
+        world = dist.get_world_size(self.group)
+        device = _comm_device(t.device, self.group)
+        send = t.new_zeros((self.chunk, *self.shape[1:]), device=device)
+        send[: t.shape[0]] = t
+        recv = torch.empty((world * self.chunk, *self.shape[1:]), dtype=t.dtype, device=device)
+        _all_gather_flat(recv, send, group=self.group)
+        return recv[: self.shape[0]].to(t.device).reshape(self.mshape)
+
+    def from_matrix(self, m: torch.Tensor) -> torch.Tensor:
+        return m.reshape(self.shape)[self.start : self.start + self.rows]
+
 
 @functools.lru_cache(maxsize=4096)
 def _layout(shape: tuple[int, ...], max_order: int, world: int, local_rows: int | None) -> ShardLayout:
@@ -301,11 +335,19 @@ def _layout(shape: tuple[int, ...], max_order: int, world: int, local_rows: int 
     return ShardLayout(mshape, blocks, padded, local_rows)
 
 
-def shard_layout(p: torch.Tensor, max_order: int) -> ShardLayout:
+def shard_layout(p: torch.Tensor, max_order: int, whole: bool = False) -> ShardLayout | WholeLayout:
     """The blocks this rank preconditions for ``p``: the whole parameter when it is plain or
     replicated, its local rows when it is a ``Shard(0)`` DTensor (the left factor shrinks with the
-    shard, the right one does not)."""
+    shard, the right one does not). ``whole``: a ``Shard(0)`` DTensor gets the blocks of the whole
+    parameter (:class:`WholeLayout`, lossless FSDP2)."""
     if is_sharded(p):
+        if whole:
+            mshape, blocks = blocks_for(tuple(p.shape), max_order)
+            mesh = p.device_mesh
+            n, world, rank = p.shape[0], mesh.size(), mesh.get_local_rank()
+            chunk = -(-n // world)
+            start = min(rank * chunk, n)
+            return WholeLayout(mshape, blocks, tuple(p.shape), start, p.to_local().shape[0], chunk, mesh.get_group())
         return _layout(tuple(p.shape), max_order, p.device_mesh.size(), p.to_local().shape[0])
     return _layout(tuple(p.shape), max_order, 1, None)
 
@@ -326,27 +368,48 @@ def block_cost(rows: int, cols: int) -> int:
     return rows * cols * (rows + cols) + rows**3 + cols**3
 
 
+def block_bytes(rows: int, cols: int) -> int:
+    """What a block's second-order state grows with when its exact bytes are not given: one
+    matrix per factor, ``r^2 + c^2`` (the optimizer passes the exact bytes of its storages)."""
+    return rows * rows + cols * cols
+
+
+def nbytes(entries: Mapping[str, Any]) -> int:
+    """Bytes of the tensors in ``entries`` (meta tensors count as they would be stored)."""
+    return sum(v.numel() * v.element_size() for v in entries.values() if isinstance(v, torch.Tensor))
+
+
+BALANCES = ("bytes", "work")
+DEFAULT_BALANCE = "bytes"  # benchmarks/distributed.py: the lower per-rank state at equal step time
+
+
 class Plan:
-    """Which rank owns each block; identical on every rank."""
+    """Which rank owns each block; identical on every rank. ``costs``: what the assignment
+    balanced (bytes or work) per block."""
 
-    __slots__ = ("_index", "blocks", "owners", "world_size")
+    __slots__ = ("_index", "blocks", "costs", "owners", "world_size")
 
-    def __init__(self, blocks: tuple[BlockRef, ...], owners: tuple[int, ...], world_size: int):
+    def __init__(self, blocks: tuple[BlockRef, ...], owners: tuple[int, ...], world_size: int,
+                 costs: tuple[int, ...] | None = None):
         self.blocks, self.owners, self.world_size = blocks, owners, world_size
+        self.costs = tuple(block_cost(b.rows, b.cols) for b in blocks) if costs is None else costs
         self._index = {(b.param, b.block): o for b, o in zip(blocks, owners)}
 
     def owner(self, param: int, block: int) -> int:
         return self._index[(param, block)]
+
+    def has(self, param: int, block: int) -> bool:
+        return (param, block) in self._index
 
     def owned(self, rank: int) -> frozenset[tuple[int, int]]:
         """``(param, block)`` pairs owned by ``rank``."""
         return frozenset(k for k, o in self._index.items() if o == rank)
 
     def loads(self) -> list[int]:
-        """Total :func:`block_cost` per rank."""
+        """Total cost (what the plan balanced) per rank."""
         out = [0] * self.world_size
-        for b, o in zip(self.blocks, self.owners):
-            out[o] += block_cost(b.rows, b.cols)
+        for c, o in zip(self.costs, self.owners):
+            out[o] += c
         return out
 
     def __eq__(self, other: object) -> bool:
@@ -362,24 +425,43 @@ class Plan:
 
 
 @functools.lru_cache(maxsize=64)
-def _plan(blocks: tuple[BlockRef, ...], world_size: int) -> Plan:
-    order = sorted(range(len(blocks)), key=lambda i: (-block_cost(blocks[i].rows, blocks[i].cols), i))
+def _plan(blocks: tuple[BlockRef, ...], world_size: int, costs: tuple[int, ...]) -> Plan:
+    order = sorted(range(len(blocks)), key=lambda i: (-costs[i], i))
     heap = [(0, rank) for rank in range(world_size)]  # (load, rank): ties go to the lower rank
     owners = [0] * len(blocks)
     for i in order:
         load, rank = heapq.heappop(heap)
         owners[i] = rank
-        heapq.heappush(heap, (load + block_cost(blocks[i].rows, blocks[i].cols), rank))
-    return Plan(blocks, tuple(owners), world_size)
+        heapq.heappush(heap, (load + costs[i], rank))
+    return Plan(blocks, tuple(owners), world_size, costs)
 
 
-def plan_for(blocks: Iterable[BlockRef | tuple[int, int, int, int]], world_size: int) -> Plan:
+def plan_for(
+    blocks: Iterable[BlockRef | tuple[int, int, int, int]],
+    world_size: int,
+    balance: str = "work",
+    costs: Sequence[int] | None = None,
+) -> Plan:
     """Assign every block to a rank: largest cost first, each to the least loaded rank (ties: the
     lower rank, then the earlier block). Pure and deterministic, so every rank computes the same
-    plan without communicating; cached per layout."""
+    plan without communicating; cached per layout.
+
+    ``balance``: ``"work"`` (:func:`block_cost`) or ``"bytes"`` (``costs``, the exact state bytes
+    per block, else :func:`block_bytes`)."""
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
-    return _plan(tuple(BlockRef(*b) for b in blocks), world_size)
+    if balance not in BALANCES:
+        raise ValueError(f"balance must be one of {', '.join(map(repr, BALANCES))}, got {balance!r}")
+    refs = tuple(BlockRef(*b) for b in blocks)
+    if balance == "work":
+        weights = tuple(block_cost(b.rows, b.cols) for b in refs)
+    elif costs is not None:
+        weights = tuple(int(c) for c in costs)
+        if len(weights) != len(refs):
+            raise ValueError(f"{len(weights)} costs for {len(refs)} blocks")
+    else:
+        weights = tuple(block_bytes(b.rows, b.cols) for b in refs)
+    return _plan(refs, world_size, weights)
 
 
 def gather_blocks(
@@ -456,41 +538,83 @@ def _stacked(t: torch.Tensor, p: torch.Tensor) -> Any:
     return DTensor.from_local(t.unsqueeze(0), p.device_mesh, [Shard(0)], run_check=False)
 
 
-def export_state(p: torch.Tensor, state: Mapping[str, Any]) -> dict[str, Any]:
+_MOMENT_NAMES = ("exp_avg", "exp_avg_sq", "momentum_buffer")
+
+
+def _quantized_moments(state: Mapping[str, Any]) -> list[str]:
+    return [n for n in _MOMENT_NAMES if f"{n}_codes" in state and f"{n}_absmax" in state]
+
+
+def export_state(p: torch.Tensor, state: Mapping[str, Any], whole: bool = False) -> dict[str, Any]:
     """The checkpoint form of a ``Shard(0)`` parameter's state, for ``torch.distributed.checkpoint``.
 
-    DCP keeps one copy of a plain tensor key (every rank's would be the same) and so would lose
-    per-rank state; here moments (same shape as the local shard) become DTensors laid out like
-    ``p``, and each second-order tensor becomes a ``(world, *shape)`` DTensor, one row per rank
-    (possible because :func:`shard_layout` gives every rank the same shapes). Other parameters'
-    state is returned as is."""
+    Moments become DTensors laid out like ``p``, so DCP reshards them to any number of ranks;
+    quantized moments (``moment_bits`` 8 / 4, whose codes are sized by the local shard) are
+    stored dequantized, in fp32, under the moment's own name. Block state:
+
+    * ``whole`` (lossless FSDP2): the blocks are the whole parameter's and each rank holds only
+      the blocks it owns, so they stay plain tensors keyed by block: DCP writes each once, from
+      its owner, and every rank of any world size reads the blocks it owns there;
+    * per-shard blocks (``distributed="off"``): each becomes a ``(world, *shape)`` DTensor, one
+      row per rank (DCP would keep a single copy of a plain tensor), which resumes only at the
+      same world size.
+
+    Other parameters' state is returned as is."""
     if not is_sharded(p):
         return dict(state)
     from torch.distributed.tensor import DTensor
 
-    local_shape = p.to_local().shape
-    uneven = p.shape[0] % p.device_mesh.size() != 0  # the same answer on every rank
+    local = p.to_local()
     out: dict[str, Any] = {}
+    quantized = _quantized_moments(state)
+    for name in quantized:
+        codes, absmax = state[f"{name}_codes"], state[f"{name}_absmax"]
+        bits = 8 if codes.numel() == local.numel() else 4
+        out[name] = _moment_dtensor(_dequantized(name, codes, absmax, local, bits), p)
     for key, v in state.items():
+        if key.endswith(("_codes", "_absmax")) and key.rsplit("_", 1)[0] in quantized:
+            continue
         if not isinstance(v, torch.Tensor) or _is_dtensor(v):
             out[key] = v
-        elif kind_of(key) == "moments" and v.shape == local_shape:
-            out[key] = DTensor.from_local(
-                v, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
-            )
-        elif kind_of(key) == "moments" and uneven:  # e.g. quantized moments: sized by the local rows
-            raise NotImplementedError(
-                f"state {key!r} of a parameter of shape {tuple(p.shape)} sharded unevenly over "
-                f"{p.device_mesh.size()} ranks has a rank-dependent size, which torch.distributed.checkpoint "
-                "cannot store as one row per rank; keep such moments in the shape of the local shard"
-            )
+        elif kind_of(key) == "moments" and v.shape == local.shape:
+            out[key] = _moment_dtensor(v, p)
+        elif whole:  # contiguous: a full state dict is broadcast into these as raw memory
+            out[key] = v.contiguous()
         else:
             out[key] = _stacked(v, p)
     return out
 
 
-def import_state(p: torch.Tensor, state: Mapping[str, Any]) -> dict[str, Any]:
-    """The inverse of :func:`export_state`: local tensors for this rank."""
+def _moment_dtensor(v: torch.Tensor, p: torch.Tensor) -> Any:
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(v, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+
+
+def _dequantized(name: str, codes: torch.Tensor, absmax: torch.Tensor, local: torch.Tensor, bits: int) -> torch.Tensor:
+    from ..quant import moments
+
+    spec = moments.moment_spec(local.numel(), bits)
+    book = moments.moment_codebook(name, bits, codes.device)
+    flat = moments.dequantize_moment(codes, absmax, book, spec.numel, bits, spec.block_size)
+    return flat.reshape(local.shape)
+
+
+def _unscaled(flat: torch.Tensor, book: torch.Tensor, block_size: int) -> torch.Tensor:
+    """A dequantized moment, each quantization block divided by the code value its largest
+    element was stored as (the map's largest or smallest value, by its sign): quantizing it
+    gives back the saved scales, and the saved codes, on the same shards."""
+    n = flat.numel()
+    blocks = flat.new_zeros(-(-n // block_size) * block_size)
+    blocks[:n] = flat
+    blocks = blocks.view(-1, block_size)
+    top = blocks.gather(1, blocks.abs().argmax(1, keepdim=True))
+    return (blocks / torch.where(top >= 0, book.max(), -book.min())).reshape(-1)[:n]
+
+
+def import_state(p: torch.Tensor, state: Mapping[str, Any], moment_bits: int = 32) -> dict[str, Any]:
+    """The inverse of :func:`export_state`: local tensors for this rank (moments re-quantized
+    where this rank stores them at ``moment_bits``)."""
     out: dict[str, Any] = {}
     for key, v in state.items():
         if not _is_dtensor(v):
@@ -502,6 +626,16 @@ def import_state(p: torch.Tensor, state: Mapping[str, Any]) -> dict[str, Any]:
             if local.shape[0] != 1:
                 raise RuntimeError(f"state {key!r}: expected one row per rank, got local shape {tuple(local.shape)}")
             out[key] = local[0]
+    if moment_bits != 32 and is_sharded(p):
+        from ..quant import moments
+
+        spec = moments.moment_spec(p.to_local().numel(), moment_bits)
+        for name in _MOMENT_NAMES:
+            if spec.quantized and isinstance(out.get(name), torch.Tensor):
+                book = moments.moment_codebook(name, moment_bits, out[name].device)
+                x = _unscaled(out.pop(name).float().reshape(-1), book, spec.block_size)
+                codes, absmax = moments.quantize_moment(x, book, moment_bits, spec.block_size)
+                out[f"{name}_codes"], out[f"{name}_absmax"] = codes, absmax
     return out
 
 
@@ -514,10 +648,16 @@ class DistributedLayer:
     :meth:`plan` over the optimizer's blocks, :meth:`owns` to skip other ranks' blocks,
     :meth:`gather` after preconditioning."""
 
-    def __init__(self, mode: str = "auto", dtype: str = "float32", group: Any = None):
+    def __init__(self, mode: str = "auto", dtype: str = "float32", group: Any = None, balance: str = DEFAULT_BALANCE,
+                 whole_fsdp: bool = False):
         self.mode = check_mode(mode)
+        self.whole_fsdp = whole_fsdp  # the optimizer preconditions FSDP2 parameters whole under "auto"
         self.dtype = check_comm_dtype(dtype)
+        if balance not in BALANCES:
+            raise ValueError(f"balance must be one of {', '.join(map(repr, BALANCES))}, got {balance!r}")
+        self.balance = balance  # what the block owners balance: "bytes" (state per rank) or "work"
         self.group = group
+        self._plan_group = group  # DDP: group; lossless FSDP2: the parameters' mesh
         self.kind: str | None = None
         self._resolved = False
         self._plan: Plan | None = None
@@ -552,22 +692,40 @@ class DistributedLayer:
                 )
                 kind = None
         self.kind, self._resolved = kind, True
-        if kind == "ddp":
-            self._rank = dist.get_rank(self.group)
+        if kind == "fsdp2" and self.lossless:
+            mesh = next(p.device_mesh for p in params if _is_dtensor(p))
+            self._plan_group = mesh.get_group()
+        if self.owners_planned:
+            self._rank = dist.get_rank(self._plan_group)
         return kind
 
-    def plan(self, blocks: Iterable[BlockRef]) -> Plan | None:
-        """The owner of every block under ``"ddp"`` (``None`` otherwise: this rank owns all)."""
-        if self.kind != "ddp":
+    @property
+    def lossless(self) -> bool:
+        """FSDP2 ``Shard(0)`` parameters are preconditioned whole, block by block on owner ranks
+        (``"auto"`` in an optimizer that supports it: ``whole_fsdp``), instead of per local shard
+        (``"off"``)."""
+        return self.whole_fsdp and self.mode == "auto"
+
+    @property
+    def owners_planned(self) -> bool:
+        """Whether blocks have owner ranks: DDP sharding, or lossless FSDP2."""
+        return self.kind == "ddp" or (self.kind == "fsdp2" and self.lossless)
+
+    def plan(self, blocks: Iterable[BlockRef], weigh: Callable[[BlockRef], int] | None = None) -> Plan | None:
+        """The owner of every block under ``"ddp"`` and lossless ``"fsdp2"`` (``None`` otherwise:
+        this rank computes all). ``weigh``: the exact state bytes of a block (balanced when
+        ``balance`` is ``"bytes"``; called only when the blocks change)."""
+        if not self.owners_planned:
             self._plan = None
             return None
         blocks = tuple(blocks)
         if self._plan is None or self._plan.blocks != blocks:
-            self._plan = plan_for(blocks, dist.get_world_size(self.group))
+            costs = [weigh(b) for b in blocks] if weigh is not None and self.balance == "bytes" else None
+            self._plan = plan_for(blocks, dist.get_world_size(self._plan_group), self.balance, costs)
         return self._plan
 
     def owns(self, param: int, block: int) -> bool:
-        return self._plan is None or self._plan.owner(param, block) == self._rank
+        return self._plan is None or not self._plan.has(param, block) or self._plan.owner(param, block) == self._rank
 
     def owned_blocks(self, param: int, n_blocks: int) -> list[int]:
         return [i for i in range(n_blocks) if self.owns(param, i)]
@@ -577,21 +735,27 @@ class DistributedLayer:
         every rank: fill the other ranks' blocks (no-op unless ``"ddp"``)."""
         if self._plan is None:
             return
-        gather_blocks([(dst, self._plan.owner(pid, i)) for pid, i, dst in blocks], self.dtype, self.group)
+        gather_blocks([(dst, self._plan.owner(pid, i)) for pid, i, dst in blocks], self.dtype, self._plan_group)
 
     # -- one step -------------------------------------------------------------------------
     def begin_step(self, params: Sequence[torch.Tensor], blocks: Sequence[tuple[torch.Tensor, int, Sequence[Block]]],
-                   states: Mapping[torch.Tensor, dict[str, Any]]) -> StepLayout:
+                   states: Mapping[torch.Tensor, dict[str, Any]],
+                   weigh: Callable[[torch.Tensor, Block], int] | None = None) -> StepLayout:
         """How this step is distributed: resolve the layout (``params``: every parameter), and
-        under DDP assign every block an owner (``blocks``: ``(param, index, blocks)`` of every
-        parameter, the same on every rank). The first time an assignment is used each state in
-        ``states`` is pruned to the blocks this rank owns; ``StepLayout.moved`` says whether
-        blocks changed owner since the previous assignment (their new owners lack their state)."""
+        under DDP or lossless FSDP2 assign every block an owner (``blocks``: ``(param, index,
+        blocks)`` of every parameter, the same on every rank; under FSDP2 the DTensors' only).
+        ``weigh(param, block)``: the block's state bytes, balanced over the ranks. The first time
+        an assignment is used each state in ``states`` is pruned to the blocks this rank owns;
+        ``StepLayout.moved`` says whether blocks changed owner since the previous assignment
+        (their new owners lack their state)."""
         kind = self.kind if self._resolved else self.resolve(params)
-        if kind != "ddp":
+        if not self.owners_planned:
             return StepLayout(kind, self, None, False)
+        if kind == "fsdp2":  # plain tensors beside FSDP2 ones may differ by rank: each computes its own
+            blocks = [(p, pid, bs) for p, pid, bs in blocks if _is_dtensor(p)]
         refs = [BlockRef(pid, i, b.rows, b.cols) for _, pid, bs in blocks for i, b in enumerate(bs)]
-        plan = self.plan(refs)
+        by_ref = {(pid, i): (p, b) for p, pid, bs in blocks for i, b in enumerate(bs)}
+        plan = self.plan(refs, None if weigh is None else (lambda r: weigh(*by_ref[(r.param, r.block)])))
         moved = False
         if plan is not self._pruned:
             for p, pid, bs in blocks:
@@ -601,6 +765,33 @@ class DistributedLayer:
             moved = self._pruned is not None
             self._pruned = plan
         return StepLayout(kind, self, {id(p): pid for p, pid, _ in blocks}, moved)
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    def shared_blocks(self, state: Mapping[Any, Mapping[str, Any]]) -> dict[Any, dict[str, Any]]:
+        """Under lossless FSDP2, ``state`` (parameter id -> entries, this rank's blocks) with every
+        rank's blocks added (one all-gather; copies, the live states are untouched): a checkpoint
+        keyed by block that any world size reads, through a sharded or a full
+        ``torch.distributed.checkpoint`` state dict (the full one keeps rank 0's plain tensors).
+        As is otherwise. Every rank must call it."""
+        if self.kind != "fsdp2" or self._pruned is None:
+            return dict(state)
+        mine = {pid: {k: v.detach().cpu() for k, v in st.items() if block_index(k) is not None and
+                      isinstance(v, torch.Tensor)} for pid, st in state.items()}
+        parts: list[Any] = [None] * dist.get_world_size(self._plan_group)
+        dist.all_gather_object(parts, mine, group=self._plan_group)
+        out = {pid: dict(st) for pid, st in state.items()}
+        for rank, part in enumerate(parts):
+            if rank == self._rank:
+                continue
+            for pid, entries in part.items():
+                target = out.setdefault(pid, {})
+                device = next((v.device for v in target.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+                for k, v in entries.items():
+                    target.setdefault(k, v.to(device))
+        return out
 
     @property
     def pruned(self) -> Plan | None:
@@ -634,11 +825,11 @@ class StepLayout(NamedTuple):
         return [t for t, _ in views], [g for _, g in views]
 
     def param_index(self, p: torch.Tensor) -> int | None:
-        return None if self.index is None else self.index[id(p)]
+        return None if self.index is None else self.index.get(id(p))
 
     def owned(self, p: torch.Tensor, n_blocks: int) -> list[int] | None:
-        """The blocks of ``p`` this rank computes; None: all of them (no DDP sharding)."""
-        if self.index is None or not n_blocks:
+        """The blocks of ``p`` this rank computes; None: all of them (no owners planned)."""
+        if self.index is None or not n_blocks or id(p) not in self.index:
             return None
         return self.layer.owned_blocks(self.index[id(p)], n_blocks)
 

@@ -238,7 +238,7 @@ class Shampoo4bit(Optimizer):
         defaults = {k: given[k] for k in SHAMPOO_SETTINGS.names if SHAMPOO_SETTINGS[k].per_group}
         SHAMPOO_SETTINGS.validate(defaults, resolve=False)  # each group resolves its own storage's settings
         wide = {k: SHAMPOO_SETTINGS[k].check(k, given[k]) for k in ("distributed", "distributed_dtype")}
-        self._layer = D.DistributedLayer(wide["distributed"], wide["distributed_dtype"])
+        self._layer = D.DistributedLayer(wide["distributed"], wide["distributed_dtype"], whole_fsdp=True)
         self._has_sharded = False  # some parameter is a Shard(0) DTensor (checkpoint form)
         self._init_bookkeeping()
         super().__init__(params, defaults)
@@ -353,7 +353,7 @@ class Shampoo4bit(Optimizer):
                 f"created ({', '.join(changed)}); the stored state cannot be reinterpreted. Keep these settings "
                 "fixed, or start a new optimizer (or clear its state) to change them"
             )
-        plan = self._plans[id(p)] = make_plan(p, group)
+        plan = self._plans[id(p)] = make_plan(p, group, self._layer.lossless)
         return plan
 
     def _new_state(
@@ -369,7 +369,7 @@ class Shampoo4bit(Optimizer):
         what a checkpoint is checked against. A DTensor's state is that of its local shard."""
         t = D.local_view(p)[0]
         device = t.device if device is None else torch.device(device)
-        plan = make_plan(p, group)
+        plan = make_plan(p, group, self._layer.lossless)
         state: dict[str, Any] = {"step": torch.zeros((), dtype=torch.float32, device=device)}
         like = t if device == t.device else torch.empty_like(t, device=device)
         state.update(base_update.init_moments(like, group))
@@ -432,7 +432,8 @@ class Shampoo4bit(Optimizer):
             sd["rank_local"] = {"rank": D.world(self._layer.group)[1], "world_size": self._layer.pruned.world_size}
         if self._has_sharded:
             params = self._params()
-            sd["state"] = {pid: D.export_state(params[pid], st) for pid, st in sd["state"].items()}
+            state = self._layer.shared_blocks(sd["state"])  # lossless: every block on every rank
+            sd["state"] = {pid: D.export_state(params[pid], st, self._layer.lossless) for pid, st in state.items()}
         return sd
 
     def consolidate_state_dict(self, to: int = 0) -> None:
@@ -480,15 +481,19 @@ class Shampoo4bit(Optimizer):
         if self._has_sharded and isinstance(state_dict, Mapping) and isinstance(state_dict.get("state"), Mapping):
             saved = [pid for g in state_dict.get("param_groups", ()) for pid in g.get("params", ())]
             params = dict(zip(saved, self._params()))
-            state = {pid: D.import_state(params[pid], st) if pid in params and isinstance(st, Mapping) else st
-                     for pid, st in state_dict["state"].items()}
+            bits = dict(zip(saved, (g["moment_bits"] for g in self.param_groups for _ in g["params"])))
+            state = {pid: D.import_state(params[pid], st, bits[pid]) if pid in params and isinstance(st, Mapping)
+                     else st for pid, st in state_dict["state"].items()}
             state_dict = {**state_dict, "state": state}
-        load_optimizer_state(self, state_dict, super().load_state_dict, partial_blocks=rank_local is not None)
+        # a rank of a layout with block owners may hold only its own blocks (rank-local, or read
+        # from a checkpoint keyed by block through torch.distributed.checkpoint)
+        partial = rank_local is not None or self._layer.pruned is not None
+        load_optimizer_state(self, state_dict, super().load_state_dict, partial_blocks=partial)
         self._plans.clear()
         self._group_cache.clear()
         self._skips.clear()
         self._layer.forget_assignment()
-        self._partial, self._consolidated = rank_local is not None, None
+        self._partial, self._consolidated = partial, None
         self._counts = {k: 0 for k in COUNTERS} | {k: 0.0 for k in TIMERS}
         self._counts.update({k: v for k, v in state_dict.get("counters", {}).items() if k in self._counts})
         for group in self.param_groups:
@@ -505,9 +510,11 @@ class Shampoo4bit(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         counts, sync_timers = state.pop("_counts", None), state.pop("sync_timers", False)
-        mode, dtype = state.pop("distributed", "auto"), state.pop("distributed_dtype", "float32")
+        kept = getattr(self, "_layer", None) is not None  # torch's load_state_dict calls this too: keep the mode
+        mode = state.pop("distributed", self.distributed if kept else "auto")
+        dtype = state.pop("distributed_dtype", self.distributed_dtype if kept else "float32")
         super().__setstate__(state)
-        self._layer = D.DistributedLayer(mode, dtype)
+        self._layer = D.DistributedLayer(mode, dtype, whole_fsdp=True)
         self._has_sharded = any(D.is_sharded(p) for p in self._params())
         self._init_bookkeeping()
         if counts:
@@ -560,7 +567,9 @@ class Shampoo4bit(Optimizer):
         a fresh state (after a rank-local load, or when blocks changed owner)."""
         index = {id(p): i for i, p in enumerate(self._params())}
         blocks = [(p, index[id(p)], self._plan(p, g).blocks) for g in self.param_groups for p in g["params"]]
-        layout = self._layer.begin_step(self._params(), blocks, self.state)
+        groups = {id(p): g for g in self.param_groups for p in g["params"]}
+        layout = self._layer.begin_step(self._params(), blocks, self.state, lambda p, b: sum(
+            D.nbytes(self._storage(groups[id(p)], n).init(torch.device("meta"))) for n in (b.rows, b.cols)))
         if self._partial or layout.moved:
             self._fill_missing(layout)
         return layout
@@ -618,10 +627,13 @@ class Shampoo4bit(Optimizer):
         directions = list(step.grads)
         graft, gathered = [], []
         for slot, g, plan, first, pid, owned in placed:
-            hat = _assemble(g, plan, results[first : first + len(plan.blocks)], owned, pid, gathered)
+            hat = whole = _assemble(g, plan, results[first : first + len(plan.blocks)], owned, pid, gathered)
             if plan.layout is not None:
                 hat = plan.layout.from_matrix(hat)  # the data rows (a view): padding is neither applied nor grafted
-            graft.append((slot, g, hat, plan.layout is not None))
+            if plan.layout is not None and plan.layout.whole:  # lossless FSDP2: grafted whole, this rank's rows applied
+                graft.append((slot, g, whole, False))
+            else:
+                graft.append((slot, g, hat, plan.layout is not None))
             directions[slot] = hat
         layout.gather(gathered)  # every rank's blocks, before grafting
         self._graft(graft, layout)
@@ -787,16 +799,16 @@ class Shampoo4bit(Optimizer):
         return time.perf_counter()
 
 
-def make_plan(p: torch.Tensor, group: dict) -> _Plan:
+def make_plan(p: torch.Tensor, group: dict, whole: bool = False) -> _Plan:
     """How ``p`` maps onto Shampoo blocks under ``group``'s settings: a ``Shard(0)`` DTensor by
-    its local rows padded to the common shard size (:func:`.distributed.shard_layout`), anything
-    else by its whole shape."""
+    its local rows padded to the common shard size (:func:`.distributed.shard_layout`), or with
+    ``whole`` (lossless FSDP2) by the whole parameter's blocks; anything else by its whole shape."""
     fmt = tuple(group[k] for k in FORMAT_KEYS)
     layout = None
     if not group["precondition"]:
         mshape, blocks = None, ()
     elif D.is_sharded(p):
-        layout = D.shard_layout(p, group["max_order"])
+        layout = D.shard_layout(p, group["max_order"], whole)
         mshape, blocks = layout.mshape, layout.blocks
     else:
         mshape, blocks = blocks_for(tuple(p.shape), group["max_order"])
