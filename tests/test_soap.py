@@ -292,15 +292,35 @@ def _ddp_worker(rank, world, store, out, kw):
             single = SOAP4bit([torch.nn.Parameter(w.clone()) for w in weights], distributed="off",
                               precondition_frequency=3, max_precondition_dim=32, **kw)
             single.load_state_dict(sd)  # a consolidated state loads in one process
+        # FSDP2: each rank preconditions its local rows (even shards: no padding) exactly as SOAP4bit
+        # would precondition that shard as a plain parameter
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        net = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.Linear(40, 30, bias=False))
+        plain = [p.detach().clone() for p in net.parameters()]
+        fully_shard(net, mesh=init_device_mesh("cpu", (world,)))
+        sharded = SOAP4bit(net.parameters(), precondition_frequency=3, **kw)
+        local = [torch.nn.Parameter(p.chunk(world)[rank].clone()) for p in plain]
+        single = SOAP4bit(local, precondition_frequency=3, distributed="off", **kw)
+        gen = torch.Generator().manual_seed(5)
+        for _ in range(7):
+            grads = [torch.randn(p.shape, generator=gen) for p in plain]
+            for p, lp, g in zip(net.parameters(), local, grads):
+                p.grad = torch.distributed.tensor.distribute_tensor(g, p.device_mesh, p.placements)
+                lp.grad = g.chunk(world)[rank].clone()
+            sharded.step()
+            single.step()
+        fsdp_equal = all(torch.equal(p.to_local(), lp) for p, lp in zip(net.parameters(), local))
         out[rank] = (
             all(torch.equal(a, b) for a, b in zip(results["auto"][0], results["off"][0])),
-            results["auto"][1], results["auto"][2] < results["off"][2],
+            results["auto"][1], results["auto"][2] < results["off"][2], sharded.layout, fsdp_equal,
         )
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_sharded_equals_off(tmp_path):
+def test_ddp_sharded_equals_off_and_fsdp2_local_shards(tmp_path):
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     with ctx.Manager() as manager:
         out = manager.dict()
@@ -314,7 +334,7 @@ def test_ddp_sharded_equals_off(tmp_path):
             if proc.is_alive():
                 proc.kill()
                 pytest.fail("DDP workers hung")
-        assert dict(out) == {0: (True, "ddp", True), 1: (True, "ddp", True)}
+        assert dict(out) == {0: (True, "ddp", True, "fsdp2", True), 1: (True, "ddp", True, "fsdp2", True)}
 
 
 # -- Lightning ----------------------------------------------------------------------------------
