@@ -430,7 +430,8 @@ def run_task(task: str, cfg: dict[str, Any], optimizers: list[str], seeds: int, 
         data, data_info = load_char_data(cfg["chars"])
     sweep: dict[str, dict[str, Any]] = {}
     best: dict[str, float] = {}
-    lrs = sorted(cfg["lrs"])
+    all_lrs = sorted(cfg["lrs"])
+    lr_for = cfg.get("lr_for", {})  # --lr-for: one fixed lr (no sweep) for these optimizers
 
     def try_lr(name: str, lr: float) -> None:
         rec = train_run(task, name, lr, 0, data, cfg)
@@ -450,6 +451,7 @@ def run_task(task: str, cfg: dict[str, Any], optimizers: list[str], seeds: int, 
             log(f"[{task}] {name}: reused from the earlier results (lr {best[name]:g})")
             continue
         sweep[name] = {}
+        lrs = [lr_for[name]] if name in lr_for else all_lrs
         for lr in lrs:
             try_lr(name, lr)
         # A best lr on the edge of the grid is not a best lr: extend the grid that way (same ratio).
@@ -549,6 +551,62 @@ def plot_task(task: str, res: dict[str, Any], out: Path) -> list[str]:
     return paths
 
 
+def time_to_quality(res: dict[str, Any], target: str = "adamw") -> dict[str, Any]:
+    """From the first run of every optimizer (seed 0 at its best lr): the training time (``train_s``,
+    evaluations excluded) at which its validation loss first reaches ``target``'s final loss
+    (linear between evaluations), and that time over ``target``'s whole training time."""
+    if target not in res["final"]:
+        return {}
+    ref = res["final"][target]["runs"][0]
+    goal, total = ref["val_loss"], ref.get("train_s")
+    out: dict[str, Any] = {"target": target, "target_val_loss": goal, "target_train_s": total, "optimizers": {}}
+    for name, fin in res["final"].items():
+        run = fin["runs"][0]
+        pts = [(0.0, float("inf"))] + [(p["train_s"], p["val_loss"]) for p in run["curve"] if "train_s" in p]
+        hit = None
+        for (t0, v0), (t1, v1) in zip(pts, pts[1:]):
+            if v1 <= goal:
+                hit = t1 if not math.isfinite(v0) else t0 + (t1 - t0) * (v0 - goal) / (v0 - v1)
+                break
+        out["optimizers"][name] = {"train_s": run.get("train_s"), "reaches_target_s": hit,
+                                   "vs_target_time": None if hit is None or not total else hit / total}
+    return out
+
+
+def plot_time(task: str, res: dict[str, Any], out: Path) -> str | None:
+    """Validation loss against training time (first run of every optimizer), where recorded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    drawn = False
+    for name, fin in res["final"].items():
+        pts = [(p["train_s"], p["val_loss"]) for p in fin["runs"][0]["curve"] if "train_s" in p]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3, label=f"{LABELS[name]} (lr {fin['lr']:g})")
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    goal = res.get("time_to_quality", {}).get("target_val_loss")
+    if goal is not None:
+        ax.axhline(goal, color="grey", lw=0.8, ls="--", label="AdamW's final val loss")
+    ax.set_xlabel("training time (s, one thread, evaluations excluded)")
+    ax.set_ylabel("validation loss")
+    ax.set_title(f"{task}: validation loss against time (seed 0)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    vals = [p["val_loss"] for f in res["final"].values() for p in f["runs"][0]["curve"]]
+    ax.set_ylim(min(vals) - 0.05, min(max(vals), 3.0))
+    fig.tight_layout()
+    path = out / f"quality_{task}_time.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = base_parser(__doc__.split("\n\n")[0], NAME)
     parser.add_argument("--tasks", nargs="+", default=["digits", "charlm"], choices=["digits", "charlm"])
@@ -556,6 +614,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", type=int, default=None, help="seeds for the final runs (default 3; 1 with --quick)")
     parser.add_argument("--steps", type=int, default=None, help="override the training steps of every task")
     parser.add_argument("--lrs", type=float, nargs="+", default=None, help="override the learning-rate grid")
+    parser.add_argument("--lr-for", nargs="+", default=[], metavar="NAME=LR",
+                        help="run these optimizers at this one lr (no sweep), e.g. for a timing run at known best lrs")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--reuse", nargs="+", default=[], choices=OPTIMIZERS + OPTIONAL,
                         help="take these optimizers' records from --reuse-from (same task settings only)")
@@ -578,6 +638,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             cfg["eval_every"] = max(1, min(cfg["eval_every"], args.steps // 4 or 1))
         if args.lrs:
             cfg["lrs"] = list(args.lrs)
+        if args.lr_for:
+            cfg["lr_for"] = {k: float(v) for k, v in (item.split("=", 1) for item in args.lr_for)}
         reused = None
         if args.reuse:
             import json
@@ -593,8 +655,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
         results[task] = run_task(task, cfg, list(args.optimizers), seeds, log, reused)
         results[task]["wall_s"] = round(time.perf_counter() - t0, 1)
+        results[task]["time_to_quality"] = time_to_quality(results[task])
         if not args.no_plots:
             results[task]["plots"] = plot_task(task, results[task], args.out)
+            time_plot = plot_time(task, results[task], args.out)
+            if time_plot:
+                results[task]["plots"].append(time_plot)
 
     for task, res in results.items():
         metric = "val bits/char" if task == "charlm" else "val acc %"
