@@ -363,6 +363,29 @@ def test_symmetric_store_and_rebuild_match_reference_bit_for_bit(case):
     assert torch.equal(kernels.materialize(root, torch.bfloat16, backend="triton"), dense.bfloat16())
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_symmetric_kernels_with_many_small_programs(monkeypatch, bits):
+    """Tiles much smaller than the matrix: program boundaries inside triangle rows, code bytes
+    packed by several programs, rows rebuilt by several programs, several roots batched."""
+    from lightning_shampoo4.kernels import triton_symmetric
+    from lightning_shampoo4.quant import dequantize_symmetric
+
+    monkeypatch.setattr(triton_symmetric, "_tile_elems", lambda: 64)
+    n, bs = 45, 6
+    cb = get_codebook("linear1.5", bits, device)
+    qs = []
+    for _ in range(3):
+        a = torch.randn(n, n, device=device)
+        want = quantize_symmetric(a + a.T, cb, bits, bs, scale_dtype=torch.bfloat16)
+        got = kernels.quantize_symmetric(a + a.T, cb, bits, bs, scale_dtype=torch.bfloat16, backend="triton")
+        assert torch.equal(got.codes, want.codes) and torch.equal(got.absmax, want.absmax)
+        qs.append(want)
+    out = triton_symmetric.rebuild(torch.stack([q.codes for q in qs]), torch.stack([q.absmax for q in qs]),
+                                   torch.stack([q.diag for q in qs]), cb, n, bits, bs, 3, 40)
+    for q, o in zip(qs, out):
+        assert torch.equal(o, dequantize_symmetric(q, cb, n, bits, bs)[3:40])
+
+
 def test_symmetric_store_of_bf16_input_zero_blocks_and_nan():
     n = 9
     cb = get_codebook("linear1.5", 4, device)
