@@ -66,7 +66,7 @@ class Sizes:
 
     def __init__(self, dry: bool):
         self.dry = dry
-        self.orders = [1, 2, 7, 37, 301] + ([] if dry else [1200, 2049])
+        self.orders = [1, 2, 7, 37] + ([] if dry else [301, 2049])  # each size compiles its own tiles: few
         self.matmul_orders = [(7, 5), (37, 64)] + ([] if dry else [(513, 300), (1200, 1200)])
         self.vector = 1001 if dry else (1 << 24) + 3
         self.moment_numel = [4097] if dry else [4097, 1 << 22]
@@ -155,7 +155,7 @@ def check_kernels(device, sizes: Sizes, backend: str) -> list[dict]:
                ("4b bs3 fp32", 4, 3, torch.float32, "linear2")]
     for n in sizes.orders:
         for label, bits, bs, scale_dtype, cb_name in formats:
-            if bs == 3 and n > 301:
+            if bs == 3 and n > 37:
                 continue
             cb = get_codebook(cb_name, bits, device)
             for in_dtype in (torch.float32, torch.bfloat16) if n == 37 else (torch.float32,):
@@ -394,6 +394,8 @@ def step_times(device, sizes: Sizes, timer: Timer) -> list[dict]:
             "amortized_ms": sum(times) / len(times),
             "steps": len(times),
             "intervals": {"stat": t1, "root": t2} if "Shampoo" in name else None,
+            # everything the run allocated beyond the model and its input: gradients, activations, state,
+            # the optimizer's temporaries
             "peak_mib": (torch.cuda.max_memory_allocated() - base_mem) / 2**20 if timer.cuda else None,
             "state_mib": sum(_state_bytes(o) for o in opts) / 2**20,
         })
@@ -526,7 +528,7 @@ def markdown(result: dict) -> str:
     bad = [r for r in ks if not r.get("ok")]
     lines += [f"Kernels against the torch reference: {len(ks) - len(bad)} / {len(ks)} cases pass"
               + ("" if not bad else " (failing: " + "; ".join(f"{r['kernel']} {r['case']}" for r in bad[:8]) + ")"), ""]
-    lines += ["| optimizer | steady step (ms) | amortized step (ms) | peak memory (MiB) | state (MiB) |",
+    lines += ["| optimizer | steady step (ms) | amortized step (ms) | peak memory above the model (MiB) | state (MiB) |",
               "|---|---:|---:|---:|---:|"]
     for r in result["step_time"]:
         if "skipped" in r:

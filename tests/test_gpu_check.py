@@ -37,4 +37,4 @@ def test_dry_run_checks_every_section_and_writes_under_out(tmp_path):
     assert {r["optimizer"] for r in result["step_time"]} >= {"Shampoo 4-bit (default)", "Shampoo 32-bit", "AdamW"}
     assert result["precondition_paths"]["recommended_default"] in ("workspace", "fused")
     assert result["ddp"]["ok"], result["ddp"]
-    assert "| optimizer | steady step (ms) |" in res.stdout
+    assert "| optimizer | steady step (ms) | amortized step (ms) |" in res.stdout
