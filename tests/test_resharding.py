@@ -181,3 +181,39 @@ def test_checkpoints_resume_at_any_world_size_as_the_unbroken_run(tmp_path):
                         torch.testing.assert_close(a, b, rtol=0, atol=5e-3, msg=f"{case} {n} -> {m}")
                 if m > 1:
                     assert max(got["bytes"]) < 0.6 * reference_bytes, (case, n, m, got["bytes"])
+
+
+def test_owners_balance_the_state_bytes():
+    """Block owners balance the blocks' exact state bytes (the default) or their work: on the MLP
+    32-160-144-96-2 (4 blocks) two ranks by bytes keep at most 0.55 of one device's second-order
+    bytes each, by work 0.62; the bytes the optimizer weighs a block by are the bytes it stores."""
+    from lightning_shampoo4.optim import distributed as D
+    from lightning_shampoo4.optim.memory import SECOND_ORDER, kind_of
+
+    widths = (32, 160, 144, 96, 2)
+    net = nn.Sequential(*[nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:])])
+    opt = Shampoo4bit(net.parameters(), stat_interval=2, root_interval=4)
+    opt.init_state()
+    group, refs, stored = opt.param_groups[0], [], []
+    for pid, p in enumerate(net.parameters()):
+        for i, b in enumerate(D.shard_layout(p, group["max_order"]).blocks):
+            refs.append(D.BlockRef(pid, i, b.rows, b.cols))
+            stored.append(sum(v.numel() * v.element_size() for k, v in opt.state[p].items()
+                              if torch.is_tensor(v) and D.block_index(k) == i and kind_of(k) in SECOND_ORDER))
+            weighed = sum(D.nbytes(opt._storage(group, n).init(torch.device("meta"))) for n in (b.rows, b.cols))
+            assert weighed == stored[-1]
+    total = sum(stored)
+    assert total == opt.memory_report()["second_order"]
+
+    def largest(plan):
+        loads = [0] * plan.world_size
+        for owner, nbytes in zip(plan.owners, stored):
+            loads[owner] += nbytes
+        return max(loads) / total
+
+    by_bytes, by_work = D.plan_for(refs, 2, "bytes", stored), D.plan_for(refs, 2, "work")
+    assert by_bytes.loads() == [sum(c for c, o in zip(stored, by_bytes.owners) if o == r) for r in range(2)]
+    assert largest(by_bytes) <= 0.55 < 0.6 < largest(by_work)
+    assert D.DistributedLayer().balance == D.DEFAULT_BALANCE == "bytes"
+    with pytest.raises(ValueError, match="balance must be one of"):
+        D.plan_for(refs, 2, "time")

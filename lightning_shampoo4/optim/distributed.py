@@ -3,17 +3,24 @@ the preconditioned blocks come back. The per-block work itself knows nothing of 
 
 Three layouts (:func:`detect`):
 
-``None``   one process, or ``distributed="off"``: every rank computes every block of the
-           parameters it holds (the single-device step, replicated under DDP).
+``None``   one process, or ``distributed="off"`` under DDP: every rank computes every block of
+           the parameters it holds (the single-device step, replicated under DDP).
 ``"ddp"``  plain parameters whose gradients are identical on every rank (after DDP's
-           all-reduce): each block has one owner rank (:func:`plan_for`, balanced by cost,
-           computed identically on every rank without communication) that alone keeps its
-           second-order state and preconditions it; one collective per step
-           (:func:`gather_blocks`) hands every rank all preconditioned blocks, so every rank
-           applies the same update. Confirmed once by :func:`check_replicated`.
+           all-reduce): each block has one owner rank (:func:`plan_for`, balanced by the
+           blocks' state bytes or by their work, computed identically on every rank without
+           communication) that alone keeps its second-order state and preconditions it; one
+           collective per step (:func:`gather_blocks`) hands every rank all preconditioned
+           blocks, so every rank applies the same update. Confirmed once by
+           :func:`check_replicated`.
 ``"fsdp2"`` DTensor parameters on a 1-D mesh, ``Shard(0)`` (FSDP2's ``fully_shard``) or
-           ``Replicate``: each rank preconditions its local shard as its own matrix
-           (:func:`shard_layout`); no communication; blocks never straddle shards.
+           ``Replicate``. Lossless (``"auto"`` in an optimizer built with ``whole_fsdp``): the
+           whole parameters' blocks have owners as under DDP; a sharded gradient is gathered
+           whole (:class:`WholeLayout`) and each rank applies its own rows of the gathered
+           direction. Per shard (``"off"``): each rank preconditions its local shard as its own
+           matrix (:func:`shard_layout`); no blocks travel; blocks never straddle shards.
+
+The checkpoint form (:func:`export_state`, :meth:`DistributedLayer.shared_blocks`) keys block
+state by parameter and block, so DDP and lossless FSDP2 checkpoints resume at any world size.
 
 Anything else (FSDP1 flat parameters, DeepSpeed ZeRO-3, other DTensor layouts) raises
 :class:`UnsupportedStrategyError`. This module depends on torch only.

@@ -498,7 +498,7 @@ SHAMPOO_SETTINGS = register(SettingsTable(
         Setting.integer("start_preconditioning_step", 0, "no Shampoo updates before this step (the base optimizer runs)", 0),
         Setting.flag("precondition", True, "False: the group gets the base update only and no Shampoo state",
                      format=True),
-        Setting("distributed", "auto", "auto: DDP ranks share the blocks, FSDP2 shards are local; off: replicated",
+        Setting("distributed", "auto", "auto: ranks share the blocks (DDP; Shampoo4bit's FSDP2 too, lossless); off: DDP replicated, FSDP2 per shard",
                 Union[Literal["auto", "off"], bool], _distributed, per_group=False),
         Setting.choice("distributed_dtype", "float32", ("float32", "bfloat16"),
                        "dtype of the preconditioned blocks exchanged under DDP sharding", per_group=False),

@@ -20,8 +20,10 @@ synchronizes anyway.
 
 Under several processes the step goes through :mod:`.distributed` (``distributed=`` argument):
 under DDP each rank keeps the state of, and preconditions, only the blocks it owns, and one
-all-gather before grafting hands every rank every preconditioned block; FSDP2 (``Shard(0)``
-DTensors) preconditions each rank's local shard, padded to equal blocks, without communication.
+all-gather before grafting hands every rank every preconditioned block; under FSDP2 (``Shard(0)``
+DTensors) "auto" does the same with the whole parameters' blocks (their gradients gathered, each
+rank applying its own rows), "off" preconditions each rank's local shard, padded to equal blocks,
+without communication.
 With one process nothing of this runs (one attribute check per step).
 """
 
@@ -184,7 +186,8 @@ class Shampoo4bit(Optimizer):
             computed as in "off"; on CUDA the torch backend's batched matmuls of other batch
             sizes may round differently, so there it is equal up to rounding). Ranks whose
             gradients differ are never sharded. "off": every rank computes every block (replicated). FSDP2 parameters
-            (``Shard(0)`` DTensors) are preconditioned per local shard in either mode.
+            (``Shard(0)`` DTensors): "auto" gives the whole parameters' blocks owners as under DDP
+            (lossless: the directions of one device); "off" preconditions each local shard.
             FSDP1, DeepSpeed ZeRO and other DTensor layouts raise
             :class:`UnsupportedStrategyError`. Nothing changes with one process. False / True
             (a bare ``off`` in YAML) mean "off" / "auto".
