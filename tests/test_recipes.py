@@ -188,7 +188,9 @@ def test_moment_bits_reach_the_optimizer_and_its_name():
     r = get_recipe("vit_small_cifar100", overrides=["optimizer.moment_bits=4"])
     default = "4-bit Shampoo (cholesky, 8-bit statistic)"
     assert r.optimizer.shampoo_kwargs()["moment_bits"] == 4 and r.optimizer.describe() == f"{default} + 4-bit AdamW"
-    assert get_recipe("resnet34_cifar100").optimizer.moment_bits == 32  # the paper's fp32 moments by default
+    # the paper's fp32 moments by default: null, the optimizer's own default
+    assert get_recipe("resnet34_cifar100").optimizer.moment_bits is None
+    assert Shampoo4bit.SETTINGS["moment_bits"].default == 32
     eigen = get_recipe("vit_small_cifar100", overrides=["optimizer.storage=eigenvectors"]).optimizer
     assert eigen.describe() == "4-bit Shampoo (eigenvectors) + AdamW"
     with pytest.warns(DeprecationWarning, match="optimizer.storage=eigenvectors"):  # the old spelling still works
