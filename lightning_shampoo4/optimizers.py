@@ -107,6 +107,15 @@ VARIANTS = (*VARIANT_TABLES, FIRST_ORDER)
 _FIRST_ORDER_KEYS = ("base", "lr", "momentum", "nesterov", "weight_decay", "betas", "eps")
 
 
+def _required(tp: Any) -> Any:
+    """``Optional[X]`` -> ``X``; anything else unchanged."""
+    args = getattr(tp, "__args__", ())
+    rest = tuple(a for a in args if a is not type(None))
+    if type(None) in args and len(rest) == 1:
+        return rest[0]
+    return tp
+
+
 def _optional(tp: Any) -> Any:
     args = getattr(tp, "__args__", ())
     return tp if type(None) in args else Optional[tp]
@@ -123,7 +132,7 @@ def _optimizer_fields() -> list[tuple[str, Any, Any]]:
     for name, declared in rows.items():
         s = declared[0]
         default, tp = s.default, s.annotation
-        if any(r.annotation != tp for r in declared[1:]):  # two optimizers, two types: checked by each
+        if any(_required(r.annotation) != _required(tp) for r in declared[1:]):  # two types: checked by each
             default, tp = None, Any
         elif name in by_variant or s.deprecated is not None or any(r.default != default for r in declared[1:]):
             default, tp = None, _optional(tp)
