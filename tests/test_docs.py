@@ -30,7 +30,7 @@ def test_settings_tables_are_generated_from_the_declarations(name):
     text = DOC.read_text()
     assert marker in text, f"docs/algorithms.md has no table of {name}'s settings"
     assert text.split(marker, 1)[1].startswith(OPTIMIZERS[name].markdown() + "\n"), (
-        f"paste {name}.SETTINGS.markdown() into docs/algorithms.md"
+        "run: python -m lightning_shampoo4.optim.settings docs/algorithms.md"
     )
 
 

@@ -498,7 +498,8 @@ SHAMPOO_SETTINGS = register(SettingsTable(
         Setting.integer("start_preconditioning_step", 0, "no Shampoo updates before this step (the base optimizer runs)", 0),
         Setting.flag("precondition", True, "False: the group gets the base update only and no Shampoo state",
                      format=True),
-        Setting("distributed", "auto", "auto: ranks share the blocks (DDP; Shampoo4bit's FSDP2 too, lossless); off: DDP replicated, FSDP2 per shard",
+        Setting("distributed", "auto",
+                "auto: ranks share the blocks (DDP; Shampoo4bit's FSDP2 too, lossless); off: DDP replicated, FSDP2 per shard",
                 Union[Literal["auto", "off"], bool], _distributed, per_group=False),
         Setting.choice("distributed_dtype", "float32", ("float32", "bfloat16"),
                        "dtype of the preconditioned blocks exchanged under DDP sharding", per_group=False),
@@ -507,3 +508,36 @@ SHAMPOO_SETTINGS = register(SettingsTable(
     label=_shampoo_label,
     variants={"4bit": {}, "8bit": {"bits": 8}, "32bit": {"bits": 32}, "naive4bit": {"storage": "naive"}},
 ))
+
+
+def update_docs(path: str = "docs/algorithms.md") -> list[str]:
+    """Rewrite the generated settings tables in ``path`` (the lines after each
+    ``<!-- generated: NAME.SETTINGS.markdown() -->`` marker) from the registered tables; returns
+    the optimizers whose table changed. ``python -m lightning_shampoo4.optim.settings [PATH]``."""
+    import importlib
+    from pathlib import Path
+
+    importlib.import_module("lightning_shampoo4.optim")  # registers every optimizer's table
+    file = Path(path)
+    text, changed = file.read_text(), []
+    for name, table in OPTIMIZERS.items():
+        marker = f"<!-- generated: {name}.SETTINGS.markdown() -->\n"
+        if marker not in text:
+            continue
+        start = text.index(marker) + len(marker)
+        end = text.find("\n\n", start)
+        end = len(text) if end < 0 else end
+        if text[start:end] != table.markdown():
+            text = text[:start] + table.markdown() + text[end:]
+            changed.append(name)
+    if changed:
+        file.write_text(text)
+    return changed
+
+
+if __name__ == "__main__":
+    import sys
+
+    from lightning_shampoo4.optim.settings import update_docs as _update  # the registered tables
+
+    print("updated:", ", ".join(_update(*sys.argv[1:2])) or "nothing")
