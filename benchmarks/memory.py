@@ -82,13 +82,23 @@ MOMENT_VARIANTS: dict[str, dict[str, Any]] = {
 }
 VARIANT_KWARGS: dict[str, dict[str, Any]] = {**SHAMPOO_VARIANTS, **MOMENT_VARIANTS}
 # SOAP4bit (its defaults at 4 bits, and its fp32 reference) and, when installed, the peers
-SOAP_VARIANTS: dict[str, dict[str, Any]] = {"soap4": dict(bits=4), "soap32": dict(bits=32)}
+SOAP_VARIANTS: dict[str, dict[str, Any]] = {
+    "soap4": dict(bits=4), "soap32": dict(bits=32),
+    # the design candidates of docs/soap.md
+    "soap4_rotated4_m4": dict(bits=4, statistics="rotated4", moment_bits=4),
+    "soap4_rotated4": dict(bits=4, statistics="rotated4"),
+    "soap4_rotated8_m4": dict(bits=4, statistics="rotated8", moment_bits=4),
+    "soap4_cholesky8": dict(bits=4, statistics="cholesky8"),
+    "soap4_dense_stats": dict(bits=4, statistics="dense"),
+    "soap4_eigen_m4_dim1024": dict(bits=4, statistics="eigen", moment_bits=4, max_precondition_dim=1024),
+    "soap4_dim128_cholesky8_m4": dict(bits=4, statistics="cholesky8", moment_bits=4, max_precondition_dim=128),
+}
 PEER_VARIANTS = ("soap_po", "singd")  # pytorch_optimizer's SOAP (fp32), singd's SINGD (dense, fp32)
 # not among the CIFAR models of create_model: quality.py's char-level transformer (its charlm settings)
 EXTRA_MODELS = {"charlm": "adamw"}
 VARIANTS = ("baseline", "shampoo32", "shampoo8", "naive4", "shampoo4", "cholesky4", "cholesky8", "shampoo4_m8",
             "shampoo4_m4", "cholesky8_m8", "cholesky8_m4")
-SOAP_CHOICES = ("soap4", "soap32", *PEER_VARIANTS)  # on request (--variants)
+SOAP_CHOICES = (*SOAP_VARIANTS, *PEER_VARIANTS)  # on request (--variants)
 PEAK_VARIANTS = ("baseline", "shampoo32", "shampoo4", "shampoo4_m8", "shampoo4_m4")
 VARIANT_LABELS = {
     **LABELS,
@@ -100,6 +110,13 @@ VARIANT_LABELS = {
     "cholesky8_m4": "4-bit Shampoo, default storage + 4-bit moments",
     "soap4": "4-bit SOAP (SOAP4bit defaults)",
     "soap32": "32-bit SOAP (SOAP4bit bits=32)",
+    "soap4_rotated4_m4": "4-bit SOAP, rotated4 statistics, 4-bit m",
+    "soap4_rotated4": "4-bit SOAP, rotated4 statistics",
+    "soap4_rotated8_m4": "4-bit SOAP, 4-bit m",
+    "soap4_cholesky8": "4-bit SOAP, cholesky8 statistics",
+    "soap4_dense_stats": "4-bit SOAP, fp32 statistics",
+    "soap4_eigen_m4_dim1024": "4-bit SOAP, eigen statistics, 4-bit m, max dim 1024",
+    "soap4_dim128_cholesky8_m4": "4-bit SOAP, max dim 128, cholesky8, 4-bit m",
     "soap_po": "SOAP (pytorch_optimizer, fp32)",
     "singd": "SINGD (dense, fp32) + AdamW",
 }
@@ -336,8 +353,8 @@ def measure_state(model_name: str, variants: tuple[str, ...], device: str = "cpu
     v = out["variants"]
     if "soap32" in v:
         ref = v["soap32"]["state"]["second_order"]
-        for name in ("soap4", "soap_po"):
-            if name in v and v[name]["state"]["second_order"]:
+        for name in (*SOAP_VARIANTS, "soap_po"):
+            if name != "soap32" and name in v and v[name]["state"]["second_order"]:
                 v[name]["second_order_soap32_over_this"] = ref / v[name]["state"]["second_order"]
     if "shampoo32" in v:
         ref = v["shampoo32"]["state"]["second_order"]
