@@ -108,9 +108,13 @@ LEGACY = torch.load(DATA / "legacy_checkpoints.pt", weights_only=True)
 
 
 @pytest.fixture
-def one_thread():
-    """The states were saved with one torch thread (as tests/conftest.py sets it; an earlier test
-    may have changed it): matmuls round alike only with the same thread count."""
+def one_thread(monkeypatch):
+    """The conditions the states were saved in, whatever an earlier test changed: one torch thread
+    (as tests/conftest.py sets it; matmuls round alike only with the same thread count) and
+    moments quantized from 4096 elements on (0.2.0's threshold)."""
+    from lightning_shampoo4.quant import moments
+
+    monkeypatch.setattr(moments, "MIN_QUANTIZED_NUMEL", 4096)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
