@@ -27,8 +27,11 @@ matrices), and registering it::
     ))
 
 Its constructor then calls ``SOAP_SETTINGS.validate(defaults, resolve=False)`` on its defaults and
-``SOAP_SETTINGS.validate(group)`` on each group. :data:`OPTIMIZERS` lists the registered tables;
-the recipes and the command line take the optimizers from there.
+``SOAP_SETTINGS.validate(group)`` on each group, and the class sets ``SETTINGS = SOAP_SETTINGS``
+(the checkpoint loader and the command line's summary read it). :data:`OPTIMIZERS` lists the
+registered tables; the recipes (``optimizer.variant``: the table's ``variants``, or one named
+after the optimizer, ``soap4bit``), ``configure_optimizer`` and the docs tables
+(``python -m lightning_shampoo4.optim.settings docs/algorithms.md``) take the optimizers from there.
 
 Numbers may be Python, numpy or 0-dim torch scalars; they are stored back as Python ``float`` /
 ``int`` so the step reads plain numbers. Every real number must be finite.
