@@ -1,31 +1,41 @@
-"""Per-rank second-order state and optimizer step time of ``Shampoo4bit`` under DDP, at world
-sizes 1 and 2: ``distributed="off"`` (every rank computes every block) against ``"auto"`` (each
-rank owns some blocks and the preconditioned blocks are all-gathered; at world size 1 "auto"
-finds no process group to shard over and runs the single-device step).
+"""Per-rank second-order state, optimizer step time and bytes communicated per step of
+``Shampoo4bit`` at 1, 2 and 4 ranks: DDP block owners (balanced by state bytes, the default, or
+by work), lossless FSDP2 (``distributed="auto"``: whole blocks, one owner each) and per-shard
+FSDP2 (``distributed="off"``: each rank its shard's blocks).
 
 Method
 ------
-* One process per rank (CPU + gloo; one GPU per rank + NCCL when there are enough GPUs), a
-  ``DistributedDataParallel`` MLP, the same random batches on every run (each rank its slice of
-  the global batch), ``Shampoo4bit(stat_interval=--stat-interval, root_interval=--root-interval)``.
-* Warm-up: one root interval (preconditioning starts at the first root update); measured: the
-  next ``--cycles`` root intervals, timing ``optimizer.step()`` alone (CUDA synchronized), so the
-  mean holds the amortized statistics, root and preconditioning work plus the all-gather;
-  ``steady``: the median of the steps without a statistics or root update (preconditioning,
-  all-gather, grafting and the base update only).
-* Bytes: ``memory_report()["second_order"]`` on every rank after the run. ``projected`` is what
-  the block plan (``optim.distributed.plan_for``) assigns to each rank, computed from the
-  ``"off"`` run's per-block bytes: the figure ``"auto"`` should reach.
-* ``gather``: the all-gather alone for this model's blocks (fp32 and bf16), median of repeats.
-* ``max_abs_diff_vs_off``: the largest difference between the final parameters of an ``"auto"``
-  run and the ``"off"`` run of the same world size (0.0: bit-identical, as the fp32 gather is
-  meant to be); ``layout``: what ``Shampoo4bit.layout`` resolved to.
+* One process per rank (CPU + gloo; one GPU per rank + NCCL with ``--backend nccl``); the same
+  seed, the same global batches at every world size (each rank its slice); ``stat_interval=2``,
+  ``root_interval=4``, ``--steps`` steps (12).
+* Models: ``mlp``, the 4-layer MLP 32-160-144-96-2 (global batch 16), and ``vit_tiny``
+  (``lightning_shampoo4.models.vit_tiny``, embed 192, depth 12, 10 classes, 32 x 32 inputs,
+  global batch 8). Default settings (``max_order=1200``, 4-bit Cholesky storage).
+* ``ddp``: ``DistributedDataParallel`` and ``distributed="auto"``; ``ddp_work``: the same with
+  block owners balanced by work (:func:`optim.distributed.block_cost`) instead of bytes;
+  ``fsdp2``: ``fully_shard`` on the model and ``distributed="auto"``; ``fsdp2_shard``: the same
+  with ``distributed="off"``. World size 1: the one-device optimizer (the reference).
+* Bytes: ``memory_report()["second_order"]`` of every rank after the run; ``ratio``: the
+  largest rank's against one device's.
+* Step time: ``optimizer.step()`` alone (CUDA synchronized), mean over the steps after the first
+  root interval (steps 5 to 12: every step preconditions; four statistics and two root
+  updates), per rank. With more ranks than cores (4 ranks on a 2-core CPU) ranks wait for a
+  core: compare bytes across world sizes, times only where every rank has a core.
+* Communication: the bytes of the optimizer's own collectives during ``step()``, per rank and
+  step (mean over the steps after the first root interval, as the times): for an all-gather the
+  gathered buffer, for an all-reduce the reduced tensor. The gradient all-reduce of DDP and the all-gather / reduce-scatter of FSDP2
+  are the same for any optimizer and are not counted.
+* ``max_abs_diff_vs_single``: the largest difference between the final parameters and the
+  one-device run's (fp32). The ranks' averaged gradients differ from the one-device gradient by
+  the rounding of DDP's all-reduce / FSDP2's reduce-scatter, and AdamW moves a coordinate whose
+  gradient is near zero by a sizeable fraction of ``lr`` whatever its sign: so this column is not
+  the optimizer's own exactness, which ``tests/test_resharding.py`` checks with identical
+  gradients (bit for bit under DDP).
 """
 
 from __future__ import annotations
 
 import gc
-import inspect
 import os
 import statistics
 import sys
@@ -46,44 +56,48 @@ from lightning_shampoo4 import Shampoo4bit
 from lightning_shampoo4.optim import distributed as D
 
 NAME = "distributed"
-WIDTHS = "256,1024,1024,256,10"  # 9 blocks of up to 512 x 512 at the default max_order: minutes on 2 CPU cores
-INTEGRATED = "distributed" in inspect.signature(Shampoo4bit.__init__).parameters
-MODES = ("off", "auto")
+MODES = ("ddp", "ddp_work", "fsdp2", "fsdp2_shard")
+MLP_WIDTHS = (32, 160, 144, 96, 2)
 
 
-def _model(widths: list[int]) -> nn.Module:
-    layers: list[nn.Module] = []
-    for a, b in zip(widths[:-1], widths[1:]):
-        layers += [nn.Linear(a, b), nn.GELU()]
-    return nn.Sequential(*layers[:-1])
+def _model(name: str) -> tuple[nn.Module, int, Any]:
+    """The model, its global batch and a batch maker ``(generator) -> (x, y)``."""
+    if name == "mlp":
+        layers: list[nn.Module] = []
+        for a, b in zip(MLP_WIDTHS[:-1], MLP_WIDTHS[1:]):
+            layers += [nn.Linear(a, b), nn.GELU()]
+        return nn.Sequential(*layers[:-1]), 16, lambda g, n: (
+            torch.randn(n, MLP_WIDTHS[0], generator=g), torch.randint(0, MLP_WIDTHS[-1], (n,), generator=g))
+    if name == "mlp_quick":
+        return nn.Sequential(nn.Linear(8, 12), nn.GELU(), nn.Linear(12, 10), nn.GELU(), nn.Linear(10, 2)), 8, (
+            lambda g, n: (torch.randn(n, 8, generator=g), torch.randint(0, 2, (n,), generator=g)))
+    if name == "vit_tiny":
+        from lightning_shampoo4.models.vit import vit_tiny
+
+        return vit_tiny(num_classes=10), 8, lambda g, n: (
+            torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g))
+    raise ValueError(f"unknown model {name!r}")
 
 
-def _block_bytes(opt: Shampoo4bit) -> list[int]:
-    """Second-order bytes of every block, in the order of the optimizer's parameters and blocks."""
-    from lightning_shampoo4.optim.memory import SECOND_ORDER, kind_of
+class _Counter:
+    """Bytes of the optimizer's collectives (all-gathers of :mod:`optim.distributed`, all-reduces)."""
 
-    out = []
-    for group in opt.param_groups:
-        for p in group["params"]:
-            state = opt.state[p]
-            n_blocks = len(D.shard_layout(p, group["max_order"]).blocks) if group["precondition"] else 0
-            for i in range(n_blocks):
-                out.append(sum(
-                    v.numel() * v.element_size() for k, v in state.items()
-                    if torch.is_tensor(v) and D.block_index(k) == i and kind_of(k) in SECOND_ORDER
-                ))
-    return out
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.active = False
+        self._gather, self._reduce = D._all_gather_flat, dist.all_reduce
 
+        def gather(out, t, group=None):
+            if self.active:
+                self.bytes += out.numel() * out.element_size()
+            return self._gather(out, t, group=group)
 
-def _refs(opt: Shampoo4bit) -> list[D.BlockRef]:
-    refs, pid = [], 0
-    for group in opt.param_groups:
-        for p in group["params"]:
-            if group["precondition"]:
-                for i, b in enumerate(D.shard_layout(p, group["max_order"]).blocks):
-                    refs.append(D.BlockRef(pid, i, b.rows, b.cols))
-            pid += 1
-    return refs
+        def reduce(t, *args, **kwargs):
+            if self.active:
+                self.bytes += t.numel() * t.element_size()
+            return self._reduce(t, *args, **kwargs)
+
+        D._all_gather_flat, dist.all_reduce = gather, reduce
 
 
 def _worker(rank: int, world: int, cfg: dict[str, Any]) -> None:
@@ -96,181 +110,155 @@ def _worker(rank: int, world: int, cfg: dict[str, Any]) -> None:
     try:
         _measure(rank, world, cfg, device)
     finally:
-        _shutdown()
-
-
-def _shutdown() -> None:
-    """Destroy the process group once its last user is gone. gloo's worker thread needs the GIL
-    to drop finished collectives; a group destroyed while it still holds one (e.g. by the last
-    DDP reference dying with the GIL held) deadlocks, so collect first and let the thread run."""
-    gc.collect()
-    time.sleep(0.05)
-    dist.destroy_process_group()
+        gc.collect()  # gloo's worker thread must drop its finished collectives before the group goes
+        time.sleep(0.05)
+        dist.destroy_process_group()
 
 
 def _measure(rank: int, world: int, cfg: dict[str, Any], device: torch.device) -> None:
-    """One run on this rank: train, time ``optimizer.step()``, save the rank's record."""
-    cuda = device.type == "cuda"
+    cuda, mode = device.type == "cuda", cfg["mode"]
     torch.manual_seed(0)
-    model = _model(cfg["widths"]).to(device)
-    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[rank] if cuda else None) if world > 1 else model
-    kwargs = dict(
-        lr=1e-3, stat_interval=cfg["stat_interval"], root_interval=cfg["root_interval"], max_order=cfg["max_order"]
-    )
-    opt = Shampoo4bit(ddp.parameters(), distributed=cfg["mode"], **kwargs)
+    model, batch, make = _model(cfg["model"])
+    model = model.to(device)
+    net = model
+    if mode.startswith("fsdp2") and world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model, mesh=init_device_mesh(device.type, (world,)))
+    elif world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[rank] if cuda else None)
+    distributed = "off" if mode == "fsdp2_shard" else "auto"
+    opt = Shampoo4bit(model.parameters(), lr=1e-3, stat_interval=2, root_interval=4, distributed=distributed)
+    if mode == "ddp_work":
+        opt._layer.balance = "work"  # the owners' other balance (the default balances bytes)
+    counter = _Counter()
     g = torch.Generator().manual_seed(1)
-    batch, steps = cfg["batch"], cfg["root_interval"] * (1 + cfg["cycles"])
-    times, steady = [], []
-    for step in range(steps):
-        x = torch.randn(batch, cfg["widths"][0], generator=g).to(device)
-        y = torch.randint(0, cfg["widths"][-1], (batch,), generator=g).to(device)
+    times, comm = [], []
+    for step in range(cfg["steps"]):
+        x, y = make(g, batch)
         lo, hi = rank * batch // world, (rank + 1) * batch // world
         opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(ddp(x[lo:hi]), y[lo:hi]).backward()
+        nn.functional.cross_entropy(net(x[lo:hi].to(device)), y[lo:hi].to(device)).backward()
         if cuda:
             torch.cuda.synchronize()
+        counter.bytes, counter.active = 0, True
         t0 = time.perf_counter()
         opt.step()
         if cuda:
             torch.cuda.synchronize()
-        if step >= cfg["root_interval"]:
-            times.append(time.perf_counter() - t0)
-            if (step + 1) % cfg["stat_interval"]:  # the optimizer's clock is step + 1
-                steady.append(times[-1])
-    rec: dict[str, Any] = {
+        dt = time.perf_counter() - t0
+        counter.active = False
+        if step >= 4:  # after the first root update (step 4): every step preconditions
+            times.append(dt)
+            comm.append(counter.bytes)
+    params = [p.full_tensor() if D.is_dtensor(p) else p.detach() for p in model.parameters()]
+    rec = {
         "rank": rank,
         "layout": opt.layout,
         "second_order_bytes": opt.memory_report()["second_order"],
         "step_time_mean_s": statistics.fmean(times),
-        "step_time_median_s": statistics.median(times),
-        "steady_step_time_median_s": statistics.median(steady) if steady else None,
+        "comm_bytes_per_step": statistics.fmean(comm),
     }
     if rank == 0:
-        rec["params"] = torch.cat([p.detach().reshape(-1).cpu() for p in model.parameters()])
-    if world > 1 and cfg["mode"] == "off":  # the plan's projection from this run's per-block bytes
-        per_block = _block_bytes(opt)
-        plan = D.plan_for(_refs(opt), world)
-        projected = [0] * world
-        for nbytes, owner in zip(per_block, plan.owners):
-            projected[owner] += nbytes
-        rec["projected_second_order_bytes_per_rank"] = projected
-        rec["gather"] = _time_gather(opt, plan, device, cfg["repeats"])
-    torch.save(rec, Path(cfg["result_dir"]) / f"{cfg['mode']}_w{world}_r{rank}.pt")
+        rec["params"] = torch.cat([p.reshape(-1).cpu() for p in params])
+    torch.save(rec, Path(cfg["result_dir"]) / f"r{rank}.pt")
 
 
-def _time_gather(opt: Shampoo4bit, plan: D.Plan, device: torch.device, repeats: int) -> dict[str, Any]:
-    """The all-gather of this model's preconditioned blocks alone."""
-    dests = [(torch.zeros(b.rows, b.cols, device=device), o) for b, o in zip(plan.blocks, plan.owners)]
-    out = {"numel": sum(d.numel() for d, _ in dests)}
-    for name, dtype in D.COMM_DTYPES.items():
-        ts = []
-        for _ in range(repeats + 1):
-            dist.barrier()
-            t0 = time.perf_counter()
-            D.gather_blocks(dests, dtype)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            ts.append(time.perf_counter() - t0)
-        out[f"{name}_median_s"] = statistics.median(ts[1:])
-    return out
-
-
-def _launch(world: int, mode: str, cfg: dict[str, Any]) -> list[dict[str, Any]]:
+def _launch(world: int, cfg: dict[str, Any]) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
-        run_cfg = {**cfg, "mode": mode, "store": os.path.join(tmp, "store"), "result_dir": tmp}
+        run_cfg = {**cfg, "store": os.path.join(tmp, "store"), "result_dir": tmp}
         # fork starts in milliseconds (and works when this module was loaded by path); CUDA must not be forked
         method = "fork" if cfg["backend"] == "gloo" and "fork" in mp.get_all_start_methods() else "spawn"
         mp.start_processes(_worker, args=(world, run_cfg), nprocs=world, start_method=method)
-        return [torch.load(Path(tmp) / f"{mode}_w{world}_r{r}.pt", weights_only=True) for r in range(world)]
+        return [torch.load(Path(tmp) / f"r{r}.pt", weights_only=True) for r in range(world)]
+
+
+def _plot(runs: list[dict[str, Any]], models: list[str], worlds: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 3.8), squeeze=False)
+    labels = {"ddp": "DDP (owners by bytes)", "ddp_work": "DDP (owners by work)",
+              "fsdp2": "FSDP2 lossless", "fsdp2_shard": "FSDP2 per shard"}
+    for ax, model in zip(axes[0], models):
+        single = next(r for r in runs if r["model"] == model and r["world_size"] == 1)
+        base = single["second_order_bytes_per_rank"][0]
+        ax.plot(worlds, [1 / w for w in worlds], "k:", label="1 / world")
+        styles = {"ddp": ("o", "-", 9), "ddp_work": ("s", "-", 6), "fsdp2": ("^", "--", 6), "fsdp2_shard": ("D", "-", 6)}
+        for mode in MODES:
+            pts = [(r["world_size"], max(r["second_order_bytes_per_rank"]) / base) for r in runs
+                   if r["model"] == model and (r["mode"] == mode or r["world_size"] == 1)]
+            if len(pts) > 1:
+                marker, line, size = styles[mode]
+                ax.plot(*zip(*sorted(pts)), marker=marker, linestyle=line, markersize=size, label=labels[mode])
+        ax.set_title(f"{model}: one device {base / 1024:.0f} KiB")
+        ax.set_xlabel("ranks")
+        ax.set_xticks(worlds)
+        ax.set_ylabel("second-order bytes, largest rank / one device")
+        ax.set_ylim(0, 1.05)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = base_parser(__doc__.split("\n\n")[0], NAME)
-    parser.add_argument("--world-sizes", default="1,2", help="comma-separated world sizes")
-    parser.add_argument(
-        "--widths", default=None, help=f"MLP widths, comma-separated (default {WIDTHS}; 32,48,40,10 with --quick)"
-    )
-    parser.add_argument("--max-order", type=int, default=None, help="Shampoo max_order (default 512; 16 with --quick)")
-    parser.add_argument("--batch", type=int, default=64, help="global batch")
-    parser.add_argument(
-        "--root-interval", type=int, default=None, help="steps between root updates (default 10; 2 with --quick)"
-    )
-    parser.add_argument(
-        "--stat-interval", type=int, default=None, help="steps between statistics updates (default 5; 1 with --quick)"
-    )
-    parser.add_argument("--cycles", type=int, default=None, help="measured root intervals (default 2; 1 with --quick)")
-    parser.add_argument(
-        "--backend", choices=("auto", "gloo", "nccl"), default="auto", help="auto: nccl with enough GPUs, else gloo"
-    )
+    parser.add_argument("--world-sizes", default="1,2,4",
+                        help="comma-separated world sizes (1 is the reference; 1,2 with --quick)")
+    parser.add_argument("--models", default="mlp,vit_tiny", help="mlp, vit_tiny (mlp_quick with --quick)")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
+    parser.add_argument("--steps", type=int, default=12, help="optimizer steps (roots every 4)")
+    parser.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",
+                        help="auto: nccl with enough GPUs, else gloo")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    worlds = [int(w) for w in args.world_sizes.split(",")]
+    worlds = [1, 2] if args.quick else sorted({1, *(int(w) for w in args.world_sizes.split(","))})
+    models = ["mlp_quick"] if args.quick else args.models.split(",")
+    modes = ["ddp", "fsdp2"] if args.quick else args.modes.split(",")
     backend = args.backend
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= max(worlds) else "gloo"
     run = setup_run(args, "cuda" if backend == "nccl" else "cpu")
-    cfg = {
-        "threads": max(1, args.threads // max(worlds)),
-        "backend": backend,
-        "widths": [int(w) for w in (args.widths or ("32,48,40,10" if args.quick else WIDTHS)).split(",")],
-        "max_order": args.max_order or (16 if args.quick else 512),
-        "batch": args.batch,
-        "root_interval": args.root_interval or (2 if args.quick else 10),
-        "stat_interval": args.stat_interval or (1 if args.quick else 5),
-        "cycles": args.cycles or (1 if args.quick else 2),
-        "repeats": 3 if args.quick else 20,
-    }
+    base = {"threads": 1, "backend": backend, "steps": 8 if args.quick else args.steps}
     runs = []
-    for world in worlds:
-        final: dict[str, torch.Tensor] = {}
-        for mode in MODES:
-            t0 = time.perf_counter()
-            recs = _launch(world, mode, cfg)
-            final[mode] = recs[0].pop("params")
-            rec: dict[str, Any] = {
-                "world_size": world,
-                "mode": mode,
-                "backend": backend,
-                "layout": [r["layout"] for r in recs],
-                "wall_s": round(time.perf_counter() - t0, 2),
-                "second_order_bytes_per_rank": [r["second_order_bytes"] for r in recs],
-                "step_time_mean_s_per_rank": [r["step_time_mean_s"] for r in recs],
-                "step_time_median_s_per_rank": [r["step_time_median_s"] for r in recs],
-                "steady_step_time_median_s_per_rank": [r["steady_step_time_median_s"] for r in recs],
-            }
-            if "projected_second_order_bytes_per_rank" in recs[0]:
-                rec["projected_second_order_bytes_per_rank"] = recs[0]["projected_second_order_bytes_per_rank"]
-                rec["gather"] = recs[0]["gather"]
-            if mode != "off":
-                rec["max_abs_diff_vs_off"] = float((final[mode] - final["off"]).abs().max())
-            runs.append(rec)
-            print(f"[distributed] world {world} {mode} in {time.perf_counter() - t0:.1f}s", flush=True)
+    for model in models:
+        single = None
+        for world in worlds:
+            for mode in (["single"] if world == 1 else modes):
+                t0 = time.perf_counter()
+                recs = _launch(world, {**base, "model": model, "mode": "ddp" if mode == "single" else mode})
+                final = recs[0].pop("params")
+                rec: dict[str, Any] = {
+                    "model": model, "world_size": world, "mode": mode, "backend": backend,
+                    "layout": [r["layout"] for r in recs],
+                    "second_order_bytes_per_rank": [r["second_order_bytes"] for r in recs],
+                    "step_time_mean_s_per_rank": [r["step_time_mean_s"] for r in recs],
+                    "comm_bytes_per_step_per_rank": [r["comm_bytes_per_step"] for r in recs],
+                    "wall_s": round(time.perf_counter() - t0, 2),
+                }
+                if single is None:
+                    single = (final, rec["second_order_bytes_per_rank"][0])
+                rec["ratio_largest_rank_vs_single"] = max(rec["second_order_bytes_per_rank"]) / single[1]
+                rec["max_abs_diff_vs_single"] = float((final - single[0]).abs().max())
+                runs.append(rec)
+                print(f"[distributed] {model} world {world} {mode} in {rec['wall_s']:.1f}s", flush=True)
 
-    rows = []
-    for r in runs:
-        projected = next((o.get("projected_second_order_bytes_per_rank") for o in runs
-                          if o["world_size"] == r["world_size"] and o["mode"] == "off"), None)
-        rows.append([r["world_size"], r["mode"], r["backend"], str(r["layout"][0]),
-                     " / ".join(f"{b:,}" for b in r["second_order_bytes_per_rank"]),
-                     " / ".join(f"{b:,}" for b in projected or []) or "-",
-                     " / ".join(f"{t * 1e3:.2f}" for t in r["step_time_mean_s_per_rank"]),
-                     " / ".join("-" if t is None else f"{t * 1e3:.2f}" for t in r["steady_step_time_median_s_per_rank"]),
-                     r.get("max_abs_diff_vs_off", "-")])
-    print(table(["world", "distributed", "backend", "layout", "second-order bytes per rank", "projected by the plan",
-                 "step ms per rank (mean)", "steady step ms (median)", "max |param - off|"], rows))
-    for r in runs:
-        if "gather" in r:
-            g = r["gather"]
-            print(f"all-gather of {g['numel']:,} preconditioned elements at world {r['world_size']}: "
-                  f"fp32 {g['float32_median_s'] * 1e3:.3f} ms, bf16 {g['bfloat16_median_s'] * 1e3:.3f} ms (median)")
-    payload = {
-        "settings": dict(cfg),
-        "integrated": INTEGRATED,
-        "note": "world size 1: 'auto' finds no process group to shard over and runs the single-device step",
-        "runs": runs,
-    }
+    rows = [[r["model"], r["world_size"], r["mode"], str(r["layout"][0]),
+             " / ".join(f"{b:,}" for b in r["second_order_bytes_per_rank"]), f"{r['ratio_largest_rank_vs_single']:.3f}",
+             " / ".join(f"{t * 1e3:.1f}" for t in r["step_time_mean_s_per_rank"]),
+             f"{max(r['comm_bytes_per_step_per_rank']):,.0f}", f"{r['max_abs_diff_vs_single']:.1e}"] for r in runs]
+    print(table(["model", "ranks", "mode", "layout", "second-order bytes per rank", "largest / one device",
+                 "step ms per rank (mean)", "optimizer comm bytes / step", "max |param - one device|"], rows))
+    payload = {"settings": {**base, "models": models, "world_sizes": worlds, "modes": modes,
+                            "stat_interval": 2, "root_interval": 4}, "runs": runs}
     path = write_result(args.out, NAME, payload, run, argv)
-    print(f"\nwrote {path}")
+    _plot(runs, models, worlds, args.out / f"{NAME}.png")
+    print(f"\nwrote {path} and {args.out / f'{NAME}.png'}")
     return payload
 
 

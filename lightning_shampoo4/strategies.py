@@ -3,9 +3,11 @@
 Supported: one device (``SingleDeviceStrategy``: ``strategy="auto"`` on one CPU or GPU), data
 parallel (``DDPStrategy``: ``"ddp"``, ``"ddp_spawn"``, ``"ddp_fork"``, ``"ddp_notebook"``), where
 the optimizer shards its Shampoo blocks over the ranks (``distributed="auto"``), and
-``ModelParallelStrategy`` with FSDP2 (``fully_shard`` on a 1-D data-parallel mesh), where each
-rank preconditions its local shards. The optimizer itself refuses parameter layouts it cannot
-precondition (2-D meshes, tensor-parallel shards other than dim 0) with the same error.
+``ModelParallelStrategy`` with FSDP2 (``fully_shard`` on a 1-D data-parallel mesh), where the
+whole parameters' blocks have owner ranks as under DDP (``distributed="auto"``, lossless) or each
+rank preconditions its local shards (``"off"``). The optimizer itself refuses parameter layouts it
+cannot precondition (2-D meshes such as HSDP, tensor-parallel shards other than dim 0) with the
+same error.
 
 Not supported: ``FSDPStrategy`` (FSDP1 flat parameters would be preconditioned by their
 flattened shard shapes), DeepSpeed (ZeRO partitions and wraps the optimizer state itself), XLA

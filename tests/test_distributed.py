@@ -1025,12 +1025,15 @@ def test_distributed_benchmark_quick(tmp_path):
     import json
 
     data = json.loads((tmp_path / "distributed.json").read_text())
-    assert data["benchmark"] == "distributed"
+    assert data["benchmark"] == "distributed" and (tmp_path / "distributed.png").is_file()
     rows = {(r["world_size"], r["mode"]): r for r in data["runs"]}
-    assert rows.keys() == {(1, "off"), (1, "auto"), (2, "off"), (2, "auto")}
+    assert rows.keys() == {(1, "single"), (2, "ddp"), (2, "fsdp2")}
     assert all(len(r["second_order_bytes_per_rank"]) == r["world_size"] for r in rows.values())
-    sharded = rows[(2, "auto")]
-    assert sharded["layout"] == ["ddp", "ddp"] and rows[(1, "auto")]["layout"] == [None]
-    assert max(sharded["second_order_bytes_per_rank"]) < 0.75 * rows[(1, "off")]["second_order_bytes_per_rank"][0]
-    assert sharded["second_order_bytes_per_rank"] == rows[(2, "off")]["projected_second_order_bytes_per_rank"]
-    assert sharded["max_abs_diff_vs_off"] == 0.0 and rows[(1, "auto")]["max_abs_diff_vs_off"] == 0.0
+    ddp, fsdp2 = rows[(2, "ddp")], rows[(2, "fsdp2")]
+    assert ddp["layout"] == ["ddp", "ddp"] and fsdp2["layout"] == ["fsdp2", "fsdp2"]
+    # the same whole blocks and owners: the same bytes per rank, about half of one device's
+    assert ddp["second_order_bytes_per_rank"] == fsdp2["second_order_bytes_per_rank"]
+    assert sum(ddp["second_order_bytes_per_rank"]) == rows[(1, "single")]["second_order_bytes_per_rank"][0]
+    assert ddp["ratio_largest_rank_vs_single"] < 0.6
+    assert ddp["max_abs_diff_vs_single"] < 1e-6 and fsdp2["max_abs_diff_vs_single"] < 1e-6
+    assert min(ddp["comm_bytes_per_step_per_rank"]) > 0 and rows[(1, "single")]["comm_bytes_per_step_per_rank"] == [0]

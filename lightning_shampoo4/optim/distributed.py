@@ -569,8 +569,6 @@ def export_state(p: torch.Tensor, state: Mapping[str, Any], whole: bool = False)
     Other parameters' state is returned as is."""
     if not is_sharded(p):
         return dict(state)
-    from torch.distributed.tensor import DTensor
-
     local = p.to_local()
     out: dict[str, Any] = {}
     quantized = _quantized_moments(state)
