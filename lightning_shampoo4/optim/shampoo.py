@@ -735,15 +735,16 @@ class Shampoo4bit(Optimizer):
                 )
                 continue
             gb = g if len(plan.blocks) == 1 else g[block.r0 : block.r1, block.c0 : block.c1]
-            operands.append([self._update_side(p, group, side, state, gb @ gb.mT if side.name == "L" else gb.mT @ gb,
+            operands.append([self._update_side(p, group, side, state, _gram(gb, side.name) if stats_due else None,
                                                stats_due, roots_due, step) for side in (left, right)])
         if not roots_due and state["last_root_step"] == 0:
             return None
         return operands
 
-    def _update_side(self, p, group, side: _Side, state: dict, m: torch.Tensor, stats_due: bool, roots_due: bool,
+    def _update_side(self, p, group, side: _Side, state: dict, m: torch.Tensor | None, stats_due: bool, roots_due: bool,
                      step: _StepWork):
-        """One factor: its PU (``m``: this step's G G^T or G^T G) and PIRU when due; its root operand."""
+        """One factor: its PU (``m``: this step's G G^T or G^T G, None when no PU is due) and PIRU
+        when due; its root operand."""
         storage = self._storage(group, side.order)
         new: dict[str, torch.Tensor] = {}
         view = ChainMap(new, PrefixView(state, side.prefix))
@@ -834,6 +835,11 @@ def _assemble(g: torch.Tensor, plan: _Plan, results: list, owned: list[int] | No
         if owned is not None:
             gathered.append((pid, i, dst))
     return hat
+
+
+def _gram(gb: torch.Tensor, side: str) -> torch.Tensor:
+    """A block's statistic for one side: G G^T (left, "L") or G^T G (right)."""
+    return gb @ gb.mT if side == "L" else gb.mT @ gb
 
 
 def _guarded(update: Callable[..., Update], *args) -> Update:
