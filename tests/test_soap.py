@@ -190,6 +190,18 @@ def test_state_dict_resume_is_bit_identical(kw):
         assert torch.equal(a, b)
 
 
+def test_load_state_dict_keeps_distributed_setting():
+    """torch's load_state_dict goes through __setstate__: the optimizer's own settings stay."""
+    src = SOAP4bit([torch.nn.Parameter(torch.randn(6, 5))])
+    src.param_groups[0]["params"][0].grad = torch.randn(6, 5)
+    src.step()
+    sd = _roundtrip(src)
+    opt = SOAP4bit([torch.nn.Parameter(torch.randn(6, 5))], distributed="off", distributed_dtype="bfloat16")
+    opt.load_state_dict(sd)
+    assert opt.distributed == "off" and opt.distributed_dtype == "bfloat16"
+    assert opt.counters == src.counters
+
+
 def test_bad_input_errors():
     p = [torch.nn.Parameter(torch.randn(4, 4))]
     for kw, msg in [

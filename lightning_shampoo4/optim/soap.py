@@ -620,7 +620,9 @@ class SOAP4bit(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         counts = state.pop("_counts", None)
-        mode, dtype = state.pop("distributed", "auto"), state.pop("distributed_dtype", "float32")
+        kept = getattr(self, "_layer", None) is not None  # torch's load_state_dict calls this too: keep the mode
+        mode = state.pop("distributed", self.distributed if kept else "auto")
+        dtype = state.pop("distributed_dtype", self.distributed_dtype if kept else "float32")
         super().__setstate__(state)
         self._layer = D.DistributedLayer(mode, dtype)
         self._has_sharded = any(D.is_sharded(p) for p in self._params())
