@@ -30,21 +30,18 @@ With one process nothing of this runs (one attribute check per step).
 from __future__ import annotations
 
 import time
-import warnings
 from collections import ChainMap
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any, Literal, NamedTuple
 
 import torch
-from torch.optim import Optimizer
 
 from . import base_update, preconditioning
 from . import distributed as D
 from .blocking import Block, blocks_for
-from .checkpoint import CheckpointMismatchError, load_optimizer_state
+from .block_optimizer import SKIP_WARN_AFTER, BlockOptimizer  # noqa: F401  (SKIP_WARN_AFTER: re-exported)
 from .distributed import UnsupportedStrategyError
 from .factor import Factor, PrefixView
-from .memory import memory_report
 from .storage import FAILED, RETRIED, FactorConfig, Storage, Update, storage_for
 from .settings import SHAMPOO_SETTINGS
 from .state_keys import StateKey
@@ -60,13 +57,10 @@ COUNTERS = (
     "failed_updates",  # updates that failed (non-finite result, linear-algebra error); previous kept
 )
 TIMERS = ("time_stats_s", "time_roots_s")
-SKIP_WARN_AFTER = 50  # consecutive skipped steps after which the optimizer warns, once
 
 # every per-group hyper-parameter (the constructor's arguments after params, less the optimizer-wide ones)
 HYPER_KEYS = SHAMPOO_SETTINGS.group_keys
 FORMAT_KEYS = SHAMPOO_SETTINGS.format_keys
-# what a group's cached storages depend on (a deprecated key set on a group is translated anew)
-_SIGNATURE_KEYS = tuple(s.name for s in SHAMPOO_SETTINGS.settings if s.per_group)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -110,7 +104,7 @@ class _LocalStates(NamedTuple):
     state: dict
 
 
-class Shampoo4bit(Optimizer):
+class Shampoo4bit(BlockOptimizer):
     """Shampoo whose preconditioner state is stored at about 4 bits per element.
 
     By default (``storage="cholesky"``) each Kronecker statistic is kept as its lower Cholesky
@@ -201,6 +195,9 @@ class Shampoo4bit(Optimizer):
     """
 
     SETTINGS = SHAMPOO_SETTINGS  # every argument after ``params``, declared once (:mod:`.settings`)
+    COUNTERS, TIMERS = COUNTERS, TIMERS
+    WHOLE_FSDP = True
+    RESTART = "a fresh statistic"
 
     def __init__(
         self,
@@ -240,50 +237,19 @@ class Shampoo4bit(Optimizer):
         given = dict(locals())
         defaults = {k: given[k] for k in SHAMPOO_SETTINGS.names if SHAMPOO_SETTINGS[k].per_group}
         SHAMPOO_SETTINGS.validate(defaults, resolve=False)  # each group resolves its own storage's settings
-        wide = {k: SHAMPOO_SETTINGS[k].check(k, given[k]) for k in ("distributed", "distributed_dtype")}
-        self._layer = D.DistributedLayer(wide["distributed"], wide["distributed_dtype"], whole_fsdp=True)
-        self._has_sharded = False  # some parameter is a Shard(0) DTensor (checkpoint form)
-        self._init_bookkeeping()
-        super().__init__(params, defaults)
-
-    @property
-    def distributed(self) -> str:
-        """The ``distributed`` argument ("auto" or "off")."""
-        return self._layer.mode
-
-    @property
-    def distributed_dtype(self) -> str:
-        """The ``distributed_dtype`` argument ("float32" or "bfloat16")."""
-        return next(k for k, v in D.COMM_DTYPES.items() if v == self._layer.dtype)
-
-    @property
-    def layout(self) -> str | None:
-        """The parallel layout the steps use: None (every rank computes every block), "ddp"
-        (blocks sharded over the ranks) or "fsdp2" (local shards); None until the first step
-        has decided it."""
-        return self._layer.kind
+        super().__init__(params, defaults, distributed, distributed_dtype)
 
     def _init_bookkeeping(self) -> None:
-        """Counters and caches: everything here besides the counts is derived and rebuilt."""
-        self._counts: dict[str, float] = {k: 0 for k in COUNTERS} | {k: 0.0 for k in TIMERS}
+        """Counters and caches (:meth:`.BlockOptimizer._init_bookkeeping`), plus the device-side
+        skip counts and the storages by group."""
+        super()._init_bookkeeping()
         self._skips: dict[torch.device, torch.Tensor] = {}  # device-side skipped-step counts
         self._skip_mark = (0, 0)  # (clock, skipped steps) when the host last looked
-        self._skip_run = 0  # consecutive skipped steps seen so far
-        self._skip_warned = False
-        self._plans: dict[int, _Plan] = {}
-        self._group_cache: dict[int, tuple[tuple, dict[int, Storage]]] = {}
+        self._group_cache: dict[int, dict[int, Storage]] = {}
         self.sync_timers = False  # synchronize CUDA around PU / PIRU so the timers are exact
         self._stand_ins: dict[tuple[int, torch.device], tuple[Storage, Any]] = {}
-        self._partial = False  # loaded a rank-local state: fill in missing blocks at the next step
-        self._consolidated: tuple[int, dict] | None = None  # (clock, full state) on the gathering rank
 
     # -- counters ------------------------------------------------------------------------
-    @property
-    def counters(self) -> dict[str, float]:
-        """Event counts and timers (see ``COUNTERS``); reading it waits for pending skips."""
-        self._fold_skips()
-        return dict(self._counts)
-
     def _fold_skips(self) -> None:
         """Add the device-side skip counts to the host counts (waits for them: call it only
         where the host synchronizes anyway), then warn once if every recent step was skipped."""
@@ -296,44 +262,17 @@ class Shampoo4bit(Optimizer):
         if clock == last_clock:
             return
         self._skip_run = self._skip_run + clock - last_clock if skipped - last_skipped == clock - last_clock else 0
-        if self._skip_run >= SKIP_WARN_AFTER and not self._skip_warned:
-            self._skip_warned = True
-            warnings.warn(
-                f"Shampoo4bit skipped each of the last {self._skip_run} steps because a gradient or a preconditioned "
-                f"direction held inf / NaN (counters['skipped_nonfinite'] = {skipped}): nothing is being trained. "
-                "Check the loss and the parameters for inf / NaN.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        self._warn_skipped()
+
+    def _note_skip(self) -> None:
+        self._fold_skips()
 
     # -- groups and state ----------------------------------------------------------------
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        for p in group["params"]:
-            if p.is_complex():
-                raise ValueError(
-                    f"complex parameters are not supported (got one of shape {tuple(p.shape)}); "
-                    "optimize torch.view_as_real(p) as a real parameter instead"
-                )
-        SHAMPOO_SETTINGS.validate(group)
-        self._layer.check(group["params"])  # refuses FSDP1, ZeRO and other DTensor layouts
-        self._has_sharded = self._has_sharded or any(D.is_sharded(p) for p in group["params"])
-        group.setdefault("clock", self.param_groups[0].get("clock", 0))
-
-    @property
-    def _clock(self) -> int:
-        return self.param_groups[0]["clock"] if self.param_groups else 0
-
     def _group_storages(self, group: dict) -> dict[int, Storage]:
         """The group's storages by factor order; revalidates the group when it changed."""
-        sig = tuple(group.get(k) for k in _SIGNATURE_KEYS)
-        cached = self._group_cache.get(id(group))
-        if cached is not None and cached[0] == sig:
-            return cached[1]
-        SHAMPOO_SETTINGS.validate(group)
-        storages: dict[int, Storage] = {}
-        self._group_cache[id(group)] = (tuple(group.get(k) for k in _SIGNATURE_KEYS), storages)
+        storages = self._group_cache.get(id(group))
+        if self._check_group(group) or storages is None:
+            storages = self._group_cache[id(group)] = {}
         return storages
 
     def _storage(self, group: dict, order: int) -> Storage:
@@ -343,21 +282,8 @@ class Shampoo4bit(Optimizer):
             st = storages[order] = storage_for(FactorConfig.from_group(group, order))
         return st
 
-    def _plan(self, p: torch.Tensor, group: dict) -> _Plan:
-        """The parameter's plan; raises if a format setting changed after its state existed."""
-        fmt = tuple(group[k] for k in FORMAT_KEYS)
-        plan = self._plans.get(id(p))
-        if plan is not None and plan.fmt == fmt:
-            return plan
-        if plan is not None and self.state.get(p):
-            changed = [f"{k} {a!r} -> {b!r}" for k, a, b in zip(FORMAT_KEYS, plan.fmt, fmt) if a != b]
-            raise ValueError(
-                f"the storage format of a parameter of shape {tuple(p.shape)} changed after its state was "
-                f"created ({', '.join(changed)}); the stored state cannot be reinterpreted. Keep these settings "
-                "fixed, or start a new optimizer (or clear its state) to change them"
-            )
-        plan = self._plans[id(p)] = make_plan(p, group, self._layer.lossless)
-        return plan
+    def _make_plan(self, p: torch.Tensor, group: dict) -> _Plan:
+        return make_plan(p, group, self._layer.lossless)
 
     def _new_state(
         self,
@@ -387,19 +313,6 @@ class Shampoo4bit(Optimizer):
             state["last_root_step"] = 0  # optimizer step of the last root update; 0: none yet
         return state
 
-    def init_state(self) -> None:
-        """Create the state of every parameter now instead of at its first step."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                if not self.state.get(p):
-                    self.state[p] = self._new_state(p, group)
-
-    def memory_report(self) -> dict[str, int]:
-        """Exact bytes of the optimizer state by kind: moments, eigenvectors, eigenvalues,
-        factors, roots, scales, other, plus ``second_order`` and ``total``. Under DDP sharding
-        or FSDP2 these are this rank's bytes (its own blocks, its local shards)."""
-        return memory_report(self.state.values())
-
     def factors(self) -> Iterable[tuple[torch.Tensor, int, str, Factor]]:
         """``(param, block index, side, factor)`` for every Shampoo factor with state on this
         rank (under DDP sharding: the blocks it owns)."""
@@ -416,113 +329,32 @@ class Shampoo4bit(Optimizer):
                     yield p, i, "L", Factor(state, left.prefix, self._storage(group, left.order))
                     yield p, i, "R", Factor(state, right.prefix, self._storage(group, right.order))
 
+    def _block_state(self, group: dict, plan: _Plan, i: int, device: torch.device) -> dict[str, torch.Tensor]:
+        return {str(StateKey(i, side.name, name)): t for side in plan.sides[i]
+                for name, t in self._storage(group, side.order).init(device).items()}
+
+    def _block_weight(self) -> Callable[[torch.Tensor, Block], int]:
+        """A block's second-order state bytes (what the DDP owners balance)."""
+        groups = {id(p): g for g in self.param_groups for p in g["params"]}
+        return lambda p, b: sum(D.nbytes(self._storage(groups[id(p)], n).init(torch.device("meta")))
+                                for n in (b.rows, b.cols))
+
     # -- checkpointing and copies --------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """The optimizer state, plus ``counters``.
-
-        Under DDP sharding this rank's blocks only, marked ``"rank_local"`` (loadable by the same
-        rank of the same world size), unless :meth:`consolidate_state_dict` ran just before on
-        this rank: then every block. Under FSDP2 the state of ``Shard(0)`` parameters is in the
-        DTensor form ``torch.distributed.checkpoint`` needs (:func:`.distributed.export_state`);
-        the clock stays in ``param_groups``, since DCP keeps no other top-level key.
-        """
-        consolidated, self._consolidated = self._consolidated, None
-        if consolidated is not None and consolidated[0] == self._clock:
-            return consolidated[1]
-        sd = super().state_dict()
-        sd["counters"] = self.counters
-        if self._layer.kind == "ddp" and self._layer.pruned is not None:
-            sd["rank_local"] = {"rank": D.world(self._layer.group)[1], "world_size": self._layer.pruned.world_size}
-        if self._has_sharded:
-            params = self._params()
-            state = self._layer.shared_blocks(sd["state"])  # lossless: every block on every rank
-            sd["state"] = {pid: D.export_state(params[pid], st, self._layer.lossless) for pid, st in state.items()}
-        return sd
-
-    def consolidate_state_dict(self, to: int = 0) -> None:
-        """Collect every rank's blocks on rank ``to`` under DDP sharding (every rank must call
-        it); the next :meth:`state_dict` there returns the full state, the same keys as one
-        process. Lightning's ``DDPStrategy`` calls it before rank 0 saves a checkpoint, so its
-        checkpoints load under any layout. A no-op otherwise."""
-        self._consolidated = None
-        if self._layer.kind != "ddp" or self._layer.pruned is None:
-            return
-        sd = super().state_dict()
-        sd["state"] = {pid: dict(st) for pid, st in sd["state"].items()}  # torch's are the live dicts
-        sd["counters"] = self.counters
-        mine = {pid: {k: v for k, v in st.items() if StateKey.parse(k).block is not None}
-                for pid, st in sd["state"].items()}
-        merged = D.gather_block_state(mine, dst=to, group=self._layer.group)
-        if merged is not None:
-            for pid, entries in merged.items():
-                sd["state"].setdefault(pid, {}).update(entries)
-            self._consolidated = (self._clock, sd)
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a checkpoint after checking it fits (keys, shapes, dtypes, finite values).
-
-        Unlike torch, the saved dtype of every second-order tensor is kept (uint8 codes stay
-        codes, fp32 eigenvalues stay fp32 for a bf16 model); moments follow the parameter's
-        dtype as in torch. Nothing changes when the check fails.
-
-        A full state (one process, "off", or consolidated) loads under any layout: under DDP
-        sharding each rank drops the blocks it does not own at its next step. A rank-local state
-        (``"rank_local"``) loads only into the same rank of the same world size. Under FSDP2 the
-        DTensor form of :meth:`state_dict` is turned back into local shards (keys may be
-        parameter names, as ``torch.distributed.checkpoint`` passes them).
-        """
-        rank_local = state_dict.get("rank_local") if isinstance(state_dict, Mapping) else None
-        if rank_local is not None:
-            here = {"rank": D.world(self._layer.group)[1], "world_size": D.world(self._layer.group)[0]}
-            if dict(rank_local) != here:
-                raise CheckpointMismatchError(
-                    f"this state holds only the blocks of rank {rank_local.get('rank')} of "
-                    f"{rank_local.get('world_size')} (DDP sharding); this is rank {here['rank']} of "
-                    f"{here['world_size']}. Save with consolidate_state_dict() first (Lightning's DDPStrategy "
-                    "does) for a state any layout can load"
-                )
-        if self._has_sharded and isinstance(state_dict, Mapping) and isinstance(state_dict.get("state"), Mapping):
-            saved = [pid for g in state_dict.get("param_groups", ()) for pid in g.get("params", ())]
-            params = dict(zip(saved, self._params()))
-            bits = dict(zip(saved, (g["moment_bits"] for g in self.param_groups for _ in g["params"])))
-            state = {pid: D.import_state(params[pid], st, bits[pid]) if pid in params and isinstance(st, Mapping)
-                     else st for pid, st in state_dict["state"].items()}
-            state_dict = {**state_dict, "state": state}
-        # a rank of a layout with block owners may hold only its own blocks (rank-local, or read
-        # from a checkpoint keyed by block through torch.distributed.checkpoint)
-        partial = rank_local is not None or self._layer.pruned is not None
-        load_optimizer_state(self, state_dict, super().load_state_dict, partial_blocks=partial)
-        self._plans.clear()
-        self._group_cache.clear()
+        super().load_state_dict(state_dict)
         self._skips.clear()
-        self._layer.forget_assignment()
-        self._partial, self._consolidated = partial, None
-        self._counts = {k: 0 for k in COUNTERS} | {k: 0.0 for k in TIMERS}
-        self._counts.update({k: v for k, v in state_dict.get("counters", {}).items() if k in self._counts})
-        for group in self.param_groups:
-            group.setdefault("clock", 0)
-        if "counters" not in state_dict:  # e.g. through torch.distributed.checkpoint: the clock is all there is
-            self._counts["steps"] = self._clock
+        self._group_cache.clear()
         self._skip_mark, self._skip_run = (self._counts["steps"], self._counts["skipped_nonfinite"]), 0
 
+    load_state_dict.__doc__ = BlockOptimizer.load_state_dict.__doc__
+
     def __getstate__(self) -> dict[str, Any]:
-        return {
-            **super().__getstate__(), "_counts": self.counters, "sync_timers": self.sync_timers,
-            "distributed": self.distributed, "distributed_dtype": self.distributed_dtype,
-        }  # fmt: skip
+        return {**super().__getstate__(), "sync_timers": self.sync_timers}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        counts, sync_timers = state.pop("_counts", None), state.pop("sync_timers", False)
-        kept = getattr(self, "_layer", None) is not None  # torch's load_state_dict calls this too: keep the mode
-        mode = state.pop("distributed", self.distributed if kept else "auto")
-        dtype = state.pop("distributed_dtype", self.distributed_dtype if kept else "float32")
+        sync_timers = state.pop("sync_timers", getattr(self, "sync_timers", False))
         super().__setstate__(state)
-        self._layer = D.DistributedLayer(mode, dtype, whole_fsdp=True)
-        self._has_sharded = any(D.is_sharded(p) for p in self._params())
-        self._init_bookkeeping()
-        if counts:
-            self._counts.update(counts)
-            self._skip_mark = (self._counts["steps"], self._counts["skipped_nonfinite"])
+        self._skip_mark = (self._counts["steps"], self._counts["skipped_nonfinite"])
         self.sync_timers = sync_timers
 
     # -- the step ------------------------------------------------------------------------
@@ -565,18 +397,6 @@ class Shampoo4bit(Optimizer):
                     work.append((p, group, self._plan(p, group)))
         return work
 
-    def _distribute(self, work: list[tuple[torch.Tensor, dict, _Plan]]) -> D.StepLayout:
-        """The step's layout (:mod:`.distributed`); under DDP, blocks this rank newly computes get
-        a fresh state (after a rank-local load, or when blocks changed owner)."""
-        index = {id(p): i for i, p in enumerate(self._params())}
-        blocks = [(p, index[id(p)], self._plan(p, g).blocks) for g in self.param_groups for p in g["params"]]
-        groups = {id(p): g for g in self.param_groups for p in g["params"]}
-        layout = self._layer.begin_step(self._params(), blocks, self.state, lambda p, b: sum(
-            D.nbytes(self._storage(groups[id(p)], n).init(torch.device("meta"))) for n in (b.rows, b.cols)))
-        if self._partial or layout.moved:
-            self._fill_missing(layout)
-        return layout
-
     def _due(self, clock: int) -> dict[int, tuple[bool, bool]]:
         """Per group: whether statistics (PU) and roots (PIRU) are due at ``clock``."""
         due = {}
@@ -584,13 +404,6 @@ class Shampoo4bit(Optimizer):
             active = group["precondition"] and clock >= group["start_preconditioning_step"]
             due[id(group)] = (active and clock % group["stat_interval"] == 0, active and clock % group["root_interval"] == 0)
         return due
-
-    def _skip(self, clock: int, loss: Any) -> Any:
-        """A step that changes nothing but the clock (a gradient or direction held inf / NaN)."""
-        self._commit_clock(clock)
-        self._counts["skipped_nonfinite"] += 1
-        self._fold_skips()
-        return loss
 
     def _statistics_and_roots(self, step: _StepWork) -> list[list | None]:
         """Due PU / PIRU of every block (new entries into ``step.pending``, nothing written);
@@ -673,47 +486,6 @@ class Shampoo4bit(Optimizer):
         else:
             for dev, flag in found_inf.items():
                 self._skips[dev] = self._skips[dev] + flag if dev in self._skips else flag.clone()
-
-    def _commit_clock(self, clock: int) -> None:
-        for group in self.param_groups:
-            group["clock"] = clock
-        self._counts["steps"] = clock
-
-    def _params(self) -> list[torch.Tensor]:
-        """Every parameter, in the order of the state dict's parameter ids."""
-        return [p for group in self.param_groups for p in group["params"]]
-
-    def _fill_missing(self, layout: D.StepLayout | None) -> None:
-        """Give a fresh state to every block this rank computes but holds no state for (after
-        loading a rank-local state, or when blocks changed owner); warns once the layout is
-        decided, since those blocks restart their statistics."""
-        restarted = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state.get(p)
-                plan = self._plan(p, group)
-                if not state or not plan.sides:
-                    continue
-                present = {StateKey.parse(k).block for k in state}
-                device = next(v.device for v in state.values() if isinstance(v, torch.Tensor))
-                owned = None if layout is None else layout.owned(p, len(plan.blocks))
-                for i, (left, right) in enumerate(plan.sides):
-                    if i in present or (owned is not None and i not in owned):
-                        continue
-                    restarted += 1
-                    for side in (left, right):
-                        for name, t in self._storage(group, side.order).init(device).items():
-                            state[str(StateKey(i, side.name, name))] = t
-        if self._layer.resolved:
-            self._partial = False
-            if restarted:
-                warnings.warn(
-                    f"Shampoo4bit: {restarted} Shampoo block(s) this rank computes had no state (a rank-local state "
-                    "loaded under another layout, or blocks that changed owner); they restart from a fresh "
-                    "statistic",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
 
     def _update_factors(self, p, group, plan, state, g, stats_due, roots_due, step: _StepWork, owned=None):
         """Due PU / PIRU of every block of one parameter (new entries into ``step.pending``);

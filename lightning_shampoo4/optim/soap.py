@@ -46,21 +46,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, NamedTuple
 
 import torch
-from torch.optim import Optimizer
 
 from .. import kernels, linalg
 from ..kernels import QuantizedMatrix
 from ..quant import Quantized, get_codebook
 from ..quant import moments as qm
 from . import distributed as D
-from .blocking import Block, blocks_for, matrix_shape
-from .checkpoint import CheckpointMismatchError, load_optimizer_state
-from .memory import memory_report
+from .blocking import Block, blocks_for
+from .block_optimizer import BlockOptimizer
 from .settings import BASE_SETTINGS, SHAMPOO_SETTINGS, STORAGE_SETTINGS, Setting, SettingsTable, register
 
 __all__ = ["COUNTERS", "SOAP4bit", "SOAP_SETTINGS"]
@@ -72,7 +69,6 @@ COUNTERS = (
     "retried_updates",  # decompositions that succeeded only in float64
     "failed_updates",  # decompositions that failed: the previous basis / statistic is kept
 )
-SKIP_WARN_AFTER = 50
 
 
 # -- settings -----------------------------------------------------------------------------
@@ -309,27 +305,32 @@ def _moment_store(key: str, x: torch.Tensor, bits: int, dtype: torch.dtype) -> d
 
 
 # -- linear algebra ---------------------------------------------------------------------------
-def _eigh_desc(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str] | None:
-    """Eigenvalues (descending) and eigenvectors of symmetric ``a``; float64 retry; None on failure."""
+def _in_fp32_or_fp64(decompose: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], a: torch.Tensor
+                     ) -> tuple[tuple[torch.Tensor, ...], str] | None:
+    """``decompose(a)`` in float32, retried in float64 on a linear-algebra error or a non-finite
+    last output; (outputs, "ok" or "retried"), None when both fail."""
     for dtype, status in ((torch.float32, "ok"), (torch.float64, "retried")):
         try:
-            lam, q = torch.linalg.eigh(a.to(dtype))
+            out = decompose(a.to(dtype))
         except torch.linalg.LinAlgError:
             continue
-        if bool(torch.isfinite(q).all()):
-            return lam.flip(0).float(), q.flip(1).float(), status
+        if bool(torch.isfinite(out[-1]).all()):
+            return out, status
     return None
+
+
+def _eigh_desc(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str] | None:
+    """Eigenvalues (descending) and eigenvectors of symmetric ``a``; float64 retry; None on failure."""
+    res = _in_fp32_or_fp64(torch.linalg.eigh, a)
+    if res is None:
+        return None
+    (lam, q), status = res
+    return lam.flip(0).float(), q.flip(1).float(), status
 
 
 def _qr(p: torch.Tensor) -> tuple[torch.Tensor, str] | None:
-    for dtype, status in ((torch.float32, "ok"), (torch.float64, "retried")):
-        try:
-            q, _ = torch.linalg.qr(p.to(dtype))
-        except torch.linalg.LinAlgError:
-            continue
-        if bool(torch.isfinite(q).all()):
-            return q.float(), status
-    return None
+    res = _in_fp32_or_fp64(lambda x: torch.linalg.qr(x)[:1], p)
+    return None if res is None else (res[0][0].float(), res[1])
 
 
 def _cholesky(a: torch.Tensor) -> tuple[torch.Tensor, str] | None:
@@ -345,7 +346,7 @@ def _cholesky(a: torch.Tensor) -> tuple[torch.Tensor, str] | None:
 
 
 # -- the optimizer ----------------------------------------------------------------------------
-class SOAP4bit(Optimizer):
+class SOAP4bit(BlockOptimizer):
     """SOAP whose eigenvector matrices are stored at 4 bits (``bits=32``: the fp32 reference).
 
     Args:
@@ -377,6 +378,8 @@ class SOAP4bit(Optimizer):
     """
 
     SETTINGS = SOAP_SETTINGS
+    COUNTERS = COUNTERS
+    RESTART = "a fresh eigenbasis"
 
     def __init__(
         self,
@@ -406,80 +409,10 @@ class SOAP4bit(Optimizer):
         args = dict(locals())
         defaults = {k: args[k] for k in _KEYS}
         SOAP_SETTINGS.validate(defaults, resolve=False)
-        distributed = SOAP_SETTINGS["distributed"].check("distributed", distributed)
-        distributed_dtype = SOAP_SETTINGS["distributed_dtype"].check("distributed_dtype", distributed_dtype)
-        self._layer = D.DistributedLayer(distributed, distributed_dtype)
-        self._has_sharded = False
-        self._init_bookkeeping()
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, distributed, distributed_dtype)
 
-    # -- bookkeeping ---------------------------------------------------------------------------
-    def _init_bookkeeping(self) -> None:
-        self._counts: dict[str, int] = dict.fromkeys(COUNTERS, 0)
-        self._skip_run = 0
-        self._skip_warned = False
-        self._plans: dict[int, _Plan] = {}
-        self._checked: dict[int, tuple] = {}
-        self._pruned_plan: D.Plan | None = None
-        self._partial = False
-        self._consolidated: tuple[int, dict] | None = None
-
-    @property
-    def counters(self) -> dict[str, int]:
-        """Event counts (see ``COUNTERS``)."""
-        return dict(self._counts)
-
-    @property
-    def distributed(self) -> str:
-        return self._layer.mode
-
-    @property
-    def distributed_dtype(self) -> str:
-        return next(k for k, v in D.COMM_DTYPES.items() if v == self._layer.dtype)
-
-    @property
-    def layout(self) -> str | None:
-        """None (every rank computes every block), "ddp" or "fsdp2"; None until the first step."""
-        return self._layer.kind
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        for p in group["params"]:
-            if p.is_complex():
-                raise ValueError(
-                    f"complex parameters are not supported (got one of shape {tuple(p.shape)}); "
-                    "optimize torch.view_as_real(p) as a real parameter instead"
-                )
-        SOAP_SETTINGS.validate(group)
-        self._layer.check(group["params"])
-        self._has_sharded = self._has_sharded or any(D.is_sharded(p) for p in group["params"])
-        group.setdefault("clock", self.param_groups[0].get("clock", 0))
-
-    @property
-    def _clock(self) -> int:
-        return self.param_groups[0]["clock"] if self.param_groups else 0
-
-    def _check_group(self, group: dict) -> None:
-        sig = tuple(repr(group[k]) for k in _KEYS)
-        if self._checked.get(id(group)) != sig:
-            SOAP_SETTINGS.validate(group)
-            self._checked[id(group)] = tuple(repr(group[k]) for k in _KEYS)
-
-    def _plan(self, p: torch.Tensor, group: dict) -> _Plan:
-        fmt = tuple(group[k] for k in _FORMAT)
-        plan = self._plans.get(id(p))
-        if plan is not None and plan.fmt == fmt:
-            return plan
-        if plan is not None and self.state.get(p):
-            changed = [f"{k} {a!r} -> {b!r}" for k, a, b in zip(_FORMAT, plan.fmt, fmt) if a != b]
-            raise ValueError(
-                f"the storage format of a parameter of shape {tuple(p.shape)} changed after its state was "
-                f"created ({', '.join(changed)}); the stored state cannot be reinterpreted. Keep these settings "
-                "fixed, or start a new optimizer (or clear its state) to change them"
-            )
-        plan = self._plans[id(p)] = make_plan(p, group)
-        return plan
+    def _make_plan(self, p: torch.Tensor, group: dict) -> _Plan:
+        return make_plan(p, group)
 
     # -- state ---------------------------------------------------------------------------------
     def _new_state(self, p: torch.Tensor, group: dict, device=None, blocks: Iterable[int] | None = None) -> dict:
@@ -523,18 +456,8 @@ class SOAP4bit(Optimizer):
             out.update(_moment_init(f"{i}.L.exp_avg_sq", shape, mbits, f32, device))
         return out
 
-    def init_state(self) -> None:
-        """Create the state of every parameter now instead of at its first step."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                if not self.state.get(p):
-                    self.state[p] = self._new_state(p, group)
-
-    def memory_report(self) -> dict[str, int]:
-        """Exact bytes of the optimizer state by kind (moments, eigenvectors, eigenvalues,
-        factors, scales, other) plus ``second_order`` and ``total``; under DDP sharding or FSDP2
-        this rank's bytes."""
-        return memory_report(self.state.values())
+    def _block_state(self, group: dict, plan: _Plan, i: int, device: torch.device) -> dict[str, torch.Tensor]:
+        return self._block_init(i, plan.blocks[i], plan.sides[i], group, _Codec.of(group), device)
 
     def eigenbases(self) -> Iterable[tuple[torch.Tensor, int, str, torch.Tensor]]:
         """``(param, block, side, Q)`` for every stored eigenvector matrix on this rank, as fp32
@@ -551,130 +474,6 @@ class SOAP4bit(Optimizer):
                         if k is not None and any(key.startswith(prefix) for key in state):
                             view = {key[len(prefix):]: v for key, v in state.items() if key.startswith(prefix)}
                             yield p, i, side, codec.load_q(view, k, group["bjorck_steps"])
-
-    # -- checkpoints ---------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """The state plus ``counters``: tensors and plain numbers only (``torch.load(weights_only=True)``).
-        Under DDP sharding this rank's blocks (``"rank_local"``) unless :meth:`consolidate_state_dict`
-        ran just before; FSDP2 states in the DTensor form of ``torch.distributed.checkpoint``."""
-        consolidated, self._consolidated = self._consolidated, None
-        if consolidated is not None and consolidated[0] == self._clock:
-            return consolidated[1]
-        sd = super().state_dict()
-        sd["counters"] = self.counters
-        if self._layer.kind == "ddp" and self._pruned_plan is not None:
-            sd["rank_local"] = {"rank": D.world(self._layer.group)[1], "world_size": self._pruned_plan.world_size}
-        if self._has_sharded:
-            params = self._params()
-            sd["state"] = {pid: D.export_state(params[pid], st) for pid, st in sd["state"].items()}
-        return sd
-
-    def consolidate_state_dict(self, to: int = 0) -> None:
-        """Under DDP sharding collect every rank's blocks on rank ``to`` (every rank calls it); the
-        next :meth:`state_dict` there holds them all. A no-op otherwise."""
-        self._consolidated = None
-        if self._layer.kind != "ddp" or self._pruned_plan is None:
-            return
-        sd = super().state_dict()
-        sd["state"] = {pid: dict(st) for pid, st in sd["state"].items()}
-        sd["counters"] = self.counters
-        mine = {pid: {k: v for k, v in st.items() if D.block_index(k) is not None} for pid, st in sd["state"].items()}
-        merged = D.gather_block_state(mine, dst=to, group=self._layer.group)
-        if merged is not None:
-            for pid, entries in merged.items():
-                sd["state"].setdefault(pid, {}).update(entries)
-            self._consolidated = (self._clock, sd)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a checkpoint after checking it fits (keys, shapes, dtypes, finite values); nothing
-        changes when the check fails (:class:`CheckpointMismatchError`)."""
-        rank_local = state_dict.get("rank_local") if isinstance(state_dict, Mapping) else None
-        if rank_local is not None:
-            here = {"rank": D.world(self._layer.group)[1], "world_size": D.world(self._layer.group)[0]}
-            if dict(rank_local) != here:
-                raise CheckpointMismatchError(
-                    f"this state holds only the blocks of rank {rank_local.get('rank')} of "
-                    f"{rank_local.get('world_size')} (DDP sharding); this is rank {here['rank']} of "
-                    f"{here['world_size']}. Save with consolidate_state_dict() first for a state any layout can load"
-                )
-        if self._has_sharded and isinstance(state_dict, Mapping) and isinstance(state_dict.get("state"), Mapping):
-            saved = [pid for g in state_dict.get("param_groups", ()) for pid in g.get("params", ())]
-            params = dict(zip(saved, self._params()))
-            state = {pid: D.import_state(params[pid], st) if pid in params and isinstance(st, Mapping) else st
-                     for pid, st in state_dict["state"].items()}
-            state_dict = {**state_dict, "state": state}
-        load_optimizer_state(self, state_dict, super().load_state_dict, partial_blocks=rank_local is not None)
-        self._plans.clear()
-        self._checked.clear()
-        self._pruned_plan, self._partial, self._consolidated = None, rank_local is not None, None
-        self._counts = dict.fromkeys(COUNTERS, 0)
-        self._counts.update({k: int(v) for k, v in state_dict.get("counters", {}).items() if k in self._counts})
-        for group in self.param_groups:
-            group.setdefault("clock", 0)
-        if "counters" not in state_dict:
-            self._counts["steps"] = self._clock
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "_counts": self.counters, "distributed": self.distributed,
-                "distributed_dtype": self.distributed_dtype}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        counts = state.pop("_counts", None)
-        kept = getattr(self, "_layer", None) is not None  # torch's load_state_dict calls this too: keep the mode
-        mode = state.pop("distributed", self.distributed if kept else "auto")
-        dtype = state.pop("distributed_dtype", self.distributed_dtype if kept else "float32")
-        super().__setstate__(state)
-        self._layer = D.DistributedLayer(mode, dtype)
-        self._has_sharded = any(D.is_sharded(p) for p in self._params())
-        self._init_bookkeeping()
-        if counts:
-            self._counts.update(counts)
-
-    def _params(self) -> list[torch.Tensor]:
-        return [p for group in self.param_groups for p in group["params"]]
-
-    # -- DDP ownership -------------------------------------------------------------------------
-    def _ddp_plan(self) -> dict[int, int]:
-        refs, index, pid = [], {}, 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                index[id(p)] = pid
-                refs.extend(D.BlockRef(pid, i, b.rows, b.cols) for i, b in enumerate(self._plan(p, group).blocks))
-                pid += 1
-        plan = self._layer.plan(refs)
-        if plan is not self._pruned_plan:
-            moved = self._pruned_plan is not None
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if self.state.get(p):
-                        n = len(self._plan(p, group).blocks)
-                        D.prune_state(self.state[p], self._layer.owned_blocks(index[id(p)], n))
-            self._pruned_plan = plan
-            if moved:
-                self._fill_missing(index)
-        return index
-
-    def _fill_missing(self, index: dict[int, int] | None) -> None:
-        """A fresh block state for every block this rank computes but holds none of."""
-        restarted = 0
-        for group in self.param_groups:
-            codec = _Codec.of(group)
-            for p in group["params"]:
-                state, plan = self.state.get(p), self._plan(p, group)
-                if not state or plan.mshape is None:
-                    continue
-                present = {D.block_index(k) for k in state}
-                device = state["step"].device
-                for i, (block, sides) in enumerate(zip(plan.blocks, plan.sides)):
-                    if i in present or (index is not None and not self._layer.owns(index[id(p)], i)):
-                        continue
-                    restarted += 1
-                    state.update(self._block_init(i, block, sides, group, codec, device))
-        if self._layer.resolved:
-            self._partial = False
-            if restarted:
-                warnings.warn(f"SOAP4bit: {restarted} block(s) this rank computes had no state; they restart "
-                              "from a fresh eigenbasis", RuntimeWarning, stacklevel=3)
 
     # -- the step ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -694,12 +493,8 @@ class SOAP4bit(Optimizer):
                     work.append((p, group, self._plan(p, group)))
         if not work:
             return loss
-        layer = self._layer
-        kind = layer.kind if layer.resolved else layer.resolve(self._params())
-        fsdp = kind == "fsdp2"
-        index = self._ddp_plan() if kind == "ddp" else None
-        if self._partial:
-            self._fill_missing(index)
+        layout = self._distribute(work)
+        fsdp = layout.fsdp
         views = [D.local_view(p) for p, _, _ in work]
         clock = self._clock + 1
         if not self._finite([g for _, g in views], fsdp):
@@ -711,17 +506,15 @@ class SOAP4bit(Optimizer):
         gathered: list[tuple[int, int, torch.Tensor]] = []
         counts = dict.fromkeys(("refreshes", "retried_updates", "failed_updates"), 0)
         for (p, group, plan), (t, grad) in zip(work, views):
-            owned = None
-            if index is not None and plan.mshape is not None:
-                owned = set(layer.owned_blocks(index[id(p)], len(plan.blocks)))
+            owned = layout.owned(p, len(plan.blocks))
             state = self.state.get(p)
             if not state:
                 state = new_states[p] = self._new_state(p, group, blocks=owned)
             entries, direction = self._compute(t, grad, group, plan, state, owned, counts, gathered,
-                                               index[id(p)] if index is not None else None)
+                                               layout.param_index(p))
             updates.append((t, group, state, entries, direction))
         if gathered:
-            layer.gather(gathered)
+            layout.gather(gathered)
         dirs = [d for *_, d in updates if d is not None]
         if dirs and not self._finite(dirs, fsdp):
             return self._skip(clock, loss)
@@ -746,25 +539,6 @@ class SOAP4bit(Optimizer):
         flags = [torch.isfinite(t).all() for t in tensors if t is not None]
         ok = torch.stack(flags).all() if flags else torch.tensor(True)
         return D.all_true(ok, self._layer.group) if fsdp else bool(ok)
-
-    def _skip(self, clock: int, loss: Any) -> Any:
-        self._commit_clock(clock)
-        self._counts["skipped_nonfinite"] += 1
-        self._skip_run += 1
-        if self._skip_run >= SKIP_WARN_AFTER and not self._skip_warned:
-            self._skip_warned = True
-            warnings.warn(
-                f"SOAP4bit skipped each of the last {self._skip_run} steps because a gradient or direction held "
-                f"inf / NaN (counters['skipped_nonfinite'] = {self._counts['skipped_nonfinite']}): nothing is "
-                "being trained. Check the loss and the parameters for inf / NaN.",
-                RuntimeWarning, stacklevel=3,
-            )
-        return loss
-
-    def _commit_clock(self, clock: int) -> None:
-        for group in self.param_groups:
-            group["clock"] = clock
-        self._counts["steps"] = clock
 
     def _compute(self, t, grad, group, plan, state, owned, counts, gathered, pid):
         """New state entries of one parameter and its direction (None at its first step)."""
@@ -955,6 +729,16 @@ def _change_basis(a_rot: torch.Tensor, q: torch.Tensor, q_new: torch.Tensor) -> 
     return turn.mT @ a_rot @ turn
 
 
+def _store_cholesky(a: torch.Tensor, codec: _Codec, counts) -> dict[str, torch.Tensor]:
+    """The entries of ``a``'s Cholesky factor; none (the previous factor kept) when it fails."""
+    chol = _cholesky(a)
+    if chol is None:
+        counts["failed_updates"] += 1
+        return {}
+    counts["retried_updates"] += chol[1] == "retried"
+    return codec.store_chol(chol[0])
+
+
 def _side_update(side, k, view, q, g, gr, stats, codec, beta, f, first, refresh, counts, bjorck):
     """One factor's statistic and, at the first step or a refresh, its new eigenbasis: (entries,
     permutation of the old basis or None, new basis or None)."""
@@ -980,12 +764,7 @@ def _side_update(side, k, view, q, g, gr, stats, codec, beta, f, first, refresh,
                 a = stored.mT @ a @ stored
             out.update(codec.store_rotated(a, _ROTATED_BITS[stats]))
         else:
-            chol = _cholesky(a)
-            if chol is None:
-                counts["failed_updates"] += 1
-            else:
-                counts["retried_updates"] += chol[1] == "retried"
-                out.update(codec.store_chol(chol[0]))
+            out.update(_store_cholesky(a, codec, counts))
         if q_new is not None and "eigvecs" not in out and "eigvecs_codes" not in out:
             out.update(codec.store_q(q_new))
         return out, None, q_new
@@ -998,12 +777,7 @@ def _side_update(side, k, view, q, g, gr, stats, codec, beta, f, first, refresh,
         else:
             c = codec.load_chol(view, k)
             a = torch.addmm(gg, c, c.mT, beta=1 - beta, alpha=beta)
-            chol = _cholesky(a)
-            if chol is None:
-                counts["failed_updates"] += 1
-            else:
-                counts["retried_updates"] += chol[1] == "retried"
-                out.update(codec.store_chol(chol[0]))
+            out.update(_store_cholesky(a, codec, counts))
         if refresh:
             counts["refreshes"] += 1
             perm = torch.argsort((q * (a @ q)).sum(0), descending=True)
