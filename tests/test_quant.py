@@ -1,5 +1,6 @@
 """The quantizer: codebooks, round-trip error bounds, packing, diag-real, transpose."""
 
+import math
 import sys
 from pathlib import Path
 
@@ -474,3 +475,28 @@ def test_a_large_root_is_applied_without_a_dense_copy():
         assert torch.equal(kernels.precondition(g, eye, root, backend="auto"), reference.precondition(g, eye, root))
         assert temp_bytes(lambda: kernels.precondition(g, eye, root, backend="auto")) < 4 * n * n
     assert temp_bytes(lambda: g @ dequantize_symmetric(q, cb, n, 4, 256)) > 4 * n * n
+
+
+@pytest.mark.parametrize("name", ["exp_avg", "exp_avg_sq"])
+def test_keyed_cells_index_like_bucketize(name):
+    """The 8-bit dynamic maps take the bit-pattern cells instead of a search: the same index as
+    torch.bucketize for every value, midpoints and their neighbours, +-0, +-inf, NaN of either sign."""
+    from lightning_shampoo4.quant import blockwise as B
+    from lightning_shampoo4.quant import moments as qm
+
+    cb = qm.moment_codebook(name, 8, "cpu")
+    tables = B._tables_for(cb, torch.device("cpu"))
+    assert tables.cells == 0 and tables.shift > 0
+    gen = torch.Generator().manual_seed(3)
+    mids = tables.mids
+    near = torch.cat([mids, torch.nextafter(mids, torch.tensor(math.inf)), torch.nextafter(mids, torch.tensor(-math.inf))])
+    mags = torch.rand(20000, generator=gen) * 10.0 ** torch.randint(-12, 1, (20000,), generator=gen).float()
+    special = torch.tensor([0.0, -0.0, 1.0, -1.0, 1.5, -1.5, math.inf, -math.inf, math.nan, -math.nan,
+                            torch.finfo(torch.float32).tiny / 8, -torch.finfo(torch.float32).tiny / 8])
+    v = torch.cat([near, mags, -mags, special]).contiguous()
+    ws = B._work(v.numel(), v.device)
+    ws.f1[: v.numel()].copy_(v)
+    got = torch.empty(v.numel(), dtype=torch.uint8)
+    B._indices(ws.f1[: v.numel()], tables, got, ws)
+    want = torch.bucketize(v, mids, out_int32=True)
+    assert torch.equal(got.int(), want), f"{(got.int() != want).sum()} of {v.numel()} differ"

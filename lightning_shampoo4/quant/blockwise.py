@@ -41,7 +41,12 @@ and every one in a later cell above it; K is chosen so that a cell holds at most
 and index = (midpoints in earlier cells) + (v > the cell's midpoint). The cells of the
 midpoints come from the same float operations, which makes this equal to counting midpoints,
 NaN included (NaN gets the last index, as ``torch.bucketize`` gives). Codebooks that would need
-more than 2**16 cells per unit (the 8-bit dynamic map) use ``torch.bucketize``.
+more than 2**16 cells per unit (the 8-bit dynamic map, whose midpoints span seven decades) take
+the same cells on a log-like scale instead: the fp32 bit pattern read as an integer, made
+monotone in the value (negatives' magnitude bits flipped) and shifted right, so that every
+binade gets the same number of cells (2**14 to 2**15 cells in all for the dynamic maps); values
+beyond the midpoints' cells are clamped to the first or an empty last cell, NaN to the last.
+Only where no shift separates the midpoints does ``torch.bucketize`` run.
 """
 
 from __future__ import annotations
@@ -128,6 +133,33 @@ class _IndexTables(NamedTuple):
     cells: int
     base: torch.Tensor | None = None  # uint8, midpoints in earlier cells, per cell
     mid_at: torch.Tensor | None = None  # the cell's midpoint, +inf where it has none
+    shift: int = 0  # > 0 (with cells = 0): cells of the monotone bit pattern >> shift, from ``first``
+    first: int = 0
+
+
+def _monotone_key(bits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """fp32 bit patterns (int32) into int32 keys ordered as the values (-0 just below +0)."""
+    torch.bitwise_right_shift(bits, 31, out=out)
+    out.bitwise_and_(0x7FFFFFFF)
+    return out.bitwise_xor_(bits)
+
+
+def _key_tables(mids: torch.Tensor, device: torch.device) -> _IndexTables | None:
+    """Cells of the bit-pattern key (the module docstring) with at most one midpoint each."""
+    if bool((mids == 0).any()):  # -0.0 and +0.0 are equal values but different keys
+        return None
+    key = _monotone_key(mids.view(torch.int32), torch.empty(mids.shape, dtype=torch.int32))
+    for shift in range(24, 7, -1):
+        cell = key >> shift
+        if bool((cell[1:] > cell[:-1]).all()):
+            first = int(cell[0])
+            cell = (cell - first).long()
+            n = int(cell[-1]) + 2  # the last cell holds no midpoint: above them all, and NaN
+            base = torch.searchsorted(cell, torch.arange(n), right=False)
+            mid_at = torch.full((n,), math.inf)
+            mid_at[cell] = mids
+            return _IndexTables(mids.to(device), 0, base.to(torch.uint8).to(device), mid_at.to(device), shift, first)
+    return None
 
 
 def _cell_of(v: torch.Tensor, cells: int, out: torch.Tensor) -> torch.Tensor:
@@ -153,6 +185,10 @@ def _index_tables(values: tuple[float, ...], dtype: torch.dtype, device: torch.d
                 mid_at = torch.full((2 * cells + 2,), math.inf)
                 mid_at[cell.long()] = mids
                 return _IndexTables(mids.to(device), cells, base.to(torch.uint8).to(device), mid_at.to(device))
+        if mids.numel() <= 256:
+            keyed = _key_tables(mids, device)
+            if keyed is not None:
+                return keyed
     return _IndexTables(mids.to(device), 0)
 
 
@@ -249,6 +285,19 @@ def _indices(v: torch.Tensor, tables: _IndexTables, out: torch.Tensor, ws: _Work
         idx.copy_(cell)
         torch.index_select(tables.base, 0, idx, out=out)
         torch.index_select(tables.mid_at, 0, idx, out=ws.f2[:n])
+        above = ws.i32.view(torch.bool)[:n]  # the cell indices are no longer needed
+        torch.gt(v, ws.f2[:n], out=above)
+        out.add_(above)
+    elif tables.shift:
+        cell = ws.i32[:n]
+        key = _monotone_key(v.view(torch.int32), ws.f2.view(torch.int32)[:n])
+        torch.bitwise_right_shift(key, tables.shift, out=cell)
+        cell.sub_(tables.first).clamp_(0, tables.base.numel() - 1)
+        nan = ws.f2.view(torch.bool)[:n]  # the keys are no longer needed
+        torch.ne(v, v, out=nan)
+        cell.masked_fill_(nan, tables.base.numel() - 1)
+        torch.index_select(tables.base, 0, cell, out=out)
+        torch.index_select(tables.mid_at, 0, cell, out=ws.f2[:n])
         above = ws.i32.view(torch.bool)[:n]  # the cell indices are no longer needed
         torch.gt(v, ws.f2[:n], out=above)
         out.add_(above)
