@@ -21,8 +21,9 @@ Method
   optimizer, so the totals use the median over all optimizers' measured forward + backward
   times (each optimizer's own figure is kept in the JSON); optimizer step. Inside the
   step: PU and PIRU from ``Shampoo4bit.counters["time_stats_s"]`` / ``["time_roots_s"]``;
-  preconditioning by timing every ``lightning_shampoo4.kernels.precondition`` call (the root
-  dequantization and both matmuls; the module function is wrapped for the run, with a CUDA
+  preconditioning by timing every ``lightning_shampoo4.kernels.precondition`` and
+  ``precondition_batch`` call (the root rebuilds and the matmuls of lone and batched blocks;
+  the module functions are wrapped for the run, with a CUDA
   synchronize on a GPU); "other" = the rest of the step (base AdamW / SGD update, grafting, the
   gradient reshape, bookkeeping).
 * The measured intervals are scaled down (default T1 / T2 = 10 / 50) so that a run finishes on
@@ -173,34 +174,43 @@ SGDM_MODELS = ("resnet", "vgg", "small_cnn")
 
 
 class PreconditionTimer:
-    """Wraps ``kernels.precondition`` and books its wall time to the current optimizer."""
+    """Wraps ``kernels.precondition`` and ``kernels.precondition_batch`` (same-shape blocks run
+    batched) and books their wall time to the current optimizer."""
+
+    NAMES = ("precondition", "precondition_batch")
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.current: str | None = None
         self.seconds: dict[str, float] = {}
         self.calls: dict[str, int] = {}
-        self._orig = None
+        self._orig: dict[str, Any] = {}
 
     def __enter__(self) -> PreconditionTimer:
-        self._orig = kernels.precondition
-        orig, sync = self._orig, self._sync
+        sync = self._sync
 
-        def timed(*args: Any, **kwargs: Any) -> torch.Tensor:
-            sync()
-            t0 = time.perf_counter()
-            out = orig(*args, **kwargs)
-            sync()
-            if self.current is not None:
-                self.seconds[self.current] = self.seconds.get(self.current, 0.0) + time.perf_counter() - t0
-                self.calls[self.current] = self.calls.get(self.current, 0) + 1
-            return out
+        def wrap(orig: Any) -> Any:
+            def timed(*args: Any, **kwargs: Any) -> torch.Tensor:
+                sync()
+                t0 = time.perf_counter()
+                out = orig(*args, **kwargs)
+                sync()
+                if self.current is not None:
+                    self.seconds[self.current] = self.seconds.get(self.current, 0.0) + time.perf_counter() - t0
+                    self.calls[self.current] = self.calls.get(self.current, 0) + 1
+                return out
 
-        kernels.precondition = timed
+            return timed
+
+        for name in self.NAMES:
+            self._orig[name] = getattr(kernels, name)
+            setattr(kernels, name, wrap(self._orig[name]))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        kernels.precondition = self._orig
+        for name, orig in self._orig.items():
+            setattr(kernels, name, orig)
+        self._orig = {}
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -391,7 +401,8 @@ def train_part(args: Any, argv: list[str]) -> dict[str, Any]:
             "shampoo": {v: SHAMPOO_VARIANTS[v] for v in args.variants if v != "baseline"},
             "first_order": "torch.optim.SGD(lr=0.1, momentum=0.9, wd=5e-4)" if base == "sgdm"
             else "torch.optim.AdamW(lr=1e-3, wd=0.05)",
-            "precondition_timing": "wall time of every lightning_shampoo4.kernels.precondition call (wrapped)",
+            "precondition_timing": ("wall time of every lightning_shampoo4.kernels.precondition and "
+                                    "precondition_batch call (wrapped)"),
             "schedule": "optimizers take turns step by step",
             "fwd_bwd": "median over all optimizers' measured forward+backward times (identical work)",
             "threads": torch.get_num_threads(),

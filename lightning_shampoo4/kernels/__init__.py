@@ -358,8 +358,13 @@ def precondition_batch(
     def call(impl):
         if impl == "triton" and precondition_path() == "fused" and (_symmetric(lefts[0]) or _symmetric(rights[0])):
             return _fused(stacked, lefts, rights, dtype, impl)
-        left, right = _stack(lefts, dtype, impl), _stack(rights, dtype, impl)
-        return torch.bmm(torch.bmm(left, stacked.to(dtype)), right).float()
+        # three (k, m, n)-sized temporaries at a time instead of five: the left roots are freed
+        # before the right ones are rebuilt, and the product lands in the stacked gradients
+        x = torch.bmm(_stack(lefts, dtype, impl), stacked.to(dtype))
+        right = _stack(rights, dtype, impl)
+        if dtype == torch.float32:
+            return torch.bmm(x, right, out=stacked)
+        return torch.bmm(x, right).float()
 
     return _run("precondition", backend, stacked.device, call)
 
