@@ -34,7 +34,7 @@ from typing import Any
 from .configure import GroupedShampoo4bit, configure_optimizer, configure_shampoo, configure_soap, shampoo_param_groups
 from .optim import SOAP4bit, Shampoo4bit
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 # Lightning-facing names, imported on first access (PEP 562): name -> submodule.
 _LAZY = {
