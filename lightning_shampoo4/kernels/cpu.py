@@ -280,6 +280,22 @@ def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="lightning_shampoo4_rows")
 
 
+_BOUNDS: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _search_bounds(codebook: torch.Tensor) -> torch.Tensor:
+    """The codebook's midpoints and a final +inf, the store kernel's search table: made once per
+    codebook tensor (codebooks are cached and never modified), not at every store."""
+    hit = _BOUNDS.get(id(codebook))
+    if hit is not None and hit[0] is codebook:
+        return hit[1]
+    bounds = torch.cat([midpoints(codebook.cpu()), torch.tensor([math.inf])]).contiguous()
+    if len(_BOUNDS) > 64:  # codebooks made outside the cache: keep the table small
+        _BOUNDS.clear()
+    _BOUNDS[id(codebook)] = (codebook, bounds)  # the codebook is held, so its id is not reused
+    return bounds
+
+
 def quantize_symmetric(
     x: torch.Tensor, codebook: torch.Tensor, bits: int, block_size: int, scale_dtype: torch.dtype
 ) -> Quantized | None:
@@ -296,7 +312,7 @@ def quantize_symmetric(
     if x.dtype != torch.float32:
         x = x.float()
     n = x.shape[0]
-    mids = torch.cat([midpoints(codebook.cpu()), torch.tensor([math.inf])]).contiguous()
+    mids = _search_bounds(codebook)
     starts, blocks = _triangle_layout(n, block_size)
     values, nscales = starts[-1], blocks[-1]
     codes = torch.empty((values + 1) // 2 if bits == 4 else values, dtype=torch.uint8)

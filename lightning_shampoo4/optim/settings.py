@@ -39,6 +39,7 @@ Numbers may be Python, numpy or 0-dim torch scalars; they are stored back as Pyt
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import warnings
@@ -226,16 +227,16 @@ class SettingsTable:
                 return s
         raise KeyError(name)
 
-    @property
+    @functools.cached_property
     def names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.settings)
 
-    @property
+    @functools.cached_property
     def group_keys(self) -> tuple[str, ...]:
         """The keys every parameter group holds once validated (no deprecated, no optimizer-wide ones)."""
         return tuple(s.name for s in self.settings if s.per_group and s.deprecated is None)
 
-    @property
+    @functools.cached_property
     def format_keys(self) -> tuple[str, ...]:
         """The settings that fix how the state is stored: frozen once a parameter has state."""
         return tuple(s.name for s in self.settings if s.format)
