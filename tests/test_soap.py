@@ -304,15 +304,16 @@ def _ddp_worker(rank, world, store, out, kw):
             single = SOAP4bit([torch.nn.Parameter(w.clone()) for w in weights], distributed="off",
                               precondition_frequency=3, max_precondition_dim=32, **kw)
             single.load_state_dict(sd)  # a consolidated state loads in one process
-        # FSDP2: each rank preconditions its local rows (even shards: no padding) exactly as SOAP4bit
-        # would precondition that shard as a plain parameter
+        # per-shard FSDP2 (distributed="off"; "auto" is lossless, tests/test_resharding.py): each rank
+        # preconditions its local rows (even shards: no padding) exactly as SOAP4bit would precondition
+        # that shard as a plain parameter
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
         net = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.Linear(40, 30, bias=False))
         plain = [p.detach().clone() for p in net.parameters()]
         fully_shard(net, mesh=init_device_mesh("cpu", (world,)))
-        sharded = SOAP4bit(net.parameters(), precondition_frequency=3, **kw)
+        sharded = SOAP4bit(net.parameters(), precondition_frequency=3, distributed="off", **kw)
         local = [torch.nn.Parameter(p.chunk(world)[rank].clone()) for p in plain]
         single = SOAP4bit(local, precondition_frequency=3, distributed="off", **kw)
         gen = torch.Generator().manual_seed(5)

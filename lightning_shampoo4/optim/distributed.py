@@ -314,13 +314,21 @@ class WholeLayout(NamedTuple):
     whole = True
 
     def to_matrix(self, t: torch.Tensor) -> torch.Tensor:
+        return self.to_matrices([t])[0]
+
+    def to_matrices(self, ts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Several local tensors of this parameter (its gradient, a moment) gathered whole as
+        ``mshape`` matrices in one all-gather: each rank's rows side by side, one row block per
+        rank."""
         world = dist.get_world_size(self.group)
-        device = _comm_device(t.device, self.group)
-        send = t.new_zeros((self.chunk, *self.shape[1:]), device=device)
-        send[: t.shape[0]] = t
-        recv = torch.empty((world * self.chunk, *self.shape[1:]), dtype=t.dtype, device=device)
+        device = _comm_device(ts[0].device, self.group)
+        width = math.prod(self.shape[1:])
+        send = torch.zeros((self.chunk, len(ts), width), dtype=ts[0].dtype, device=device)
+        for k, t in enumerate(ts):
+            send[: t.shape[0], k] = t.reshape(t.shape[0], width)
+        recv = torch.empty((world * self.chunk, len(ts), width), dtype=send.dtype, device=device)
         _all_gather_flat(recv, send, group=self.group)
-        return recv[: self.shape[0]].to(t.device).reshape(self.mshape)
+        return [recv[: self.shape[0], k].to(t.device).reshape(self.mshape) for k, t in enumerate(ts)]
 
     def from_matrix(self, m: torch.Tensor) -> torch.Tensor:
         return m.reshape(self.shape)[self.start : self.start + self.rows]
@@ -581,7 +589,7 @@ def export_state(p: torch.Tensor, state: Mapping[str, Any], whole: bool = False)
             continue
         if not isinstance(v, torch.Tensor) or _is_dtensor(v):
             out[key] = v
-        elif kind_of(key) == "moments" and v.shape == local.shape:
+        elif kind_of(key) == "moments" and block_index(key) is None and v.shape == local.shape:
             out[key] = _moment_dtensor(v, p)
         elif whole:  # contiguous: a full state dict is broadcast into these as raw memory
             out[key] = v.contiguous()
@@ -624,7 +632,7 @@ def import_state(p: torch.Tensor, state: Mapping[str, Any], moment_bits: int = 3
     for key, v in state.items():
         if not _is_dtensor(v):
             out[key] = v
-        elif kind_of(key) == "moments" and tuple(v.shape) == tuple(p.shape):
+        elif kind_of(key) == "moments" and block_index(key) is None and tuple(v.shape) == tuple(p.shape):
             out[key] = v.to_local()
         else:
             local = v.to_local()

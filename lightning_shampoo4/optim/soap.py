@@ -38,7 +38,12 @@ One step either completes or changes nothing: every new state entry and every di
 computed first; a non-finite gradient or direction skips the step (counted in
 ``counters["skipped_nonfinite"]``). Under DDP each block has one owner rank that alone keeps its
 second-order state and rotated moments, and the rotated-back directions are all-gathered
-(:mod:`.distributed`); FSDP2 ``Shard(0)`` parameters are preconditioned per local shard.
+(:mod:`.distributed`). FSDP2 ``Shard(0)`` parameters, ``distributed="auto"`` (lossless): the
+blocks are the whole parameter's, each with one owner rank as under DDP; every rank updates the
+first moment of its own rows (kept per local shard, as one device would keep those rows), and the
+gradient and that moment are gathered whole in one all-gather, so an owner rotates the whole
+block; the directions are all-gathered and each rank applies its rows. The result is the one
+device's. ``distributed="off"``: each rank preconditions its local shard as its own matrix.
 """
 
 from __future__ import annotations
@@ -137,21 +142,25 @@ _FORMAT = SOAP_SETTINGS.format_keys
 # -- plans ----------------------------------------------------------------------------------
 class _Plan(NamedTuple):
     """How one parameter maps onto SOAP blocks; ``sides`` holds each block's (left, right) factor
-    order, None for an unrotated side. ``layout``: a ``Shard(0)`` DTensor's local matrix."""
+    order, None for an unrotated side. ``layout``: a ``Shard(0)`` DTensor's matrix (its local rows,
+    or the whole parameter under lossless FSDP2)."""
 
     mshape: tuple[int, int] | None
     blocks: tuple[Block, ...]
     sides: tuple[tuple[int | None, int | None], ...]
     fmt: tuple
-    layout: D.ShardLayout | None = None
+    layout: D.ShardLayout | D.WholeLayout | None = None
 
 
-def make_plan(p: torch.Tensor, group: Mapping[str, Any]) -> _Plan:
+def make_plan(p: torch.Tensor, group: Mapping[str, Any], whole: bool = False) -> _Plan:
+    """How ``p`` maps onto SOAP blocks: a ``Shard(0)`` DTensor by its local rows padded to the
+    common shard size, or with ``whole`` (lossless FSDP2) by the whole parameter's blocks
+    (:func:`.distributed.shard_layout`); anything else by its whole shape."""
     fmt = tuple(group[k] for k in _FORMAT)
     dim, block = group["max_precondition_dim"], group["large_dims"] == "block"
     layout = None
     if D.is_sharded(p):
-        layout = D.shard_layout(p, dim if block else 1 << 62)
+        layout = D.shard_layout(p, dim if block else 1 << 62, whole)
         mshape, blocks = layout.mshape, layout.blocks
     else:
         mshape, blocks = blocks_for(tuple(p.shape), dim if block else 1 << 62)
@@ -187,12 +196,16 @@ class SOAP4bit(BlockOptimizer):
         scale_dtype: dtype of the per-block scales.
         min_quant_numel: eigenvector matrices with fewer elements stay fp32.
         kernel_backend: "auto", "triton" or "torch" for the quantization kernels.
-        distributed: "auto" (DDP: blocks sharded over the ranks; FSDP2: local shards) or "off".
-        distributed_dtype: "float32" or "bfloat16": the dtype the directions travel in under DDP.
+        distributed: "auto" (DDP, and FSDP2 lossless: every block of the whole parameters has one
+            owner rank that keeps its state and computes its direction) or "off" (DDP: every rank
+            every block; FSDP2: each rank its local shard's blocks).
+        distributed_dtype: "float32" or "bfloat16": the dtype the directions travel in under DDP
+            and lossless FSDP2.
     """
 
     SETTINGS = SOAP_SETTINGS
     COUNTERS = COUNTERS
+    WHOLE_FSDP = True
     RESTART = "a fresh eigenbasis"
 
     def __init__(
@@ -226,7 +239,7 @@ class SOAP4bit(BlockOptimizer):
         super().__init__(params, defaults, distributed, distributed_dtype)
 
     def _make_plan(self, p: torch.Tensor, group: dict) -> _Plan:
-        return make_plan(p, group)
+        return make_plan(p, group, self._layer.lossless)
 
     # -- state ---------------------------------------------------------------------------------
     def _new_state(self, p: torch.Tensor, group: dict, device=None, blocks: Iterable[int] | None = None) -> dict:
@@ -234,7 +247,7 @@ class SOAP4bit(BlockOptimizer):
         the blocks to include (a DDP rank's own); None: all."""
         t = D.local_view(p)[0]
         device = t.device if device is None else torch.device(device)
-        plan = make_plan(p, group)
+        plan = make_plan(p, group, self._layer.lossless)
         mbits, codec = group["moment_bits"], Codec.of(group)
         state: dict[str, Any] = {"step": torch.zeros((), dtype=torch.float32, device=device)}
         shape = tuple(t.shape)
@@ -272,6 +285,20 @@ class SOAP4bit(BlockOptimizer):
 
     def _block_state(self, group: dict, plan: _Plan, i: int, device: torch.device) -> dict[str, torch.Tensor]:
         return self._block_init(i, plan.blocks[i], plan.sides[i], group, Codec.of(group), device)
+
+    def _block_weight(self) -> Callable[[torch.Tensor, Block], int]:
+        """A block's exact state bytes (its bases, statistics and moments in the eigenbasis: what
+        the block owners balance)."""
+        groups = {id(p): g for g in self.param_groups for p in g["params"]}
+        meta = torch.device("meta")
+
+        def weigh(p: torch.Tensor, block: Block) -> int:
+            group = groups[id(p)]
+            dim = group["max_precondition_dim"]
+            sides = tuple(k if k <= dim else None for k in (block.rows, block.cols))
+            return D.nbytes(self._block_init(0, block, sides, group, Codec.of(group), meta))
+
+        return weigh
 
     def eigenbases(self) -> Iterable[tuple[torch.Tensor, int, str, torch.Tensor]]:
         """``(param, block, side, Q)`` for every stored eigenvector matrix on this rank, as fp32
@@ -371,13 +398,11 @@ class SOAP4bit(BlockOptimizer):
             entries.update(moment_store("exp_avg", m, mbits, t.dtype))
             entries.update(moment_store("exp_avg_sq", v, mbits, t.dtype))
             return entries, adam_direction(m, v, b1, b2, group["eps"], t_adam)
-        g = grad.float().reshape(plan.mshape) if plan.layout is None else plan.layout.to_matrix(grad.float())
-        m_full = None
+        m_local = None  # this rank's first moment (its rows under FSDP2), in the parameter's basis
         if group["first_moment_basis"] == "original" and not first:
-            m_full = torch.lerp(moment_load(state, "exp_avg", plan.mshape, mbits) if plan.layout is None
-                                else _local_moment(state, plan, mbits), g, 1 - b1)
-            stored = m_full if plan.layout is None else plan.layout.from_matrix(m_full)
-            entries.update(moment_store("exp_avg", stored.reshape(t.shape), mbits, t.dtype))
+            m_local = torch.lerp(moment_load(state, "exp_avg", tuple(t.shape), mbits), grad.float(), 1 - b1)
+            entries.update(moment_store("exp_avg", m_local, mbits, t.dtype))
+        g, m_full = _matrices(plan, grad.float(), m_local)
         direction = None if first else torch.zeros(plan.mshape, dtype=torch.float32, device=g.device)
         refresh = not first and t_adam % group["precondition_frequency"] == 0
         for i, (block, sides) in enumerate(zip(plan.blocks, plan.sides)):
@@ -401,8 +426,16 @@ class SOAP4bit(BlockOptimizer):
         return entries, direction
 
 
-def _local_moment(state, plan: _Plan, bits: int) -> torch.Tensor:
-    """An FSDP2 shard's first moment (the shape of its local rows) as the padded matrix."""
-    rows = plan.layout.rows
-    local = moment_load(state, "exp_avg", (rows, *plan.layout.padded_shape[1:]), bits)
-    return plan.layout.to_matrix(local)
+def _matrices(plan: _Plan, grad: torch.Tensor, moment: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The gradient and the first moment (None: none this step) as the plan's matrices: the local
+    tensors reshaped, zero padded to the common shard (per shard), or gathered whole (lossless
+    FSDP2, both in one all-gather)."""
+    local = [grad] if moment is None else [grad, moment]
+    if plan.layout is None:
+        mats = [x.reshape(plan.mshape) for x in local]
+    elif plan.layout.whole:
+        mats = plan.layout.to_matrices(local)
+    else:
+        mats = [plan.layout.to_matrix(x) for x in local]
+    return mats[0], (mats[1] if moment is not None else None)
