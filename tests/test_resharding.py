@@ -34,6 +34,10 @@ CASES = {  # name: (layout, optimizer settings)
     "ddp": ("ddp", {}),
     "fsdp2": ("fsdp2", {}),
     "fsdp2_moments8": ("fsdp2", {"moment_bits": 8}),
+    # one block per weight: at 2 ranks the larger block, at 4 both are kept factor by factor (a
+    # block heavier than a rank's share), one root travelling to the rank that preconditions it
+    "ddp_split": ("ddp", {"max_order": 16}),
+    "fsdp2_split": ("fsdp2", {"max_order": 16, "base": "sgd"}),  # SGD: no fused AdamW to round shards apart
     "soap_ddp": ("ddp", {}),
     "soap_fsdp2": ("fsdp2", {}),
     "soap_fsdp2_moments8": ("fsdp2", {"moment_bits": 8}),
@@ -46,8 +50,8 @@ def _optimizer(case: str, params):
     if case.startswith("soap"):
         from lightning_shampoo4.optim.soap import SOAP4bit
 
-        return SOAP4bit(params, **SOAP_KW, **CASES[case][1])
-    return Shampoo4bit(params, **KW, **CASES[case][1])
+        return SOAP4bit(params, **{**SOAP_KW, **CASES[case][1]})
+    return Shampoo4bit(params, **{**KW, **CASES[case][1]})
 
 
 def _net() -> nn.Module:
@@ -206,12 +210,17 @@ def test_checkpoints_resume_at_any_world_size_as_the_unbroken_run(tmp_path):
                         torch.testing.assert_close(a, b, rtol=0, atol=5e-3, msg=f"{case} {n} -> {m}")
                 if m > 1:
                     assert max(got["bytes"]) < 0.6 * reference_bytes, (case, n, m, got["bytes"])
+                if case.endswith("split") and m == 4:  # two blocks over four ranks: each keeps one factor
+                    assert max(got["bytes"]) < 0.4 * reference_bytes, (case, n, m, got["bytes"])
 
 
 def test_owners_balance_the_state_bytes():
     """Block owners balance the blocks' exact state bytes (the default) or their work: on the MLP
     32-160-144-96-2 (4 blocks) two ranks by bytes keep at most 0.55 of one device's second-order
-    bytes each, by work 0.62; the bytes the optimizer weighs a block by are the bytes it stores."""
+    bytes each, by work 0.62; the bytes the optimizer weighs a block by are the bytes it stores.
+    At four ranks whole blocks leave one rank 0.38 (the largest block); blocks heavier than a
+    rank's share kept factor by factor leave at most 0.3, each travelling root going to the rank
+    that preconditions its block."""
     from lightning_shampoo4.optim import distributed as D
     from lightning_shampoo4.optim.memory import SECOND_ORDER, kind_of
 
@@ -242,3 +251,15 @@ def test_owners_balance_the_state_bytes():
     assert D.DistributedLayer().balance == D.DEFAULT_BALANCE == "bytes"
     with pytest.raises(ValueError, match="balance must be one of"):
         D.plan_for(refs, 2, "time")
+
+    weigh, params = opt._block_weight(), list(net.parameters())
+    pairs = [weigh(params[r.param], r) for r in refs]
+    assert [sum(pair) for pair in pairs] == stored
+    whole4, split4 = D.plan_for(refs, 4, "bytes", stored), D.plan_for(refs, 4, "bytes", pairs, split=True)
+    assert max(split4.loads()) / total <= 0.3 < largest(whole4)
+    assert sum(split4.loads()) == total and split4.travelling()
+    for pid, i, side, src, dst in split4.travelling():
+        assert split4.factor_owner(pid, i, side) == src != dst == split4.owner(pid, i)
+    assert D.plan_for(refs, 2, "bytes", pairs, split=True) == by_bytes  # no block above half: none split
+    with pytest.raises(ValueError, match="split needs"):
+        D.plan_for(refs, 4, "bytes", stored, split=True)

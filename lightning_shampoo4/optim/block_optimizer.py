@@ -32,7 +32,7 @@ from . import distributed as D
 from .checkpoint import CheckpointMismatchError, load_optimizer_state
 from .memory import memory_report
 from .settings import SettingsTable
-from .state_keys import block_of
+from .state_keys import SIDES, StateKey, block_of
 
 __all__ = ["SKIP_WARN_AFTER", "BlockOptimizer"]
 
@@ -51,6 +51,7 @@ class BlockOptimizer(Optimizer):
     COUNTERS: ClassVar[tuple[str, ...]]  # integer event counts; "steps" and "skipped_nonfinite" among them
     TIMERS: ClassVar[tuple[str, ...]] = ()  # float counters (seconds)
     WHOLE_FSDP: ClassVar[bool] = False  # FSDP2 parameters preconditioned whole under "auto"
+    SPLIT_FACTORS: ClassVar[bool] = False  # a block's two factors may be kept by two ranks (their roots travel)
     RESTART: ClassVar[str] = "a fresh state"  # what a block without state restarts from (warning text)
 
     _SIGNATURE_KEYS: ClassVar[tuple[str, ...]] = ()  # the per-group settings, including deprecated ones
@@ -63,7 +64,8 @@ class BlockOptimizer(Optimizer):
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], distributed: Any, distributed_dtype: Any):
         wide = {k: self.SETTINGS[k].check(k, v) for k, v in
                 (("distributed", distributed), ("distributed_dtype", distributed_dtype))}
-        self._layer = D.DistributedLayer(wide["distributed"], wide["distributed_dtype"], whole_fsdp=self.WHOLE_FSDP)
+        self._layer = D.DistributedLayer(wide["distributed"], wide["distributed_dtype"], whole_fsdp=self.WHOLE_FSDP,
+                                         split_factors=self.SPLIT_FACTORS)
         self._has_sharded = False  # some parameter is a Shard(0) DTensor (checkpoint form)
         self._init_bookkeeping()
         super().__init__(params, defaults)
@@ -73,15 +75,18 @@ class BlockOptimizer(Optimizer):
         raise NotImplementedError
 
     def _new_state(self, p: torch.Tensor, group: dict, device: Any = None,
-                   blocks: Iterable[int] | None = None) -> dict[str, Any]:
+                   blocks: Iterable[int | tuple[int, str]] | None = None) -> dict[str, Any]:
+        """A fresh state for ``p``; ``blocks``: the block state to include, as block indices or,
+        with ``SPLIT_FACTORS``, ``(block, side)`` pairs (a rank's own); None: all."""
         raise NotImplementedError
 
     def _block_state(self, group: dict, plan: Any, i: int, device: torch.device) -> dict[str, torch.Tensor]:
         """The fresh entries of block ``i`` of a parameter (full state keys)."""
         raise NotImplementedError
 
-    def _block_weight(self) -> Callable[[torch.Tensor, Any], int] | None:
-        """``weigh(param, block)`` for the DDP owner assignment (state bytes), or None."""
+    def _block_weight(self) -> Callable[[torch.Tensor, Any], int | tuple[int, int]] | None:
+        """``weigh(param, block)`` for the owner assignment: the block's state bytes (with
+        ``SPLIT_FACTORS``: its ``(left, right)`` factors'), or None."""
         return None
 
     # -- settings and layout ------------------------------------------------------------------
@@ -243,14 +248,18 @@ class BlockOptimizer(Optimizer):
                 plan = self._plan(p, group)
                 if not plan.blocks:
                     continue
-                present = {block_of(k) for k in state}
+                present = {(k.block, k.side) for k in map(StateKey.parse, state) if k.block is not None}
                 device = next(v.device for v in state.values() if isinstance(v, torch.Tensor))
-                owned = None if layout is None else layout.owned(p, len(plan.blocks))
+                held = None if layout is None else layout.held(p, len(plan.blocks))
+                wanted = set(held) if held is not None else {(i, s) for i in range(len(plan.blocks)) for s in SIDES}
                 for i in range(len(plan.blocks)):
-                    if i in present or (owned is not None and i not in owned):
+                    missing = {s for s in SIDES if (i, s) in wanted and (i, s) not in present}
+                    if not missing:
                         continue
-                    restarted += 1
-                    state.update(self._block_state(group, plan, i, device))
+                    fresh = {k: v for k, v in self._block_state(group, plan, i, device).items()
+                             if StateKey.parse(k).side in missing}  # a side may have no entries (unrotated)
+                    restarted += bool(fresh)
+                    state.update(fresh)
         if self._layer.resolved:
             self._partial = False
             if restarted:
@@ -360,7 +369,7 @@ class BlockOptimizer(Optimizer):
         mode = state.pop("distributed", self.distributed if kept else "auto")
         dtype = state.pop("distributed_dtype", self.distributed_dtype if kept else "float32")
         super().__setstate__(state)
-        self._layer = D.DistributedLayer(mode, dtype, whole_fsdp=self.WHOLE_FSDP)
+        self._layer = D.DistributedLayer(mode, dtype, whole_fsdp=self.WHOLE_FSDP, split_factors=self.SPLIT_FACTORS)
         self._has_sharded = any(D.is_sharded(p) for p in self._params())
         self._init_bookkeeping()
         if counts:

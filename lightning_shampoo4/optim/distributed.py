@@ -1,5 +1,5 @@
-"""The distribution layer of ``Shampoo4bit``: which rank computes which Shampoo block, and how
-the preconditioned blocks come back. The per-block work itself knows nothing of it.
+"""The distribution layer of ``Shampoo4bit`` and ``SOAP4bit``: which rank computes which block,
+and how the preconditioned blocks come back. The per-block work itself knows nothing of it.
 
 Three layouts (:func:`detect`):
 
@@ -11,7 +11,11 @@ Three layouts (:func:`detect`):
            communication) that alone keeps its second-order state and preconditions it; one
            collective per step (:func:`gather_blocks`) hands every rank all preconditioned
            blocks, so every rank applies the same update. Confirmed once by
-           :func:`check_replicated`.
+           :func:`check_replicated`. An optimizer whose factors update independently
+           (``split_factors``: Shampoo4bit) may have a block heavier than a rank's share kept
+           factor by factor by two ranks: each updates its factor's statistic and root from the
+           gradient every rank holds, and the root the block's owner lacks travels to it at
+           each step (:func:`exchange`, the stored codes: the result is unchanged).
 ``"fsdp2"`` DTensor parameters on a 1-D mesh, ``Shard(0)`` (FSDP2's ``fully_shard``) or
            ``Replicate``. Lossless (``"auto"`` in an optimizer built with ``whole_fsdp``): the
            whole parameters' blocks have owners as under DDP; a sharded gradient is gathered
@@ -20,7 +24,8 @@ Three layouts (:func:`detect`):
            matrix (:func:`shard_layout`); no blocks travel; blocks never straddle shards.
 
 The checkpoint form (:func:`export_state`, :meth:`DistributedLayer.shared_blocks`) keys block
-state by parameter and block, so DDP and lossless FSDP2 checkpoints resume at any world size.
+state by parameter, block and side, so DDP and lossless FSDP2 checkpoints resume at any world
+size.
 
 Anything else (FSDP1 flat parameters, DeepSpeed ZeRO-3, other DTensor layouts) raises
 :class:`UnsupportedStrategyError`. This module depends on torch only.
@@ -41,7 +46,7 @@ import torch.distributed as dist
 
 from .blocking import Block, blocks_for, matrix_shape, split
 from .memory import kind_of
-from .state_keys import block_of
+from .state_keys import StateKey, block_of
 
 __all__ = [
     "COMM_DTYPES",
@@ -63,7 +68,9 @@ __all__ = [
     "check_mode",
     "check_replicated",
     "detect",
+    "exchange",
     "export_state",
+    "factor_costs",
     "gather_block_state",
     "gather_blocks",
     "import_state",
@@ -383,6 +390,12 @@ def block_cost(rows: int, cols: int) -> int:
     return rows * cols * (rows + cols) + rows**3 + cols**3
 
 
+def factor_costs(rows: int, cols: int) -> tuple[int, int]:
+    """:func:`block_cost` shared between the block's two factors: each its statistic, its root and
+    its side of the preconditioning (``k^2 n + k^3`` for order ``k`` beside ``n``)."""
+    return rows * rows * cols + rows**3, cols * cols * rows + cols**3
+
+
 def block_bytes(rows: int, cols: int) -> int:
     """What a block's second-order state grows with when its exact bytes are not given: one
     matrix per factor, ``r^2 + c^2`` (the optimizer passes the exact bytes of its storages)."""
@@ -396,87 +409,147 @@ def nbytes(entries: Mapping[str, Any]) -> int:
 
 BALANCES = ("bytes", "work")
 DEFAULT_BALANCE = "bytes"  # benchmarks/distributed.py: the lower per-rank state at equal step time
+SIDES = ("L", "R")
 
 
 class Plan:
     """Which rank owns each block; identical on every rank. ``costs``: what the assignment
-    balanced (bytes or work) per block."""
+    balanced (bytes or work) per block.
 
-    __slots__ = ("_index", "blocks", "costs", "owners", "world_size")
+    ``owners`` are the blocks' *direction* owners (the rank that preconditions the block).
+    ``factor_owners`` holds, per block, the ranks that keep its left and right factor: both the
+    direction owner, except for a block split between two ranks (:func:`plan_for`'s ``split``),
+    whose other factor's root then travels to the direction owner at every step
+    (:meth:`travelling`). ``side_costs``: a split block's cost per factor."""
+
+    __slots__ = ("_index", "_sides", "blocks", "costs", "factor_owners", "owners", "side_costs", "world_size")
 
     def __init__(self, blocks: tuple[BlockRef, ...], owners: tuple[int, ...], world_size: int,
-                 costs: tuple[int, ...] | None = None):
+                 costs: tuple[int, ...] | None = None, factor_owners: tuple[tuple[int, int], ...] | None = None,
+                 side_costs: tuple[tuple[int, int] | None, ...] | None = None):
         self.blocks, self.owners, self.world_size = blocks, owners, world_size
         self.costs = tuple(block_cost(b.rows, b.cols) for b in blocks) if costs is None else costs
+        self.factor_owners = tuple((o, o) for o in owners) if factor_owners is None else factor_owners
+        self.side_costs = (None,) * len(blocks) if side_costs is None else side_costs
         self._index = {(b.param, b.block): o for b, o in zip(blocks, owners)}
+        self._sides = {(b.param, b.block): f for b, f in zip(blocks, self.factor_owners)}
 
     def owner(self, param: int, block: int) -> int:
+        """The rank that preconditions the block."""
         return self._index[(param, block)]
+
+    def factor_owner(self, param: int, block: int, side: str) -> int:
+        """The rank that keeps the block's ``side`` (``"L"`` or ``"R"``) factor."""
+        return self._sides[(param, block)][SIDES.index(side)]
 
     def has(self, param: int, block: int) -> bool:
         return (param, block) in self._index
 
     def owned(self, rank: int) -> frozenset[tuple[int, int]]:
-        """``(param, block)`` pairs owned by ``rank``."""
+        """``(param, block)`` pairs whose direction ``rank`` computes."""
         return frozenset(k for k, o in self._index.items() if o == rank)
 
+    def travelling(self) -> list[tuple[int, int, str, int, int]]:
+        """``(param, block, side, from, to)`` for every factor kept by another rank than its
+        block's direction owner: the root that rank sends at each step, in plan order."""
+        out = []
+        for b, owner, sides in zip(self.blocks, self.owners, self.factor_owners):
+            out += [(b.param, b.block, side, o, owner) for side, o in zip(SIDES, sides) if o != owner]
+        return out
+
     def loads(self) -> list[int]:
-        """Total cost (what the plan balanced) per rank."""
+        """Total cost (what the plan balanced) per rank; a split block's by factor."""
         out = [0] * self.world_size
-        for c, o in zip(self.costs, self.owners):
-            out[o] += c
+        for cost, owner, sides, split in zip(self.costs, self.owners, self.factor_owners, self.side_costs):
+            if split is None:
+                out[owner] += cost
+            else:
+                for o, c in zip(sides, split):
+                    out[o] += c
         return out
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Plan) and (self.blocks, self.owners, self.world_size) == (
-            other.blocks, other.owners, other.world_size
+        return isinstance(other, Plan) and (self.blocks, self.owners, self.world_size, self.factor_owners) == (
+            other.blocks, other.owners, other.world_size, other.factor_owners
         )
 
     def __hash__(self) -> int:
-        return hash((self.blocks, self.owners, self.world_size))
+        return hash((self.blocks, self.owners, self.world_size, self.factor_owners))
 
     def __repr__(self) -> str:
-        return f"Plan({len(self.blocks)} blocks, world_size={self.world_size}, loads={self.loads()})"
+        split = sum(lo != ro for lo, ro in self.factor_owners)
+        return f"Plan({len(self.blocks)} blocks, {split} split, world_size={self.world_size}, loads={self.loads()})"
 
 
 @functools.lru_cache(maxsize=64)
-def _plan(blocks: tuple[BlockRef, ...], world_size: int, costs: tuple[int, ...]) -> Plan:
-    order = sorted(range(len(blocks)), key=lambda i: (-costs[i], i))
+def _plan(blocks: tuple[BlockRef, ...], world_size: int, costs: tuple[int, ...],
+          sides: tuple[tuple[int, int], ...] | None = None) -> Plan:
+    """Largest cost first, each to the least loaded rank. ``sides``: per block its factors'
+    costs; a block costlier than a rank's fair share (the total over the ranks) is then placed
+    as its two factors, and its direction goes with its costlier factor (left on a tie), so the
+    cheaper root is the one that travels."""
+    fair = sum(costs) / world_size
+    split = tuple(sides is not None and world_size > 1 and c > fair for c in costs)
+    items = []  # (cost, block, side index or None)
+    for i, c in enumerate(costs):
+        items += [(sides[i][0], i, 0), (sides[i][1], i, 1)] if split[i] else [(c, i, None)]
     heap = [(0, rank) for rank in range(world_size)]  # (load, rank): ties go to the lower rank
-    owners = [0] * len(blocks)
-    for i in order:
+    placed: dict[tuple[int, int | None], int] = {}
+    for c, i, side in sorted(items, key=lambda it: (-it[0], it[1], -1 if it[2] is None else it[2])):
         load, rank = heapq.heappop(heap)
-        owners[i] = rank
-        heapq.heappush(heap, (load + costs[i], rank))
-    return Plan(blocks, tuple(owners), world_size, costs)
+        placed[(i, side)] = rank
+        heapq.heappush(heap, (load + c, rank))
+    owners, factor_owners, side_costs = [], [], []
+    for i in range(len(blocks)):
+        if not split[i]:
+            owners.append(placed[(i, None)])
+            factor_owners.append((owners[-1], owners[-1]))
+            side_costs.append(None)
+            continue
+        lo, ro = placed[(i, 0)], placed[(i, 1)]
+        owners.append(lo if sides[i][0] >= sides[i][1] else ro)
+        factor_owners.append((lo, ro))
+        side_costs.append(sides[i])
+    return Plan(blocks, tuple(owners), world_size, costs, tuple(factor_owners), tuple(side_costs))
 
 
 def plan_for(
     blocks: Iterable[BlockRef | tuple[int, int, int, int]],
     world_size: int,
     balance: str = "work",
-    costs: Sequence[int] | None = None,
+    costs: Sequence[int | tuple[int, int]] | None = None,
+    split: bool = False,
 ) -> Plan:
     """Assign every block to a rank: largest cost first, each to the least loaded rank (ties: the
     lower rank, then the earlier block). Pure and deterministic, so every rank computes the same
     plan without communicating; cached per layout.
 
     ``balance``: ``"work"`` (:func:`block_cost`) or ``"bytes"`` (``costs``, the exact state bytes
-    per block, else :func:`block_bytes`)."""
+    per block, else :func:`block_bytes`). ``split``: a block costlier than a rank's fair share
+    (total / world) may have its two factors kept by two ranks (its largest block would
+    otherwise bound what one rank keeps); ``costs`` then gives each block's ``(left, right)``
+    factor bytes (without them: ``r^2`` and ``c^2``; for work, :func:`factor_costs`)."""
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     if balance not in BALANCES:
         raise ValueError(f"balance must be one of {', '.join(map(repr, BALANCES))}, got {balance!r}")
     refs = tuple(BlockRef(*b) for b in blocks)
+    if costs is not None and len(costs) != len(refs):
+        raise ValueError(f"{len(costs)} costs for {len(refs)} blocks")
+    pairs: tuple[tuple[int, int], ...] | None = None
     if balance == "work":
-        weights = tuple(block_cost(b.rows, b.cols) for b in refs)
+        pairs = tuple(factor_costs(b.rows, b.cols) for b in refs)
+    elif costs is not None and all(isinstance(c, tuple) for c in costs):
+        pairs = tuple((int(c[0]), int(c[1])) for c in costs)  # type: ignore[index]
     elif costs is not None:
-        weights = tuple(int(c) for c in costs)
-        if len(weights) != len(refs):
-            raise ValueError(f"{len(weights)} costs for {len(refs)} blocks")
+        if split:
+            raise ValueError("split needs each block's (left, right) factor costs")
+        weights = tuple(int(c) for c in costs)  # type: ignore[arg-type]
     else:
-        weights = tuple(block_bytes(b.rows, b.cols) for b in refs)
-    return _plan(refs, world_size, weights)
+        pairs = tuple((b.rows * b.rows, b.cols * b.cols) for b in refs)
+    if pairs is not None:
+        weights = tuple(lc + rc for lc, rc in pairs)
+    return _plan(refs, world_size, weights, pairs if split else None)
 
 
 def gather_blocks(
@@ -511,17 +584,61 @@ def gather_blocks(
         offsets[owner] += n
 
 
+def _p2p(ops: list[Any]) -> None:
+    """Run point-to-point sends and receives together (one place, so that benchmarks can count
+    their bytes)."""
+    for work in dist.batch_isend_irecv(ops):
+        work.wait()
+
+
+def exchange(sends: Sequence[tuple[int, Sequence[torch.Tensor]]],
+             recvs: Sequence[tuple[int, Sequence[tuple[tuple[int, ...], torch.dtype]]]],
+             group: Any = None, device: torch.device | None = None) -> list[list[torch.Tensor]]:
+    """Send tensors to single ranks and receive others' (block roots that travel to the rank
+    that preconditions the block): ``sends`` is ``(to, tensors)``, ``recvs`` ``(from, [(shape,
+    dtype)])``, both listed in the same order on the sending and the receiving rank. Everything
+    for one peer travels as one byte buffer; returns the received tensors per ``recvs`` entry,
+    on ``device``. Ranks are ranks of ``group``."""
+    dev = _comm_device(device or torch.device("cpu"), group)
+    out_bufs: dict[int, list[torch.Tensor]] = {}
+    for to, tensors in sends:
+        out_bufs.setdefault(to, []).extend(t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors)
+    sizes: dict[int, int] = {}
+    for frm, templates in recvs:
+        sizes[frm] = sizes.get(frm, 0) + sum(math.prod(sh) * torch.empty((), dtype=dt).element_size()
+                                             for sh, dt in templates)
+    in_bufs = {frm: torch.empty(n, dtype=torch.uint8, device=dev) for frm, n in sizes.items()}
+    ops = [dist.P2POp(dist.isend, torch.cat(parts).to(dev), group=group, group_peer=to)
+           for to, parts in sorted(out_bufs.items())]
+    ops += [dist.P2POp(dist.irecv, buf, group=group, group_peer=frm) for frm, buf in sorted(in_bufs.items())]
+    if ops:
+        _p2p(ops)
+    offsets = dict.fromkeys(in_bufs, 0)
+    received = []
+    for frm, templates in recvs:
+        tensors = []
+        for shape, dtype in templates:
+            n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            raw = in_bufs[frm][offsets[frm] : offsets[frm] + n]
+            offsets[frm] += n
+            tensors.append(raw.clone().view(dtype).reshape(shape).to(device or raw.device))  # clone: aligned
+        received.append(tensors)
+    return received
+
+
 # -- state: ownership, consolidation, checkpoint form ---------------------------------------
 def block_index(key: str) -> int | None:
     """The block a state key belongs to (``"3.L.eigvals"`` -> 3), ``None`` for per-parameter keys."""
     return block_of(key)
 
 
-def prune_state(state: dict[str, Any], keep: Iterable[int]) -> int:
+def prune_state(state: dict[str, Any], keep: Iterable[int | tuple[int, str]]) -> int:
     """Delete the entries of blocks not in ``keep`` (a rank keeps only the blocks it owns);
-    returns how many were deleted."""
+    ``keep`` holds block indices (every factor of the block) or ``(block, side)`` pairs (one
+    factor). Returns how many were deleted."""
     keep = set(keep)
-    drop = [k for k in state if (i := block_index(k)) is not None and i not in keep]
+    drop = [k for k in state if (key := StateKey.parse(k)).block is not None
+            and key.block not in keep and (key.block, key.side) not in keep]
     for k in drop:
         del state[k]
     return len(drop)
@@ -662,9 +779,10 @@ class DistributedLayer:
     :meth:`gather` after preconditioning."""
 
     def __init__(self, mode: str = "auto", dtype: str = "float32", group: Any = None, balance: str = DEFAULT_BALANCE,
-                 whole_fsdp: bool = False):
+                 whole_fsdp: bool = False, split_factors: bool = False):
         self.mode = check_mode(mode)
         self.whole_fsdp = whole_fsdp  # the optimizer preconditions FSDP2 parameters whole under "auto"
+        self.split_factors = split_factors  # a block's two factors may be kept by two ranks (plan_for's split)
         self.dtype = check_comm_dtype(dtype)
         if balance not in BALANCES:
             raise ValueError(f"balance must be one of {', '.join(map(repr, BALANCES))}, got {balance!r}")
@@ -675,6 +793,7 @@ class DistributedLayer:
         self._resolved = False
         self._plan: Plan | None = None
         self._pruned: Plan | None = None  # the assignment the state was last pruned to
+        self._travel: dict[tuple[int, int], tuple[str, int, int]] = {}  # (param, block) -> (side, from, to)
         self._rank = 0
 
     @property
@@ -724,24 +843,43 @@ class DistributedLayer:
         """Whether blocks have owner ranks: DDP sharding, or lossless FSDP2."""
         return self.kind == "ddp" or (self.kind == "fsdp2" and self.lossless)
 
-    def plan(self, blocks: Iterable[BlockRef], weigh: Callable[[BlockRef], int] | None = None) -> Plan | None:
+    def plan(self, blocks: Iterable[BlockRef], weigh: Callable[[BlockRef], int | tuple[int, int]] | None = None
+             ) -> Plan | None:
         """The owner of every block under ``"ddp"`` and lossless ``"fsdp2"`` (``None`` otherwise:
-        this rank computes all). ``weigh``: the exact state bytes of a block (balanced when
-        ``balance`` is ``"bytes"``; called only when the blocks change)."""
+        this rank computes all). ``weigh``: the exact state bytes of a block, or of its
+        ``(left, right)`` factors where ``split_factors`` (balanced when ``balance`` is
+        ``"bytes"``; called only when the blocks change)."""
         if not self.owners_planned:
             self._plan = None
             return None
         blocks = tuple(blocks)
         if self._plan is None or self._plan.blocks != blocks:
             costs = [weigh(b) for b in blocks] if weigh is not None and self.balance == "bytes" else None
-            self._plan = plan_for(blocks, dist.get_world_size(self._plan_group), self.balance, costs)
+            self._plan = plan_for(blocks, dist.get_world_size(self._plan_group), self.balance, costs,
+                                  split=self.split_factors)
+            self._travel = {(pid, i): (side, src, dst) for pid, i, side, src, dst in self._plan.travelling()}
         return self._plan
 
     def owns(self, param: int, block: int) -> bool:
+        """Whether this rank preconditions the block (computes its direction)."""
         return self._plan is None or not self._plan.has(param, block) or self._plan.owner(param, block) == self._rank
 
     def owned_blocks(self, param: int, n_blocks: int) -> list[int]:
         return [i for i in range(n_blocks) if self.owns(param, i)]
+
+    def holds(self, param: int, block: int, side: str) -> bool:
+        """Whether this rank keeps the block's ``side`` factor (its state)."""
+        plan = self._plan
+        return plan is None or not plan.has(param, block) or plan.factor_owner(param, block, side) == self._rank
+
+    def held_parts(self, param: int, n_blocks: int) -> frozenset[tuple[int, str]]:
+        """``(block, side)`` of every factor of the parameter this rank keeps."""
+        return frozenset((i, side) for i in range(n_blocks) for side in SIDES if self.holds(param, i, side))
+
+    def travel(self, param: int, block: int) -> tuple[str, int, int] | None:
+        """``(side, from, to)`` when the block's ``side`` factor is kept by rank ``from`` and its
+        root must reach rank ``to``, which preconditions the block; None otherwise."""
+        return self._travel.get((param, block))
 
     def gather(self, blocks: Sequence[tuple[int, int, torch.Tensor]]) -> None:
         """``(param, block, destination)`` for every block preconditioned this step, same order on
@@ -774,7 +912,7 @@ class DistributedLayer:
             for p, pid, bs in blocks:
                 state = states.get(p)
                 if state:
-                    prune_state(state, self.owned_blocks(pid, len(bs)))
+                    prune_state(state, self.held_parts(pid, len(bs)))
             moved = self._pruned is not None
             self._pruned = plan
         return StepLayout(kind, self, {id(p): pid for p, pid, _ in blocks}, moved)
@@ -845,6 +983,28 @@ class StepLayout(NamedTuple):
         if self.index is None or not n_blocks or id(p) not in self.index:
             return None
         return self.layer.owned_blocks(self.index[id(p)], n_blocks)
+
+    def held(self, p: torch.Tensor, n_blocks: int) -> frozenset[tuple[int, str]] | None:
+        """``(block, side)`` of the factors of ``p`` this rank keeps; None: all of them."""
+        if self.index is None or not n_blocks or id(p) not in self.index:
+            return None
+        return self.layer.held_parts(self.index[id(p)], n_blocks)
+
+    def travel(self, p: torch.Tensor, block: int) -> tuple[str, int, int] | None:
+        """``(side, from, to)`` if the root of that factor of the block travels between ranks."""
+        if self.index is None or id(p) not in self.index:
+            return None
+        return self.layer.travel(self.index[id(p)], block)
+
+    @property
+    def rank(self) -> int:
+        return self.layer.rank
+
+    def exchange(self, sends: Sequence[tuple[int, Sequence[torch.Tensor]]],
+                 recvs: Sequence[tuple[int, Sequence[tuple[tuple[int, ...], torch.dtype]]]],
+                 device: torch.device) -> list[list[torch.Tensor]]:
+        """:func:`exchange` among the ranks that own blocks."""
+        return exchange(sends, recvs, self.layer._plan_group, device)
 
     def all_true(self, ok: bool) -> bool:
         """A host-side check that must agree on every rank (FSDP2 ranks see different shards;

@@ -20,7 +20,9 @@ synchronizes anyway.
 
 Under several processes the step goes through :mod:`.distributed` (``distributed=`` argument):
 under DDP each rank keeps the state of, and preconditions, only the blocks it owns, and one
-all-gather before grafting hands every rank every preconditioned block; under FSDP2 (``Shard(0)``
+all-gather before grafting hands every rank every preconditioned block (a block heavier than a
+rank's share is kept factor by factor by two ranks; the root the preconditioning rank lacks is
+sent to it at each step, as stored codes); under FSDP2 (``Shard(0)``
 DTensors) "auto" does the same with the whole parameters' blocks (their gradients gathered, each
 rank applying its own rows), "off" preconditions each rank's local shard, padded to equal blocks,
 without communication.
@@ -44,7 +46,7 @@ from .distributed import UnsupportedStrategyError
 from .factor import Factor, PrefixView
 from .storage import FAILED, RETRIED, FactorConfig, Storage, Update, storage_for
 from .settings import SHAMPOO_SETTINGS
-from .state_keys import StateKey
+from .state_keys import SIDES, StateKey
 
 __all__ = ["COUNTERS", "Shampoo4bit", "UnsupportedStrategyError"]
 
@@ -96,6 +98,10 @@ class _StepWork:
         self.new_states: dict[torch.Tensor, dict] = {}  # states of parameters stepped for the first time
         self.counts = dict.fromkeys(("stat_updates", "root_updates", "retried_updates", "failed_updates"), 0)
         self.timers = dict.fromkeys(TIMERS, 0.0)
+        # roots of factors kept by another rank than their block's direction owner (split blocks):
+        # ((param, block, side), to, storage, view) sent; ((param, block, side), from, storage, pair) received
+        self.outgoing: list[tuple[tuple[int, int, str], int, Storage, Any]] = []
+        self.incoming: list[tuple[tuple[int, int, str], int, Storage, list]] = []
 
 
 class _LocalStates(NamedTuple):
@@ -174,8 +180,10 @@ class Shampoo4bit(BlockOptimizer):
         distributed: "auto" (default) or "off"; optimizer-wide, not per group. Under DDP
             (a process group of several ranks, plain parameters with identical gradients,
             confirmed at the first step) "auto" gives every block one owner rank that alone
-            keeps its second-order state and computes its PU / PIRU and preconditioned block;
-            the blocks are all-gathered before grafting, so every rank applies the same update.
+            keeps its second-order state and computes its PU / PIRU and preconditioned block
+            (a block heavier than a rank's share of the state: one rank per factor, the other
+            factor's root sent to the block's rank at each step); the blocks are all-gathered
+            before grafting, so every rank applies the same update.
             With a float32 gather that update is bit-identical to "off" on CPU (each block is
             computed as in "off"; on CUDA the torch backend's batched matmuls of other batch
             sizes may round differently, so there it is equal up to rounding). Ranks whose
@@ -197,6 +205,7 @@ class Shampoo4bit(BlockOptimizer):
     SETTINGS = SHAMPOO_SETTINGS  # every argument after ``params``, declared once (:mod:`.settings`)
     COUNTERS, TIMERS = COUNTERS, TIMERS
     WHOLE_FSDP = True
+    SPLIT_FACTORS = True
     RESTART = "a fresh statistic"
 
     def __init__(
@@ -294,8 +303,9 @@ class Shampoo4bit(BlockOptimizer):
     ) -> dict[str, Any]:
         """A fresh state for ``p`` (not yet stored); ``device="meta"`` only describes it.
 
-        ``blocks``: the blocks to include (a DDP rank's own); None: all of them, which is also
-        what a checkpoint is checked against. A DTensor's state is that of its local shard."""
+        ``blocks``: the factors to include as ``(block, side)`` pairs (a rank's own under DDP or
+        lossless FSDP2); None: all of them, which is also what a checkpoint is checked against. A
+        DTensor's moments are those of its local shard."""
         t = D.local_view(p)[0]
         device = t.device if device is None else torch.device(device)
         plan = make_plan(p, group, self._layer.lossless)
@@ -304,9 +314,9 @@ class Shampoo4bit(BlockOptimizer):
         state.update(base_update.init_moments(like, group))
         keep = None if blocks is None else set(blocks)
         for i, (left, right) in enumerate(plan.sides):
-            if keep is not None and i not in keep:
-                continue
             for side in (left, right):
+                if keep is not None and i not in keep and (i, side.name) not in keep:
+                    continue
                 for name, t in self._storage(group, side.order).init(device).items():
                     state[str(StateKey(i, side.name, name))] = t
         if plan.sides:
@@ -322,22 +332,22 @@ class Shampoo4bit(BlockOptimizer):
                 if not state:
                     continue
                 sides = self._plan(p, group).sides
-                present = {StateKey.parse(k).block for k in state} if sides else ()
-                for i, (left, right) in enumerate(sides):
-                    if i not in present:
-                        continue
-                    yield p, i, "L", Factor(state, left.prefix, self._storage(group, left.order))
-                    yield p, i, "R", Factor(state, right.prefix, self._storage(group, right.order))
+                present = {(k.block, k.side) for k in map(StateKey.parse, state)} if sides else ()
+                for i, pair in enumerate(sides):
+                    for side in pair:
+                        if (i, side.name) in present:
+                            yield p, i, side.name, Factor(state, side.prefix, self._storage(group, side.order))
 
     def _block_state(self, group: dict, plan: _Plan, i: int, device: torch.device) -> dict[str, torch.Tensor]:
         return {str(StateKey(i, side.name, name)): t for side in plan.sides[i]
                 for name, t in self._storage(group, side.order).init(device).items()}
 
-    def _block_weight(self) -> Callable[[torch.Tensor, Block], int]:
-        """A block's second-order state bytes (what the DDP owners balance)."""
+    def _block_weight(self) -> Callable[[torch.Tensor, Block], tuple[int, int]]:
+        """A block's second-order state bytes, per factor ``(left, right)``: what the owners
+        balance (a block heavier than a rank's share is kept factor by factor)."""
         groups = {id(p): g for g in self.param_groups for p in g["params"]}
-        return lambda p, b: sum(D.nbytes(self._storage(groups[id(p)], n).init(torch.device("meta")))
-                                for n in (b.rows, b.cols))
+        meta = torch.device("meta")
+        return lambda p, b: tuple(D.nbytes(self._storage(groups[id(p)], n).init(meta)) for n in (b.rows, b.cols))
 
     # -- checkpointing and copies --------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -412,16 +422,31 @@ class Shampoo4bit(BlockOptimizer):
         operands = []
         for (p, group, plan), grad in zip(step.work, step.grads):
             state = self.state.get(p)
-            owned = step.layout.owned(p, len(plan.blocks))
+            held = step.layout.held(p, len(plan.blocks))
             if not state:
-                state = step.new_states[p] = self._new_state(p, group, blocks=owned)
+                state = step.new_states[p] = self._new_state(p, group, blocks=held)
             if not plan.sides:
                 operands.append(None)
                 continue
             g = grad.float().reshape(plan.mshape) if plan.layout is None else plan.layout.to_matrix(grad.float())
             step.matrices[p] = g
-            operands.append(self._update_factors(p, group, plan, state, g, *step.due[id(group)], step, owned))
+            operands.append(self._update_factors(p, group, plan, state, g, *step.due[id(group)], step, held))
+        self._exchange_roots(step)
         return operands
+
+    def _exchange_roots(self, step: _StepWork) -> None:
+        """Roots of factors kept by another rank than the one that preconditions their block:
+        each sent as its stored entries (the codes themselves, so the result is exactly the one
+        device's) and put into the receiving block's operands in place of the stand-in."""
+        if not step.outgoing and not step.incoming:
+            return
+        outgoing, incoming = sorted(step.outgoing, key=lambda x: x[0]), sorted(step.incoming, key=lambda x: x[0])
+        sends = [(to, [view[n] for n in _root_names(storage)]) for _, to, storage, view in outgoing]
+        recvs = [(frm, [(tuple(t.shape), t.dtype) for t in _root_template(storage).values()])
+                 for _, frm, storage, _ in incoming]
+        device = next(iter(step.matrices.values())).device
+        for (key, _, storage, pair), tensors in zip(incoming, step.layout.exchange(sends, recvs, device)):
+            pair[SIDES.index(key[2])] = storage.operand(dict(zip(_root_names(storage), tensors)))
 
     def _precondition(self, step: _StepWork, operands: list[list | None]) -> list[torch.Tensor]:
         """The grafted direction of every parameter: ``L^-1/4 G R^-1/4`` per block, batched
@@ -487,36 +512,47 @@ class Shampoo4bit(BlockOptimizer):
             for dev, flag in found_inf.items():
                 self._skips[dev] = self._skips[dev] + flag if dev in self._skips else flag.clone()
 
-    def _update_factors(self, p, group, plan, state, g, stats_due, roots_due, step: _StepWork, owned=None):
-        """Due PU / PIRU of every block of one parameter (new entries into ``step.pending``);
-        the ``(left, right)`` root operands per block, or None while no root exists (the base
-        optimizer then runs on the raw gradient). Blocks another rank owns (not in ``owned``,
-        under DDP) get stand-in operands of the same format, without data. Their updates are
-        counted too, so counts agree across ranks (except retried and failed ones, which only
-        the owner sees)."""
-        counts = step.counts
+    def _update_factors(self, p, group, plan, state, g, stats_due, roots_due, step: _StepWork, held=None):
+        """Due PU / PIRU of every factor of one parameter this rank keeps (``held``: ``(block,
+        side)`` pairs, None: all; new entries into ``step.pending``); the ``(left, right)`` root
+        operands per block, or None while no root exists (the base optimizer then runs on the
+        raw gradient). Factors another rank keeps get stand-in operands of the same format,
+        without data (replaced by the travelling root where this rank preconditions the block:
+        ``step.incoming``). Their updates are counted too, so counts agree across ranks (except
+        retried and failed ones, which only the owner sees)."""
+        counts, layout = step.counts, step.layout
         if roots_due:
             step.pending.append((state, "", {"last_root_step": step.clock}))
-        operands = []
-        for i, (block, (left, right)) in enumerate(zip(plan.blocks, plan.sides)):
-            if owned is not None and i not in owned:
-                counts["stat_updates"] += 2 * stats_due
-                counts["root_updates"] += 2 * roots_due
-                operands.append(
-                    (self._stand_in(group, left.order, g.device), self._stand_in(group, right.order, g.device))
-                )
-                continue
+        operands, outgoing, incoming = [], [], []
+        pid = layout.param_index(p)
+        for i, (block, sides) in enumerate(zip(plan.blocks, plan.sides)):
             gb = g if len(plan.blocks) == 1 else g[block.r0 : block.r1, block.c0 : block.c1]
-            operands.append([self._update_side(p, group, side, state, _gram(gb, side.name) if stats_due else None,
-                                               stats_due, roots_due, step) for side in (left, right)])
+            travel = layout.travel(p, i)
+            pair = []
+            for side in sides:
+                if held is not None and (i, side.name) not in held:
+                    counts["stat_updates"] += stats_due
+                    counts["root_updates"] += roots_due
+                    pair.append(self._stand_in(group, side.order, g.device))
+                    if travel is not None and travel[0] == side.name and travel[2] == layout.rank:
+                        incoming.append(((pid, i, side.name), travel[1], self._storage(group, side.order), pair))
+                    continue
+                view = self._update_side(p, group, side, state, _gram(gb, side.name) if stats_due else None,
+                                         stats_due, roots_due, step)
+                pair.append(self._storage(group, side.order).operand(view))
+                if travel is not None and travel[0] == side.name and travel[1] == layout.rank:
+                    outgoing.append(((pid, i, side.name), travel[2], self._storage(group, side.order), view))
+            operands.append(pair)
         if not roots_due and state["last_root_step"] == 0:
             return None
+        step.outgoing += outgoing
+        step.incoming += incoming
         return operands
 
     def _update_side(self, p, group, side: _Side, state: dict, m: torch.Tensor | None, stats_due: bool, roots_due: bool,
-                     step: _StepWork):
+                     step: _StepWork) -> ChainMap:
         """One factor: its PU (``m``: this step's G G^T or G^T G, None when no PU is due) and PIRU
-        when due; its root operand."""
+        when due; the factor's entries as they are after them (new over stored)."""
         storage = self._storage(group, side.order)
         new: dict[str, torch.Tensor] = {}
         view = ChainMap(new, PrefixView(state, side.prefix))
@@ -538,7 +574,7 @@ class Shampoo4bit(BlockOptimizer):
             step.timers["time_roots_s"] += self._tick(p) - t0
         if new:
             step.pending.append((state, side.prefix, new))
-        return storage.operand(view)
+        return view
 
     def _stand_in(self, group: dict, order: int, device: torch.device):
         """An operand with the format of a real root of this order but no data: it places another
@@ -591,6 +627,18 @@ def make_plan(p: torch.Tensor, group: dict, whole: bool = False) -> _Plan:
     sides = tuple((_Side(StateKey.prefix(i, "L"), b.rows, "L"), _Side(StateKey.prefix(i, "R"), b.cols, "R"))
                   for i, b in enumerate(blocks))
     return _Plan(mshape, blocks, sides, fmt, layout)
+
+
+def _root_names(storage: Storage) -> list[str]:
+    """The entries :meth:`.storage.base.Storage.operand` reads: the root (fp32, or its codes,
+    scales and diagonal)."""
+    return list(_root_template(storage))
+
+
+def _root_template(storage: Storage) -> dict[str, torch.Tensor]:
+    """A fresh factor's root entries as meta tensors (their names, shapes and dtypes)."""
+    entries = storage.init(torch.device("meta"))
+    return {n: t for n, t in entries.items() if n == "root" or n.startswith("root_")}
 
 
 def _assemble(g: torch.Tensor, plan: _Plan, results: list, owned: list[int] | None, pid: int | None,
