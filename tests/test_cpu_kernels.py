@@ -1,4 +1,5 @@
-"""The CPU kernel that rebuilds stored symmetric roots: bit-identical to the torch rebuild."""
+"""The CPU kernels (stored symmetric roots: rebuild and store; the row-block layout: decode):
+bit-identical to the torch paths."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from lightning_shampoo4 import Shampoo4bit, kernels
 from lightning_shampoo4.kernels import QuantizedMatrix, cpu, reference
-from lightning_shampoo4.quant import dequantize_symmetric, get_codebook, quantize_symmetric
+from lightning_shampoo4.quant import dequantize, dequantize_symmetric, get_codebook, quantize, quantize_symmetric
 
 needs_kernel = pytest.mark.skipif(not cpu.available(), reason="no C compiler to build the CPU kernel")
 
@@ -331,8 +332,65 @@ def test_the_plain_c_path_without_avx512_is_exact_too(tmp_path, monkeypatch):
             x = torch.randn(n, n)
             assert _same(cpu.quantize_symmetric(x, root.codebook, bits, block, torch.bfloat16),
                          quantize_symmetric(x, root.codebook, bits, block, scale_dtype=torch.bfloat16)), (n, bits)
+            q = quantize(x, root.codebook, bits, block, scale_dtype=torch.bfloat16)
+            assert torch.equal(cpu.dequantize_rows(q.codes, q.absmax, root.codebook, n, n, bits, block),
+                               dequantize(q, root.codebook, (n, n), bits, block)), (n, bits)
+            got = cpu.quantize_rows(x, root.codebook, bits, block, torch.bfloat16)
+            assert torch.equal(got.codes, q.codes) and torch.equal(got.absmax, q.absmax), (n, bits)
     finally:
         cpu._library.cache_clear()
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("shape, block", [((1, 1), 64), ((7, 13), 5), ((33, 65), 16), ((300, 301), 64), ((5,), 3),
+                                          ((3, 4, 17), 8), ((256, 256), 64), ((2, 40), 1)])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+def test_row_block_dequantize_equals_torch_bit_for_bit(bits, shape, block, scale_dtype):
+    """The kernel that decodes the row-block layout (SOAP4bit's eigenvector matrices) gives the
+    torch dequantizer's bits, odd lengths and blocks crossing nothing or everything included."""
+    for name in ("linear2", "dynamic"):
+        cb = get_codebook(name, bits)
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(len(shape) * 100 + block))
+        q = quantize(x, cb, bits, block, scale_dtype=scale_dtype)
+        rows = x.numel() // shape[-1]
+        out = cpu.dequantize_rows(q.codes, q.absmax, cb, rows, shape[-1], bits, block)
+        assert torch.equal(out.view(shape), dequantize(q, cb, shape, bits, block)), name
+    assert cpu.dequantize_rows(q.codes[:0], q.absmax, cb, rows, shape[-1], bits, block) is None  # truncated codes
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("shape, block", [((), 4), ((0,), 4), ((1, 1), 64), ((7, 13), 5), ((5,), 3), ((3, 4, 17), 8),
+                                          ((2048,), 256), ((1000,), 2048), ((2, 40), 1)])
+def test_row_block_quantize_equals_torch_bit_for_bit(bits, shape, block):
+    """The row-block quantizer (SOAP4bit's eigenvector matrices and moments) gives the torch
+    quantizer's codes and scales: every map, fp32 and bf16 scales, odd lengths, exact midpoints."""
+    from lightning_shampoo4.quant import moments
+    from lightning_shampoo4.quant.codebooks import midpoints
+
+    books = [get_codebook(name, bits) for name in ("linear2", "dynamic", "linear1.5")]
+    books += [moments.moment_codebook(name, bits, "cpu") for name in ("exp_avg", "exp_avg_sq")]
+    for cb in books:
+        for scale_dtype in (torch.float32, torch.bfloat16):
+            gen = torch.Generator().manual_seed(block)
+            x = torch.randn(shape, generator=gen) * torch.rand(shape, generator=gen) ** 4
+            flat = x.view(-1)
+            if flat.numel() >= 4:  # a block whose absmax is 1: a midpoint, a code value and zeros exactly
+                flat[:4] = torch.tensor([1.0, float(midpoints(cb)[2]), float(cb[3]), -0.0])
+            got = cpu.quantize_rows(x, cb, bits, block, scale_dtype)
+            ref = quantize(x, cb, bits, block, scale_dtype=scale_dtype)
+            assert torch.equal(got.codes, ref.codes) and got.absmax.dtype == ref.absmax.dtype
+            assert torch.equal(got.absmax, ref.absmax)
+
+
+@needs_kernel
+def test_row_block_quantize_leaves_non_finite_values_to_torch():
+    cb = get_codebook("linear2", 4)
+    for bad in (float("nan"), float("inf")):
+        assert cpu.quantize_rows(torch.tensor([1.0, bad, 2.0]), cb, 4, 2, torch.float32) is None
+    assert cpu.quantize_rows(torch.tensor([3.4e38, 1.0]), cb, 4, 2, torch.bfloat16) is None  # scale overflows bf16
+    assert cpu.quantize_rows(torch.ones(4), get_codebook("linear2", 4).double(), 4, 2, torch.float32) is None
 
 
 @needs_kernel

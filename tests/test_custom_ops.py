@@ -64,7 +64,8 @@ def test_opcheck_symmetric_ops(impl):
 def test_opcheck_row_block_ops(impl):
     cb = get_codebook("linear2", 4, device)
     u = torch.randn(9, 9, device=device)
-    for transpose, offdiag, scale_dtype in ((True, False, torch.bfloat16), (False, True, torch.float32)):
+    for transpose, offdiag, scale_dtype in ((True, False, torch.bfloat16), (False, True, torch.float32),
+                                            (False, False, torch.bfloat16)):
         torch.library.opcheck(ops.quantize, (u, cb, 4, 4, offdiag, transpose, scale_dtype, impl))
         q = quantize(u, cb, 4, 4, offdiag=offdiag, transpose=transpose, scale_dtype=scale_dtype)
         torch.library.opcheck(ops.dequantize, (q.codes, q.absmax, q.diag, cb, [9, 9], 4, 4, transpose,
@@ -84,6 +85,33 @@ def test_opcheck_moment_update(impl, base):
     hyper = [0.1, 0.999, 0.001, 1e-8, 1.0, 1.0, -1e-3] if base == "adamw" else [0.9, 0.0, -1e-2]
     torch.library.opcheck(ops.moment_update, (base, p, torch.randn_like(p), codes, absmax, cbs, 4, 128, hyper,
                                               False, impl))
+
+
+def test_eager_calls_go_straight_to_the_kernel_and_traced_calls_through_the_dispatcher(monkeypatch):
+    """``ops.call`` skips the dispatcher's Python layers in eager mode on plain tensors (same
+    result), and leaves dispatch modes and fake tensors to the dispatcher."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    cb = get_codebook("linear2", 4, device)
+    q = quantize(torch.randn(12, 7, device=device), cb, 4, 5, scale_dtype=torch.bfloat16)
+    args = (q.codes, q.absmax, None, cb, [12, 7], 4, 5, False, torch.float32, "native")
+    key = (id(ops.dequantize), torch.device(device).type)
+    direct = collections.Counter()
+    kernel = ops._KERNELS[key]
+    monkeypatch.setitem(ops._KERNELS, key, lambda *a: direct.update(["calls"]) or kernel(*a))
+    assert torch.equal(ops.call(ops.dequantize, *args), ops.dequantize(*args))
+    assert direct["calls"] == 1
+
+    class Seen(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Seen():
+        assert torch.equal(ops.call(ops.dequantize, *args), ops.dequantize(*args))
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = ops.call(ops.dequantize, *(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+        assert tuple(fake.shape) == (12, 7)
+    assert direct["calls"] == 1
 
 
 def test_ops_are_registered_under_the_package_namespace():

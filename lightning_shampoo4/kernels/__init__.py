@@ -175,7 +175,7 @@ def quantize(
     """Block-wise quantize ``x``; see :func:`lightning_shampoo4.quant.quantize` (Triton for fp32 and
     bf16 scales, bit for bit; fp16 scales always take the reference, which checks their range)."""
     def call(impl):
-        return ops.quantize(x.detach(), codebook, bits, block_size, offdiag, transpose, scale_dtype, impl)
+        return ops.call(ops.quantize, x.detach(), codebook, bits, block_size, offdiag, transpose, scale_dtype, impl)
 
     codes, absmax, diag = _run("quantize", backend, x.device, call)
     return Quantized(codes, absmax, diag if offdiag else None)
@@ -197,7 +197,7 @@ def dequantize(
     shape = [int(s) for s in shape]
 
     def call(impl):
-        return ops.dequantize(codes, absmax, diag, codebook, shape, bits, block_size, transpose, dtype, impl)
+        return ops.call(ops.dequantize, codes, absmax, diag, codebook, shape, bits, block_size, transpose, dtype, impl)
 
     return _run("dequantize", backend, codes.device, call)
 
@@ -215,8 +215,8 @@ def _rebuild_rows(roots: list[QuantizedMatrix], r0: int, r1: int, impl: str) -> 
     """fp32 rows ``r0 .. r1-1`` of same-format stored symmetric roots, ``(k, r1 - r0, n)``: one op call."""
     first = roots[0]
     codes, absmax, diag = _parts(roots)
-    return ops.rebuild_symmetric(codes, absmax, diag, first.codebook, first.order, first.bits, first.block_size,
-                                 r0, r1, impl)
+    return ops.call(ops.rebuild_symmetric, codes, absmax, diag, first.codebook, first.order, first.bits,
+                    first.block_size, r0, r1, impl)
 
 
 def _rebuilder(impl: str) -> reference.RebuildFn:
@@ -238,7 +238,7 @@ def quantize_symmetric(
         raise ValueError(f"quantize_symmetric needs a square matrix, got shape {tuple(x.shape)}")
 
     def call(impl):
-        return ops.quantize_symmetric(x.detach(), codebook, bits, block_size, scale_dtype, impl)
+        return ops.call(ops.quantize_symmetric, x.detach(), codebook, bits, block_size, scale_dtype, impl)
 
     return Quantized(*_run("quantize_symmetric", backend, x.device, call))
 
@@ -275,15 +275,15 @@ def _fused(grads: torch.Tensor, lefts: list, rights: list, dtype: torch.dtype, i
     if _symmetric(lefts[0]):
         first = lefts[0]
         codes, absmax, diag = _parts(lefts)
-        x = ops.matmul_symmetric(codes, absmax, diag, first.codebook, grads, first.order, first.bits,
-                                 first.block_size, True, dtype, dtype, impl)
+        x = ops.call(ops.matmul_symmetric, codes, absmax, diag, first.codebook, grads, first.order, first.bits,
+                     first.block_size, True, dtype, dtype, impl)
     else:
         x = torch.bmm(_stack(lefts, dtype, impl), grads.to(dtype))
     if _symmetric(rights[0]):
         first = rights[0]
         codes, absmax, diag = _parts(rights)
-        return ops.matmul_symmetric(codes, absmax, diag, first.codebook, x, first.order, first.bits,
-                                    first.block_size, False, dtype, torch.float32, impl)
+        return ops.call(ops.matmul_symmetric, codes, absmax, diag, first.codebook, x, first.order, first.bits,
+                        first.block_size, False, dtype, torch.float32, impl)
     # a dense right root: ``dtype`` operands, fp32 sums and result, like the fused kernel's
     return torch.bmm(x.float(), _stack(rights, dtype, impl).float())
 
@@ -297,12 +297,12 @@ def _stack(roots: list, dtype: torch.dtype, impl: str) -> torch.Tensor:
     if _symmetric(first):
         return _rebuild_rows(roots, 0, n, impl).to(dtype)
     if first.bits == 4 and (n * n) % 2:  # packed codes that do not concatenate
-        return torch.stack([ops.dequantize(r.codes, r.absmax, r.diag, r.codebook, [n, n], r.bits, r.block_size, False,
-                                           torch.float32, impl) for r in roots]).to(dtype)
+        return torch.stack([ops.call(ops.dequantize, r.codes, r.absmax, r.diag, r.codebook, [n, n], r.bits,
+                                     r.block_size, False, torch.float32, impl) for r in roots]).to(dtype)
     codes = torch.cat([r.codes.reshape(-1) for r in roots])
     absmax = torch.cat([r.absmax.reshape(n, -1) for r in roots])
-    dense = ops.dequantize(codes, absmax, None, first.codebook, [len(roots) * n, n], first.bits, first.block_size,
-                           False, torch.float32, impl).view(len(roots), n, n)
+    dense = ops.call(ops.dequantize, codes, absmax, None, first.codebook, [len(roots) * n, n], first.bits,
+                     first.block_size, False, torch.float32, impl).view(len(roots), n, n)
     if first.diag is not None:
         dense.diagonal(dim1=1, dim2=2).copy_(torch.stack([r.diag for r in roots]))
     return dense.to(dtype)
@@ -388,7 +388,7 @@ def moment_update(
     values = ops.hyper_list(base, hyper) if base in ops._HYPER else []
 
     def call(impl):
-        ops.moment_update(base, p, grad, codes, absmax, codebooks, bits, block_size, values,
+        ops.call(ops.moment_update, base, p, grad, codes, absmax, codebooks, bits, block_size, values,
                           bool(hyper.get("nesterov", False)), impl)
 
     if base not in ops._HYPER:

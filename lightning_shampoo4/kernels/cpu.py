@@ -170,6 +170,8 @@ def _kernel_path(compiler: str) -> Iterator[Path]:
 class _Library(NamedTuple):
     rows: ctypes._CFuncPtr
     quantize: ctypes._CFuncPtr
+    dense_rows: ctypes._CFuncPtr
+    quantize_rows: ctypes._CFuncPtr
 
 
 @functools.lru_cache(maxsize=None)
@@ -190,7 +192,8 @@ def _library() -> _Library | None:
     try:
         with _kernel_path(compiler) as path:
             lib = ctypes.CDLL(str(path))
-        rows, quantize = lib.ls4_symmetric_rows, lib.ls4_quantize_symmetric
+        rows, quantize, dense_rows = lib.ls4_symmetric_rows, lib.ls4_quantize_symmetric, lib.ls4_dequantize_rows
+        quantize_rows = lib.ls4_quantize_rows
     except Exception as err:  # noqa: BLE001 - any failure means: use torch ops
         warnings.warn(f"lightning_shampoo4: the CPU kernel could not be built ({err}); stored roots are rebuilt "
                       "with torch ops (same numbers, slower)", KernelWarning, stacklevel=2)
@@ -200,7 +203,11 @@ def _library() -> _Library | None:
     rows.argtypes = [i64, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64, ptr, i64]
     quantize.restype = i64
     quantize.argtypes = [i64, ptr, i64, i64, i64, i64, ptr, i64, i64, ptr, ptr, ptr]
-    return _Library(rows, quantize)
+    dense_rows.restype = None
+    dense_rows.argtypes = [i64, ptr, ptr, i64, ptr, i64, i64, i64, i64, ptr]
+    quantize_rows.restype = i64
+    quantize_rows.argtypes = [i64, ptr, i64, i64, i64, ptr, i64, i64, ptr, ptr, ptr]
+    return _Library(rows, quantize, dense_rows, quantize_rows)
 
 
 def available() -> bool:
@@ -259,6 +266,47 @@ def symmetric_rows(root: QuantizedMatrix, r0: int, r1: int, out: torch.Tensor) -
     for f in [_pool(pieces).submit(rows, a, b) for a, b in zip(bounds, bounds[1:])]:
         f.result()
     return True
+
+
+def dequantize_rows(codes: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor, rows: int, cols: int,
+                    bits: int, block_size: int) -> torch.Tensor | None:
+    """``quant.dequantize`` of the row-block layout (no transpose, no diagonal) as fp32
+    ``(rows, cols)``, bit for bit; None where the kernel does not apply (no kernel, not on the
+    CPU, not a 4- or 8-bit fp32 codebook, fp16 scales, too few codes or scales)."""
+    lib = _library()
+    if (lib is None or codes.device.type != "cpu" or bits not in (4, 8) or codebook.dtype != torch.float32
+            or codebook.numel() != 2**bits or absmax.dtype not in (torch.float32, torch.bfloat16) or block_size < 1):
+        return None
+    numel = rows * cols
+    if codes.numel() < ((numel + 1) // 2 if bits == 4 else numel) or absmax.numel() < rows * -(-cols // block_size):
+        return None
+    out = torch.empty(rows, cols)
+    if numel:
+        codes, absmax, lut = codes.contiguous(), absmax.contiguous(), codebook.contiguous()
+        lib.dense_rows(bits, codes.data_ptr(), absmax.data_ptr(), absmax.dtype == torch.bfloat16, lut.data_ptr(),
+                       cols, block_size, 0, rows, out.data_ptr())
+    return out
+
+
+def quantize_rows(x: torch.Tensor, codebook: torch.Tensor, bits: int, block_size: int,
+                  scale_dtype: torch.dtype) -> Quantized | None:
+    """``quant.quantize(x, ...)`` (no transpose, no diagonal) bit for bit, or None where the kernel
+    does not apply (see :func:`quantize_symmetric`)."""
+    lib = _library()
+    if (lib is None or x.device.type != "cpu" or bits not in (4, 8) or codebook.dtype != torch.float32
+            or codebook.numel() != 2**bits or scale_dtype not in (torch.float32, torch.bfloat16) or block_size < 1):
+        return None
+    x = x.detach().to(torch.float32).contiguous()
+    rows, cols = (math.prod(x.shape[:-1]), x.shape[-1]) if x.dim() else (1, 1)  # the reference's layout
+    codes = torch.empty((x.numel() + 1) // 2 if bits == 4 else x.numel(), dtype=torch.uint8)
+    scales = torch.empty(rows, -(-cols // block_size), dtype=scale_dtype)
+    if x.numel():
+        mids = _search_bounds(codebook)
+        work = torch.empty(cols, dtype=torch.uint8)
+        if lib.quantize_rows(bits, x.data_ptr(), rows, cols, block_size, mids.data_ptr(), mids.numel(),
+                             scale_dtype == torch.bfloat16, codes.data_ptr(), scales.data_ptr(), work.data_ptr()):
+            return None
+    return Quantized(codes, scales, None)
 
 
 # Rows are split over threads only from this many torch threads on: on a 2-core machine two

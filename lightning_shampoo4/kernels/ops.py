@@ -26,10 +26,12 @@ diagonals ``(k, n)``):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils import _python_dispatch
 
 from ..quant import blockwise
 from ..quant import moments as _moments
@@ -59,6 +61,49 @@ def _triton_quant():
     return triton_quant
 
 
+# ----------------------------------------------------------------------------- eager calls
+
+_KERNELS: dict[tuple[int, str], Callable[..., Any]] = {}  # (id of the op, device type): its kernel
+
+
+def _kernel(op: Any, device: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register the decorated function as ``op``'s kernel for ``device`` (and keep it for :func:`call`)."""
+
+    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        op.register_kernel(device)(fn)
+        _KERNELS[(id(op), device)] = fn
+        return fn
+
+    return register
+
+
+def _plain(args: Sequence[Any]) -> torch.device | None:
+    """The device of ``args``' tensors when all are plain tensors (no subclass: fake, functional,
+    DTensor), else None."""
+    device = None
+    for a in args:
+        items = a if isinstance(a, (list, tuple)) else (a,)
+        for t in items:
+            if isinstance(t, Tensor):
+                if type(t) is not Tensor and not isinstance(t, torch.nn.Parameter):
+                    return None
+                device = device or t.device
+    return device
+
+
+def call(op: Any, *args: Any) -> Any:
+    """``op(*args)``. In eager mode on plain tensors (nothing tracing, no dispatch mode) this calls
+    the op's kernel for the tensors' device directly: the dispatcher's Python layers cost about
+    0.1 ms a call, as much as the kernel itself on the small matrices of an optimizer step.
+    Anything else (``torch.compile``, fake tensors, ``opcheck``) goes through the dispatcher."""
+    if not torch.compiler.is_compiling() and _python_dispatch._get_current_dispatch_mode() is None:
+        device = _plain(args)
+        fn = None if device is None else _KERNELS.get((id(op), device.type))
+        if fn is not None:
+            return fn(*args)
+    return op(*args)
+
+
 # ----------------------------------------------------------------------------- rebuild
 
 
@@ -86,7 +131,7 @@ def _(codes, absmax, diag, codebook, n, bits, block_size, r0, r1, impl):
     return codes.new_empty(codes.shape[0], r1 - r0, n, dtype=torch.float32)
 
 
-@rebuild_symmetric.register_kernel("cpu")
+@_kernel(rebuild_symmetric, "cpu")
 def _(codes, absmax, diag, codebook, n, bits, block_size, r0, r1, impl):
     _check_impl(impl)
     if impl == "triton":
@@ -106,7 +151,7 @@ def _(codes, absmax, diag, codebook, n, bits, block_size, r0, r1, impl):
     return _rebuild_torch(codes, absmax, diag, codebook, n, bits, block_size, r0, r1)
 
 
-@rebuild_symmetric.register_kernel("cuda")
+@_kernel(rebuild_symmetric, "cuda")
 def _(codes, absmax, diag, codebook, n, bits, block_size, r0, r1, impl):
     _check_impl(impl)
     if impl == "torch":
@@ -146,8 +191,8 @@ def _matmul_device(codes, absmax, diag, codebook, x, n, bits, block_size, left, 
                                       out_dtype=out_dtype)
 
 
-matmul_symmetric.register_kernel("cpu")(_matmul_device)
-matmul_symmetric.register_kernel("cuda")(_matmul_device)
+_kernel(matmul_symmetric, "cpu")(_matmul_device)
+_kernel(matmul_symmetric, "cuda")(_matmul_device)
 
 
 # ----------------------------------------------------------------------------- symmetric store
@@ -186,7 +231,7 @@ def _triton_stores(scale_dtype: torch.dtype, bits: int) -> bool:
     return scale_dtype in (torch.float32, torch.bfloat16) and bits in (4, 8)
 
 
-@quantize_symmetric.register_kernel("cpu")
+@_kernel(quantize_symmetric, "cpu")
 def _(x, codebook, bits, block_size, scale_dtype, impl):
     _check_impl(impl)
     if impl == "triton" and _triton_stores(scale_dtype, bits):
@@ -201,7 +246,7 @@ def _(x, codebook, bits, block_size, scale_dtype, impl):
     return q.codes, q.absmax, q.diag
 
 
-@quantize_symmetric.register_kernel("cuda")
+@_kernel(quantize_symmetric, "cuda")
 def _(x, codebook, bits, block_size, scale_dtype, impl):
     _check_impl(impl)
     if impl != "torch" and _triton_stores(scale_dtype, bits):
@@ -246,11 +291,17 @@ def _quantize_device(x, codebook, bits, block_size, offdiag, transpose, scale_dt
                                      scale_dtype=scale_dtype)
         diag = q.diag if q.diag is not None else x.new_empty(0, dtype=torch.float32)
         return q.codes, q.absmax, diag
+    if impl == "native" and not transpose and not offdiag and x.device.type == "cpu":
+        from . import cpu
+
+        q = cpu.quantize_rows(x, codebook, bits, block_size, scale_dtype)
+        if q is not None:
+            return q.codes, q.absmax, x.new_empty(0, dtype=torch.float32)
     return _quantize_torch(x, codebook, bits, block_size, offdiag, transpose, scale_dtype)
 
 
-quantize.register_kernel("cpu")(_quantize_device)
-quantize.register_kernel("cuda")(_quantize_device)
+_kernel(quantize, "cpu")(_quantize_device)
+_kernel(quantize, "cuda")(_quantize_device)
 
 
 @torch.library.custom_op(f"{NS}::dequantize", mutates_args=())
@@ -272,12 +323,19 @@ def _dequantize_device(codes, absmax, diag, codebook, shape, bits, block_size, t
     if impl == "triton" or (impl == "native" and codes.device.type == "cuda"):
         return _triton_quant().dequantize(Quantized(codes, absmax, diag), codebook, tuple(shape), bits, block_size,
                                           transpose=transpose, dtype=dtype)
+    if impl == "native" and not transpose and diag is None and dtype == torch.float32:
+        from . import cpu
+
+        rows = math.prod(shape[:-1]) if len(shape) else 1
+        out = cpu.dequantize_rows(codes, absmax, codebook, rows, shape[-1] if len(shape) else 1, bits, block_size)
+        if out is not None:
+            return out.view(tuple(shape))
     return blockwise.dequantize(Quantized(codes, absmax, diag), codebook, tuple(shape), bits, block_size,
                                 transpose=transpose, dtype=dtype)
 
 
-dequantize.register_kernel("cpu")(_dequantize_device)
-dequantize.register_kernel("cuda")(_dequantize_device)
+_kernel(dequantize, "cpu")(_dequantize_device)
+_kernel(dequantize, "cuda")(_dequantize_device)
 
 
 # ----------------------------------------------------------------------------- moments
@@ -321,5 +379,5 @@ def _moment_device(base, p, grad, codes, absmax, codebooks, bits, block_size, hy
     return _moments.reference_update(base, p, grad, moments, bits=bits, block_size=block_size, hyper=h)
 
 
-moment_update.register_kernel("cpu")(_moment_device)
-moment_update.register_kernel("cuda")(_moment_device)
+_kernel(moment_update, "cpu")(_moment_device)
+_kernel(moment_update, "cuda")(_moment_device)

@@ -51,7 +51,8 @@ class Codec(NamedTuple):
         if not self.quantized(q.shape[0]):
             return {"eigvecs": q.float().contiguous()}
         cb = get_codebook(self.codebook, self.bits, q.device)
-        out = kernels.quantize(q.float(), cb, self.bits, self.block_size, transpose=True,
+        # one eigenvector per stored row (the paper's per-eigenvector blocks), quantized contiguously
+        out = kernels.quantize(q.float().mT.contiguous(), cb, self.bits, self.block_size,
                                scale_dtype=self.scale_dtype, backend=self.backend)
         return {"eigvecs_codes": out.codes, "eigvecs_absmax": out.absmax}
 
@@ -60,9 +61,10 @@ class Codec(NamedTuple):
             return st["eigvecs"]
         codes = st["eigvecs_codes"]
         cb = get_codebook(self.codebook, self.bits, codes.device)
-        q = kernels.dequantize(Quantized(codes, st["eigvecs_absmax"], None), cb, (k, k), self.bits, self.block_size,
-                               transpose=True, backend=self.backend)
-        return linalg.bjorck(q, bjorck)
+        # the eigenvectors are stored as rows: decoded contiguously, Q is a transposed view
+        qt = kernels.dequantize(Quantized(codes, st["eigvecs_absmax"], None), cb, (k, k), self.bits, self.block_size,
+                                backend=self.backend)
+        return linalg.bjorck(qt.mT, bjorck)
 
     def store_chol(self, c: torch.Tensor) -> dict[str, torch.Tensor]:
         """A lower Cholesky factor: fp32, or its strict triangle with 8-bit codes (one scale per
@@ -151,7 +153,9 @@ def moment_load(st: Mapping[str, torch.Tensor], key: str, shape: tuple[int, ...]
     name = key.rsplit(".", 1)[-1]
     codes = st[f"{key}_codes"]
     cb = qm.moment_codebook(name, bits, codes.device)
-    return qm.dequantize_moment(codes, st[f"{key}_absmax"], cb, spec.numel, bits, spec.block_size).view(shape)
+    # the moments' flat layout is one row of the block-wise layout: decoded by the device's kernel
+    q = Quantized(codes, st[f"{key}_absmax"].view(1, -1), None)
+    return kernels.dequantize(q, cb, (spec.numel,), bits, spec.block_size).view(shape)
 
 
 def moment_store(key: str, x: torch.Tensor, bits: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -160,8 +164,8 @@ def moment_store(key: str, x: torch.Tensor, bits: int, dtype: torch.dtype) -> di
         return {key: x.to(dtype)}
     name = key.rsplit(".", 1)[-1]
     cb = qm.moment_codebook(name, bits, x.device)
-    codes, absmax = qm.quantize_moment(x.float(), cb, bits, spec.block_size)
-    return {f"{key}_codes": codes, f"{key}_absmax": absmax}
+    q = kernels.quantize(x.float().reshape(-1), cb, bits, spec.block_size)  # = qm.quantize_moment, bit for bit
+    return {f"{key}_codes": q.codes, f"{key}_absmax": q.absmax.view(-1)}
 
 
 # -- linear algebra ---------------------------------------------------------------------------

@@ -184,6 +184,16 @@ void ls4_symmetric_rows(int64_t bits, const uint8_t *codes, const void *scales, 
     }
 }
 
+/* ---- the row-block layout (lightning_shampoo4.quant.blockwise.quantize) ---------------------
+ * rows x cols values, flat element r * cols + c; each row cut into blocks of `block` values with
+ * one scale each (scale r * ceil(cols / block) + c / block); written as dense fp32 rows r0 .. r1-1. */
+void ls4_dequantize_rows(int64_t bits, const uint8_t *codes, const void *scales, int64_t bf16_scales,
+                         const float *lut, int64_t cols, int64_t block, int64_t r0, int64_t r1, float *out) {
+    const int64_t per_row = blocks_of(cols, block);
+    for (int64_t r = r0; r < r1; ++r)
+        decode_row(bits, codes, scales, bf16_scales, lut, block, r * cols, r * per_row, 0, cols, out + (r - r0) * cols);
+}
+
 /* ---- quantizing: the strict upper triangle of x into codes and one scale per block ---------- */
 
 /* The nearest bf16 (ties to even) as the upper half of an fp32: the rounding of Tensor.to(bfloat16). */
@@ -285,6 +295,63 @@ int64_t ls4_quantize_symmetric(int64_t bits, const float *x, int64_t rs, int64_t
             if (k < len) *dst = row_codes[k]; /* its high nibble: the next row's first code, or 0 */
         }
         p += len;
+    }
+    return 0;
+}
+
+/* Quantize rows x cols fp32 values (row r at x + r * cols) in the row-block layout: each row cut
+ * into blocks of `block` values with one scale each (fp32, or bf16 bits when bf16_scales), codes
+ * 4-bit packed (flat element p: low nibble of byte p/2 when even, high when odd) or 8-bit. mids,
+ * size: as for ls4_quantize_symmetric. `work`: room for `cols` bytes. Returns 0; 1 when a value
+ * is not finite, 2 when a scale overflows bf16 (the caller then falls back to torch). */
+int64_t ls4_quantize_rows(int64_t bits, const float *x, int64_t rows, int64_t cols, int64_t block, const float *mids,
+                          int64_t size, int64_t bf16_scales, uint8_t *codes, void *scales, uint8_t *work) {
+    int64_t nb = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *row = x + r * cols;
+        for (int64_t b0 = 0; b0 < cols; b0 += block, ++nb) {
+            const int64_t b1 = (b0 + block < cols) ? b0 + block : cols;
+            float amax = 0.0f;
+            int finite = 1;
+            for (int64_t k = b0; k < b1; ++k) {
+                const float a = row[k] < 0 ? -row[k] : row[k];
+                finite &= a <= 3.402823466e38f;
+                amax = a > amax ? a : amax;
+            }
+            if (!finite) return 1;
+            if (bf16_scales) {
+                const uint32_t h = bf16_bits(amax);
+                if ((h & 0x7F80u) == 0x7F80u) return 2;
+                ((uint16_t *)scales)[nb] = (uint16_t)h;
+                const uint32_t u = h << 16;
+                memcpy(&amax, &u, sizeof amax);
+            } else {
+                ((float *)scales)[nb] = amax;
+            }
+            const float safe = amax > 0 ? amax : 1.0f;
+            int64_t k = b0;
+#ifdef __AVX512F__
+            const __m512 vs = _mm512_set1_ps(safe);
+            for (; k + 16 <= b1; k += 16) {
+                const __m512i c = codes_of16(_mm512_div_ps(_mm512_loadu_ps(row + k), vs), mids, (int)size);
+                _mm_storeu_si128((__m128i *)(work + k), _mm512_cvtepi32_epi8(c));
+            }
+#endif
+            for (; k < b1; ++k) work[k] = (uint8_t)code_of(row[k] / safe, mids, (int)size);
+        }
+        const int64_t p = r * cols;
+        if (bits == 8) {
+            memcpy(codes + p, work, (size_t)cols);
+        } else {
+            int64_t k = 0;
+            if (p & 1) {
+                codes[p >> 1] = (uint8_t)(codes[p >> 1] | (work[0] << 4));
+                k = 1;
+            }
+            uint8_t *dst = codes + ((p + k) >> 1);
+            for (; k + 1 < cols; k += 2) *dst++ = (uint8_t)(work[k] | (work[k + 1] << 4));
+            if (k < cols) *dst = work[k];
+        }
     }
     return 0;
 }
