@@ -1,7 +1,8 @@
 """Per-rank second-order state, optimizer step time and bytes communicated per step of
-``Shampoo4bit`` at 1, 2 and 4 ranks: DDP block owners (balanced by state bytes, the default, or
-by work), lossless FSDP2 (``distributed="auto"``: whole blocks, one owner each) and per-shard
-FSDP2 (``distributed="off"``: each rank its shard's blocks).
+``Shampoo4bit`` and ``SOAP4bit`` at 1, 2 and 4 ranks: DDP block owners (balanced by state bytes,
+the default, or by work), lossless FSDP2 (``distributed="auto"``: whole blocks, one owner each;
+Shampoo4bit's blocks heavier than a rank's share one owner per factor) and per-shard FSDP2
+(``distributed="off"``: each rank its shard's blocks).
 
 Method
 ------
@@ -11,6 +12,9 @@ Method
 * Models: ``mlp``, the 4-layer MLP 32-160-144-96-2 (global batch 16), and ``vit_tiny``
   (``lightning_shampoo4.models.vit_tiny``, embed 192, depth 12, 10 classes, 32 x 32 inputs,
   global batch 8). Default settings (``max_order=1200``, 4-bit Cholesky storage).
+* ``SOAP4bit`` (``--optimizers``): its defaults (4-bit bases, 8-bit first moment, factored second
+  moment, ``max_precondition_dim=256``), ``precondition_frequency=4``, lr 1e-3; ``--soap-modes``
+  (DDP and lossless FSDP2).
 * ``ddp``: ``DistributedDataParallel`` and ``distributed="auto"``; ``ddp_work``: the same with
   block owners balanced by work (:func:`optim.distributed.block_cost`) instead of bytes;
   ``fsdp2``: ``fully_shard`` on the model and ``distributed="auto"``; ``fsdp2_shard``: the same
@@ -23,7 +27,8 @@ Method
   core: compare bytes across world sizes, times only where every rank has a core.
 * Communication: the bytes of the optimizer's own collectives during ``step()``, per rank and
   step (mean over the steps after the first root interval, as the times): for an all-gather the
-  gathered buffer, for an all-reduce the reduced tensor. The gradient all-reduce of DDP and the all-gather / reduce-scatter of FSDP2
+  gathered buffer, for an all-reduce the reduced tensor, for the roots sent between ranks (blocks
+  kept factor by factor) the bytes sent plus received. The gradient all-reduce of DDP and the all-gather / reduce-scatter of FSDP2
   are the same for any optimizer and are not counted.
 * ``max_abs_diff_vs_single``: the largest difference between the final parameters and the
   one-device run's (fp32). The ranks' averaged gradients differ from the one-device gradient by
@@ -54,9 +59,12 @@ from _common import base_parser, setup_run, table, write_result
 
 from lightning_shampoo4 import Shampoo4bit
 from lightning_shampoo4.optim import distributed as D
+from lightning_shampoo4.optim.soap import SOAP4bit
 
 NAME = "distributed"
 MODES = ("ddp", "ddp_work", "fsdp2", "fsdp2_shard")
+OPTIMIZERS = ("shampoo", "soap")
+SOAP_MODES = ("ddp", "fsdp2")
 MLP_WIDTHS = (32, 160, 144, 96, 2)
 
 
@@ -80,12 +88,13 @@ def _model(name: str) -> tuple[nn.Module, int, Any]:
 
 
 class _Counter:
-    """Bytes of the optimizer's collectives (all-gathers of :mod:`optim.distributed`, all-reduces)."""
+    """Bytes of the optimizer's collectives (all-gathers of :mod:`optim.distributed`, all-reduces)
+    and of the roots it sends and receives point to point."""
 
     def __init__(self) -> None:
         self.bytes = 0
         self.active = False
-        self._gather, self._reduce = D._all_gather_flat, dist.all_reduce
+        self._gather, self._reduce, self._p2p = D._all_gather_flat, dist.all_reduce, D._p2p
 
         def gather(out, t, group=None):
             if self.active:
@@ -97,7 +106,12 @@ class _Counter:
                 self.bytes += t.numel() * t.element_size()
             return self._reduce(t, *args, **kwargs)
 
-        D._all_gather_flat, dist.all_reduce = gather, reduce
+        def p2p(ops):
+            if self.active:
+                self.bytes += sum(op.tensor.numel() * op.tensor.element_size() for op in ops)
+            return self._p2p(ops)
+
+        D._all_gather_flat, dist.all_reduce, D._p2p = gather, reduce, p2p
 
 
 def _worker(rank: int, world: int, cfg: dict[str, Any]) -> None:
@@ -129,7 +143,10 @@ def _measure(rank: int, world: int, cfg: dict[str, Any], device: torch.device) -
     elif world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[rank] if cuda else None)
     distributed = "off" if mode == "fsdp2_shard" else "auto"
-    opt = Shampoo4bit(model.parameters(), lr=1e-3, stat_interval=2, root_interval=4, distributed=distributed)
+    if cfg["optimizer"] == "soap":
+        opt = SOAP4bit(model.parameters(), lr=1e-3, precondition_frequency=4, distributed=distributed)
+    else:
+        opt = Shampoo4bit(model.parameters(), lr=1e-3, stat_interval=2, root_interval=4, distributed=distributed)
     if mode == "ddp_work":
         opt._layer.balance = "work"  # the owners' other balance (the default balances bytes)
     counter = _Counter()
@@ -152,7 +169,7 @@ def _measure(rank: int, world: int, cfg: dict[str, Any], device: torch.device) -
         if step >= 4:  # after the first root update (step 4): every step preconditions
             times.append(dt)
             comm.append(counter.bytes)
-    params = [p.full_tensor() if D.is_dtensor(p) else p.detach() for p in model.parameters()]
+    params = [(p.full_tensor() if D.is_dtensor(p) else p).detach() for p in model.parameters()]
     rec = {
         "rank": rank,
         "layout": opt.layout,
@@ -180,27 +197,33 @@ def _plot(runs: list[dict[str, Any]], models: list[str], worlds: list[int], path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 3.8), squeeze=False)
+    optimizers = [o for o in OPTIMIZERS if any(r["optimizer"] == o for r in runs)]
+    fig, axes = plt.subplots(len(optimizers), len(models), figsize=(5.2 * len(models), 3.8 * len(optimizers)),
+                             squeeze=False)
     labels = {"ddp": "DDP (owners by bytes)", "ddp_work": "DDP (owners by work)",
               "fsdp2": "FSDP2 lossless", "fsdp2_shard": "FSDP2 per shard"}
-    for ax, model in zip(axes[0], models):
-        single = next(r for r in runs if r["model"] == model and r["world_size"] == 1)
-        base = single["second_order_bytes_per_rank"][0]
-        ax.plot(worlds, [1 / w for w in worlds], "k:", label="1 / world")
-        styles = {"ddp": ("o", "-", 9), "ddp_work": ("s", "-", 6), "fsdp2": ("^", "--", 6), "fsdp2_shard": ("D", "-", 6)}
-        for mode in MODES:
-            pts = [(r["world_size"], max(r["second_order_bytes_per_rank"]) / base) for r in runs
-                   if r["model"] == model and (r["mode"] == mode or r["world_size"] == 1)]
-            if len(pts) > 1:
-                marker, line, size = styles[mode]
-                ax.plot(*zip(*sorted(pts)), marker=marker, linestyle=line, markersize=size, label=labels[mode])
-        ax.set_title(f"{model}: one device {base / 1024:.0f} KiB")
-        ax.set_xlabel("ranks")
-        ax.set_xticks(worlds)
-        ax.set_ylabel("second-order bytes, largest rank / one device")
-        ax.set_ylim(0, 1.05)
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    names = {"shampoo": "Shampoo4bit", "soap": "SOAP4bit"}
+    styles = {"ddp": ("o", "-", 9, "C0"), "ddp_work": ("s", "-", 6, "C1"), "fsdp2": ("^", "--", 6, "C2"),
+              "fsdp2_shard": ("D", "-", 6, "C3")}
+    for row, opt in zip(axes, optimizers):
+        for ax, model in zip(row, models):
+            mine = [r for r in runs if r["model"] == model and r["optimizer"] == opt]
+            base = next(r for r in mine if r["world_size"] == 1)["second_order_bytes_per_rank"][0]
+            ax.plot(worlds, [1 / w for w in worlds], "k:", label="1 / world")
+            for mode in MODES:
+                pts = [(r["world_size"], max(r["second_order_bytes_per_rank"]) / base) for r in mine
+                       if r["mode"] == mode or r["world_size"] == 1]
+                if len(pts) > 1:
+                    marker, line, size, color = styles[mode]
+                    ax.plot(*zip(*sorted(pts)), marker=marker, linestyle=line, markersize=size, color=color,
+                            label=labels[mode])
+            ax.set_title(f"{names[opt]}, {model}: one device {base / 1024:.0f} KiB", fontsize=10)
+            ax.set_xlabel("ranks")
+            ax.set_xticks(worlds)
+            ax.set_ylabel("second-order bytes, largest rank / one device")
+            ax.set_ylim(0, 1.05)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -212,6 +235,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="comma-separated world sizes (1 is the reference; 1,2 with --quick)")
     parser.add_argument("--models", default="mlp,vit_tiny", help="mlp, vit_tiny (mlp_quick with --quick)")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
+    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS), help=f"comma-separated, of {', '.join(OPTIMIZERS)}")
+    parser.add_argument("--soap-modes", default=",".join(SOAP_MODES), help="the modes SOAP4bit runs in")
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps (roots every 4)")
     parser.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",
                         help="auto: nccl with enough GPUs, else gloo")
@@ -220,21 +245,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     worlds = [1, 2] if args.quick else sorted({1, *(int(w) for w in args.world_sizes.split(","))})
     models = ["mlp_quick"] if args.quick else args.models.split(",")
     modes = ["ddp", "fsdp2"] if args.quick else args.modes.split(",")
+    soap_modes = ["ddp", "fsdp2"] if args.quick else args.soap_modes.split(",")
+    optimizers = args.optimizers.split(",")
+    for name in optimizers:
+        if name not in OPTIMIZERS:
+            parser.error(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
     backend = args.backend
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= max(worlds) else "gloo"
     run = setup_run(args, "cuda" if backend == "nccl" else "cpu")
     base = {"threads": 1, "backend": backend, "steps": 8 if args.quick else args.steps}
     runs = []
-    for model in models:
+    for optimizer, model in [(o, m) for o in optimizers for m in models]:
         single = None
         for world in worlds:
-            for mode in (["single"] if world == 1 else modes):
+            for mode in (["single"] if world == 1 else modes if optimizer == "shampoo" else soap_modes):
                 t0 = time.perf_counter()
-                recs = _launch(world, {**base, "model": model, "mode": "ddp" if mode == "single" else mode})
+                recs = _launch(world, {**base, "model": model, "optimizer": optimizer,
+                                       "mode": "ddp" if mode == "single" else mode})
                 final = recs[0].pop("params")
                 rec: dict[str, Any] = {
-                    "model": model, "world_size": world, "mode": mode, "backend": backend,
+                    "optimizer": optimizer, "model": model, "world_size": world, "mode": mode, "backend": backend,
                     "layout": [r["layout"] for r in recs],
                     "second_order_bytes_per_rank": [r["second_order_bytes"] for r in recs],
                     "step_time_mean_s_per_rank": [r["step_time_mean_s"] for r in recs],
@@ -246,16 +277,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 rec["ratio_largest_rank_vs_single"] = max(rec["second_order_bytes_per_rank"]) / single[1]
                 rec["max_abs_diff_vs_single"] = float((final - single[0]).abs().max())
                 runs.append(rec)
-                print(f"[distributed] {model} world {world} {mode} in {rec['wall_s']:.1f}s", flush=True)
+                print(f"[distributed] {optimizer} {model} world {world} {mode} in {rec['wall_s']:.1f}s", flush=True)
 
-    rows = [[r["model"], r["world_size"], r["mode"], str(r["layout"][0]),
+    rows = [[r["optimizer"], r["model"], r["world_size"], r["mode"], str(r["layout"][0]),
              " / ".join(f"{b:,}" for b in r["second_order_bytes_per_rank"]), f"{r['ratio_largest_rank_vs_single']:.3f}",
              " / ".join(f"{t * 1e3:.1f}" for t in r["step_time_mean_s_per_rank"]),
              f"{max(r['comm_bytes_per_step_per_rank']):,.0f}", f"{r['max_abs_diff_vs_single']:.1e}"] for r in runs]
-    print(table(["model", "ranks", "mode", "layout", "second-order bytes per rank", "largest / one device",
+    print(table(["optimizer", "model", "ranks", "mode", "layout", "second-order bytes per rank", "largest / one device",
                  "step ms per rank (mean)", "optimizer comm bytes / step", "max |param - one device|"], rows))
-    payload = {"settings": {**base, "models": models, "world_sizes": worlds, "modes": modes,
-                            "stat_interval": 2, "root_interval": 4}, "runs": runs}
+    payload = {"settings": {**base, "optimizers": optimizers, "models": models, "world_sizes": worlds, "modes": modes,
+                            "soap_modes": soap_modes, "stat_interval": 2, "root_interval": 4,
+                            "soap_precondition_frequency": 4}, "runs": runs}
     path = write_result(args.out, NAME, payload, run, argv)
     _plot(runs, models, worlds, args.out / f"{NAME}.png")
     print(f"\nwrote {path} and {args.out / f'{NAME}.png'}")

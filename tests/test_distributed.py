@@ -1026,8 +1026,14 @@ def test_distributed_benchmark_quick(tmp_path):
 
     data = json.loads((tmp_path / "distributed.json").read_text())
     assert data["benchmark"] == "distributed" and (tmp_path / "distributed.png").is_file()
-    rows = {(r["world_size"], r["mode"]): r for r in data["runs"]}
+    rows = {(r["world_size"], r["mode"]): r for r in data["runs"] if r["optimizer"] == "shampoo"}
     assert rows.keys() == {(1, "single"), (2, "ddp"), (2, "fsdp2")}
+    soap = {(r["world_size"], r["mode"]): r for r in data["runs"] if r["optimizer"] == "soap"}
+    assert soap.keys() == rows.keys()
+    for mode in ("ddp", "fsdp2"):  # SOAP4bit's blocks: each on one rank, the same under DDP and lossless FSDP2
+        assert soap[(2, mode)]["layout"] == [mode, mode]
+        assert sum(soap[(2, mode)]["second_order_bytes_per_rank"]) == soap[(1, "single")]["second_order_bytes_per_rank"][0]
+    assert soap[(2, "ddp")]["second_order_bytes_per_rank"] == soap[(2, "fsdp2")]["second_order_bytes_per_rank"]
     assert all(len(r["second_order_bytes_per_rank"]) == r["world_size"] for r in rows.values())
     ddp, fsdp2 = rows[(2, "ddp")], rows[(2, "fsdp2")]
     assert ddp["layout"] == ["ddp", "ddp"] and fsdp2["layout"] == ["fsdp2", "fsdp2"]
