@@ -17,19 +17,20 @@ What ``bits=4`` keeps (``docs/soap.md`` has the measurements that chose each def
   dequantized at every step; ``bjorck_steps`` Björck steps after dequantizing.
 * ``statistics="rotated8"`` (default at 4 / 8 bits): each statistic in its own eigenbasis,
   ``Q^T L Q`` (nearly diagonal): its fp32 diagonal beside the strict upper triangle at 8 bits,
-  updated every step with the rotated gradient and re-expressed in the new basis at a refresh.
-  ``"rotated4"``: the triangle at 4 bits; ``"eigen"``: ``Q diag(lambda) Q^T``, only the
-  eigenvalues kept (this step's off-diagonal standing in at a refresh); ``"cholesky8"``: the
-  statistic's lower Cholesky factor with 8-bit codes; ``"dense"``: the fp32 statistic (the
-  reference).
+  updated every step with the rotated gradient in one pass over its codes and re-expressed in
+  the new basis at a refresh. ``"rotated4"``: the triangle at 4 bits; ``"eigen"``:
+  ``Q diag(lambda) Q^T``, only the eigenvalues kept (this step's off-diagonal standing in at a
+  refresh); ``"cholesky8"``: the statistic's lower Cholesky factor with 8-bit codes;
+  ``"dense"``: the fp32 statistic (the reference).
 * ``second_moment="factored"`` (default at 4 / 8 bits): Adafactor's row and column sums of the
   rotated second moment (m + n numbers per block, ``V = r c^T / sum(r)``); ``"full"``: Adam's
   m x n second moment at ``moment_bits``.
-* the first moment in the eigenbasis (``first_moment_basis="rotated"``, default at 4 / 8 bits)
-  at 4 bits, carried across a refresh by ``QL_new^T QL_old M' QR_old^T QR_new``; or in the
-  parameter's own basis (``"original"``, as the paper's code keeps it, the default of
-  ``bits=32``) at 8 bits. In the eigenbasis 4 bits cost about 0.005 in char-LM loss; in the
-  parameter's basis they cost 0.08, so there the default is 8.
+* the first moment at ``moment_bits`` (8 by default at 4 / 8 bits), in the parameter's own basis
+  (``first_moment_basis="original"``, as the paper's code keeps it, so a basis change needs no
+  rotation) or in the rotated one (carried across a refresh by ``QL_new^T QL_old M' QR_old^T QR_new``).
+  The compact choice ``first_moment_basis="rotated", moment_bits=4`` keeps about 0.06x of fp32
+  AdamW's bytes less (``docs/soap.md``: 0.39x instead of 0.45x on the char-LM model) for a
+  char-LM loss about 0.02 higher; in the parameter's basis 4 bits cost 0.08.
 
 ``bits=32`` with the other settings left at ``None`` is the exact fp32 SOAP.
 
@@ -79,14 +80,8 @@ def _row(rows: tuple[Setting, ...], name: str, **changes: Any) -> Setting:
     return dataclasses.replace(row, **changes) if changes else row
 
 
-def _resolve_first_moment_basis(g: Mapping[str, Any]) -> str:
-    return "original" if g["bits"] == 32 else "rotated"
-
-
 def _resolve_moment_bits(g: Mapping[str, Any]) -> int:
-    if g["bits"] == 32:
-        return 32
-    return 4 if (g.get("first_moment_basis") or _resolve_first_moment_basis(g)) == "rotated" else 8
+    return 32 if g["bits"] == 32 else 8
 
 
 def _resolve_statistics(g: Mapping[str, Any]) -> str:
@@ -117,9 +112,8 @@ SOAP_SETTINGS = register(SettingsTable(
                        format=True),
         _row(STORAGE_SETTINGS, "bits", doc="bits of the stored eigenvector matrices QL, QR; 32: fp32 SOAP"),
         Setting.choice("moment_bits", None, (None, 4, 8, 32),
-                       "bits of Adam's moments (the second moment too when second_moment='full'); None: 32 at "
-                       "bits=32, else 4 for a rotated first moment and 8 for one in the parameter's basis",
-                       format=True, resolve=_resolve_moment_bits),
+                       "bits of Adam's moments (the second moment too when second_moment='full'); "
+                       "None: 32 at bits=32, else 8", format=True, resolve=_resolve_moment_bits),
         Setting.choice("statistics", None, (None, "rotated8", "rotated4", "eigen", "cholesky8", "dense"),
                        "how L, R are kept: rotated8 / rotated4 (Q^T L Q: fp32 diagonal, 8- / 4-bit off-diagonal), "
                        "eigen (Q diag(lambda) Q^T), cholesky8 (8-bit Cholesky factor) or dense fp32; None: dense "
@@ -129,10 +123,8 @@ SOAP_SETTINGS = register(SettingsTable(
                        "Adam's second moment in the eigenbasis: full (m x n) or factored over rows and columns "
                        "(Adafactor, m + n numbers); None: full at bits=32, else factored",
                        format=True, resolve=_resolve_second_moment),
-        Setting.choice("first_moment_basis", None, (None, "original", "rotated"),
-                       "the basis Adam's first moment is kept in: the parameter's (as the paper's code) or the "
-                       "eigenbasis; None: original at bits=32, else rotated",
-                       format=True, resolve=_resolve_first_moment_basis),
+        Setting.choice("first_moment_basis", "original", ("original", "rotated"),
+                       "the basis the first moment is kept in", format=True),
         Setting.integer("bjorck_steps", 0, "Björck steps on the dequantized eigenvector matrices", 0),
         Setting.choice("codebook", "linear2", ("linear2", "linear1.5", "dynamic", "linear"),
                        "quantization map of the eigenvector matrices", format=True),
@@ -196,13 +188,11 @@ class SOAP4bit(BlockOptimizer):
         large_dims: "block" (larger dims cut into blocks, as Shampoo4bit's ``max_order``) or
             "unrotated" (a larger dim gets no eigenbasis, as in the paper's code).
         bits: 4 or 8 for quantized eigenvector matrices, 32 for fp32 SOAP.
-        moment_bits: 32, 8 or 4 for Adam's moments; None: 32 at ``bits=32``, otherwise 4 for a
-            first moment in the eigenbasis and 8 for one in the parameter's basis.
+        moment_bits: 32, 8 or 4 for Adam's moments; None: 32 at ``bits=32``, 8 otherwise.
         statistics: "rotated8", "rotated4", "eigen", "cholesky8" or "dense" (see the module
             docstring); None: "dense" at ``bits=32``, "rotated8" otherwise.
         second_moment: "full" or "factored"; None: "full" at ``bits=32``, "factored" otherwise.
-        first_moment_basis: "original" (the parameter's basis) or "rotated" (the eigenbasis);
-            None: "original" at ``bits=32``, "rotated" otherwise.
+        first_moment_basis: "original" (the parameter's basis) or "rotated" (the eigenbasis).
         bjorck_steps: Björck steps applied to dequantized eigenvector matrices.
         codebook: the eigenvector quantization map ("linear2", the paper's).
         block_size: elements per quantization block of an eigenvector.
@@ -236,7 +226,7 @@ class SOAP4bit(BlockOptimizer):
         moment_bits: Literal[4, 8, 32] | None = None,
         statistics: Literal["rotated8", "rotated4", "eigen", "cholesky8", "dense"] | None = None,
         second_moment: Literal["full", "factored"] | None = None,
-        first_moment_basis: Literal["original", "rotated"] | None = None,
+        first_moment_basis: Literal["original", "rotated"] = "original",
         bjorck_steps: int = 0,
         codebook: Literal["linear2", "linear1.5", "dynamic", "linear"] = "linear2",
         block_size: int = 64,
