@@ -324,7 +324,7 @@ def test_the_plain_c_path_without_avx512_is_exact_too(tmp_path, monkeypatch):
     cpu._library.cache_clear()
     try:
         assert cpu.available()
-        for n, bits, block in [(1, 4, 40), (37, 4, 40), (300, 4, 16), (129, 8, 1200), (64, 4, 3)]:
+        for n, bits, block in [(1, 4, 40), (37, 4, 40), (300, 4, 16), (129, 8, 1200), (64, 4, 3), (90, 8, 7)]:
             root, q = _root(n, block, bits=bits, seed=n)
             ref = dequantize_symmetric(q, root.codebook, n, bits, block)
             out = torch.full((n, n), float("nan"))
@@ -337,6 +337,10 @@ def test_the_plain_c_path_without_avx512_is_exact_too(tmp_path, monkeypatch):
                                dequantize(q, root.codebook, (n, n), bits, block)), (n, bits)
             got = cpu.quantize_rows(x, root.codebook, bits, block, torch.bfloat16)
             assert torch.equal(got.codes, q.codes) and torch.equal(got.absmax, q.absmax), (n, bits)
+            o = x @ x.T
+            got = cpu.symmetric_ema(root, o, 0.9, 0.1, torch.bfloat16)
+            want = quantize_symmetric(ref * 0.9 + o * 0.1, root.codebook, bits, block, scale_dtype=torch.bfloat16)
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), (n, bits)
     finally:
         cpu._library.cache_clear()
 
@@ -391,6 +395,52 @@ def test_row_block_quantize_leaves_non_finite_values_to_torch():
         assert cpu.quantize_rows(torch.tensor([1.0, bad, 2.0]), cb, 4, 2, torch.float32) is None
     assert cpu.quantize_rows(torch.tensor([3.4e38, 1.0]), cb, 4, 2, torch.bfloat16) is None  # scale overflows bf16
     assert cpu.quantize_rows(torch.ones(4), get_codebook("linear2", 4).double(), 4, 2, torch.float32) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits, codebook", [(8, "linear1.5"), (8, "dynamic"), (8, "linear"), (4, "linear1.5"),
+                                            (4, "linear2")])
+@pytest.mark.parametrize("n, block", [(1, 4), (2, 4), (3, 1), (17, 5), (64, 64), (255, 255), (257, 40)])
+def test_symmetric_ema_equals_the_torch_path_bit_for_bit(bits, codebook, n, block):
+    """S * beta + o * alpha of a stored statistic, stored again, in one pass over its codes: the
+    same codes, scales and diagonal as rebuilding it, updating it and storing it with torch."""
+    from lightning_shampoo4.kernels import ops
+
+    root, q = _root(n, block, codebook=codebook, bits=bits, seed=n)
+    g = torch.randn(n, 9, generator=torch.Generator().manual_seed(block))
+    o = g @ g.T
+    for scale_dtype in (torch.bfloat16, torch.float32):
+        got = cpu.symmetric_ema(root, o, 0.95, 0.05, scale_dtype)
+        dense = dequantize_symmetric(q, root.codebook, n, bits, block) * 0.95 + o * 0.05
+        want = quantize_symmetric(dense, root.codebook, bits, block, scale_dtype=scale_dtype)
+        assert torch.equal(got.codes, want.codes) and torch.equal(got.absmax, want.absmax)
+        assert torch.equal(got.diag, want.diag)
+        ref = ops.symmetric_ema(q.codes, q.absmax, q.diag, root.codebook, o, 0.95, 0.05, n, bits, block, scale_dtype,
+                                "torch")
+        assert all(torch.equal(a, b) for a, b in zip(ref, got))
+    assert cpu.symmetric_ema(root, o[:-1, :-1], 0.95, 0.05, torch.float32) is None or n == 1  # wrong shape
+
+
+@needs_kernel
+@pytest.mark.parametrize("codebook", ["linear1.5", "linear", "linear2", "dynamic"])
+def test_8_bit_search_tables_give_the_nearest_code_at_every_boundary(codebook):
+    """The cell table that replaces the binary search for evenly spread 8-bit maps: every
+    midpoint, its float neighbours and every code value land where the torch quantizer puts them."""
+    from lightning_shampoo4.quant.codebooks import midpoints
+
+    cb = get_codebook(codebook, 8)
+    mids = midpoints(cb)
+    probes = torch.cat([mids, torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(-2.0)),
+                        cb, torch.linspace(-1, 1, 4097)])
+    x = torch.cat([torch.ones(1), probes.clamp(-1, 1)])  # absmax 1: the probes are the normalized values
+    for scale_dtype in (torch.float32, torch.bfloat16):
+        got, want = cpu.quantize_rows(x, cb, 8, x.numel(), scale_dtype), quantize(x, cb, 8, x.numel(),
+                                                                                  scale_dtype=scale_dtype)
+        assert torch.equal(got.codes, want.codes)
+    search = cpu._search_bounds(cb)
+    assert search.nk <= cpu.MAX_CELL_COMPARISONS
+    if codebook in ("linear1.5", "linear"):  # evenly spread enough for a table; dynamic is not
+        assert search.cells.numel() in cpu.CELL_COUNTS
 
 
 @needs_kernel

@@ -61,6 +61,15 @@ def test_opcheck_symmetric_ops(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_opcheck_symmetric_ema(impl):
+    for bits, bs in ((4, 40), (8, 7)):
+        codes, absmax, diag, cb = _stored(9, bits=bits, block_size=bs, k=1)
+        o = torch.randn(9, 9, device=device)
+        torch.library.opcheck(ops.symmetric_ema, (codes[0], absmax[0], diag[0], cb, o @ o.T, 0.95, 0.05, 9, bits, bs,
+                                                  torch.bfloat16, impl))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_opcheck_row_block_ops(impl):
     cb = get_codebook("linear2", 4, device)
     u = torch.randn(9, 9, device=device)

@@ -52,6 +52,7 @@ __all__ = [
     "precondition_path",
     "quantize",
     "quantize_symmetric",
+    "symmetric_ema",
     "resolve_backend",
     "triton_available",
     "triton_interpreted",
@@ -241,6 +242,32 @@ def quantize_symmetric(
         return ops.call(ops.quantize_symmetric, x.detach(), codebook, bits, block_size, scale_dtype, impl)
 
     return Quantized(*_run("quantize_symmetric", backend, x.device, call))
+
+
+def symmetric_ema(
+    root: QuantizedMatrix,
+    o: torch.Tensor,
+    beta: float,
+    alpha: float,
+    *,
+    scale_dtype: torch.dtype = torch.float32,
+    backend: str = "auto",
+) -> Quantized:
+    """``S * beta + o * alpha`` of the stored symmetric ``root`` (each product rounded, then the
+    sum), stored again in ``root``'s format: an exponential moving average of a quantized
+    statistic without its dense matrix (on the CPU one pass of the C kernel; elsewhere the
+    device's rebuild and store)."""
+    if not (isinstance(root, QuantizedMatrix) and root.symmetric and root.diag is not None):
+        raise ValueError("symmetric_ema needs a stored symmetric matrix (QuantizedMatrix with symmetric=True)")
+    n = root.order
+    if tuple(o.shape) != (n, n):
+        raise ValueError(f"symmetric_ema needs an ({n}, {n}) update, got shape {tuple(o.shape)}")
+
+    def call(impl):
+        return ops.call(ops.symmetric_ema, root.codes, root.absmax, root.diag, root.codebook, o.detach().float(),
+                        float(beta), float(alpha), n, root.bits, root.block_size, scale_dtype, impl)
+
+    return Quantized(*_run("symmetric_ema", backend, root.codes.device, call))
 
 
 def _device(root: torch.Tensor | QuantizedMatrix) -> torch.device:

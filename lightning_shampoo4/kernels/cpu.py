@@ -172,6 +172,7 @@ class _Library(NamedTuple):
     quantize: ctypes._CFuncPtr
     dense_rows: ctypes._CFuncPtr
     quantize_rows: ctypes._CFuncPtr
+    ema: ctypes._CFuncPtr
 
 
 @functools.lru_cache(maxsize=None)
@@ -193,7 +194,7 @@ def _library() -> _Library | None:
         with _kernel_path(compiler) as path:
             lib = ctypes.CDLL(str(path))
         rows, quantize, dense_rows = lib.ls4_symmetric_rows, lib.ls4_quantize_symmetric, lib.ls4_dequantize_rows
-        quantize_rows = lib.ls4_quantize_rows
+        quantize_rows, ema = lib.ls4_quantize_rows, lib.ls4_symmetric_ema
     except Exception as err:  # noqa: BLE001 - any failure means: use torch ops
         warnings.warn(f"lightning_shampoo4: the CPU kernel could not be built ({err}); stored roots are rebuilt "
                       "with torch ops (same numbers, slower)", KernelWarning, stacklevel=2)
@@ -202,12 +203,16 @@ def _library() -> _Library | None:
     rows.restype = None
     rows.argtypes = [i64, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64, ptr, i64]
     quantize.restype = i64
-    quantize.argtypes = [i64, ptr, i64, i64, i64, i64, ptr, i64, i64, ptr, ptr, ptr]
+    quantize.argtypes = [i64, ptr, i64, i64, i64, i64, ptr, i64, ptr, i64, i64, i64, ptr, ptr, ptr]
     dense_rows.restype = None
     dense_rows.argtypes = [i64, ptr, ptr, i64, ptr, i64, i64, i64, i64, ptr]
     quantize_rows.restype = i64
-    quantize_rows.argtypes = [i64, ptr, i64, i64, i64, ptr, i64, i64, ptr, ptr, ptr]
-    return _Library(rows, quantize, dense_rows, quantize_rows)
+    quantize_rows.argtypes = [i64, ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, i64, ptr, ptr, ptr]
+    f32 = ctypes.c_float
+    ema.restype = i64
+    ema.argtypes = [i64, ptr, ptr, i64, ptr, ptr, ptr, i64, i64, i64, f32, f32, ptr, i64, ptr, i64, i64, i64, ptr, ptr,
+                    ptr, ptr]
+    return _Library(rows, quantize, dense_rows, quantize_rows, ema)
 
 
 def available() -> bool:
@@ -301,9 +306,8 @@ def quantize_rows(x: torch.Tensor, codebook: torch.Tensor, bits: int, block_size
     codes = torch.empty((x.numel() + 1) // 2 if bits == 4 else x.numel(), dtype=torch.uint8)
     scales = torch.empty(rows, -(-cols // block_size), dtype=scale_dtype)
     if x.numel():
-        mids = _search_bounds(codebook)
         work = torch.empty(cols, dtype=torch.uint8)
-        if lib.quantize_rows(bits, x.data_ptr(), rows, cols, block_size, mids.data_ptr(), mids.numel(),
+        if lib.quantize_rows(bits, x.data_ptr(), rows, cols, block_size, *_search_bounds(codebook).args(),
                              scale_dtype == torch.bfloat16, codes.data_ptr(), scales.data_ptr(), work.data_ptr()):
             return None
     return Quantized(codes, scales, None)
@@ -328,20 +332,61 @@ def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="lightning_shampoo4_rows")
 
 
-_BOUNDS: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+class _Search(NamedTuple):
+    """A codebook's search tables for the store kernels (``search_t`` in the C source): the
+    midpoints padded with +inf, and for an 8-bit codebook whose midpoints are spread evenly enough a
+    table of equal cells of [-1, 1] that replaces the binary search by one lookup and ``nk``
+    comparisons (``cells`` empty and ``nk`` 0 otherwise)."""
+
+    mids: torch.Tensor
+    size: int
+    cells: torch.Tensor
+    nk: int
+
+    def args(self) -> tuple[int, int, int, int, int]:
+        cells = self.cells.data_ptr() if self.nk else None
+        return self.mids.data_ptr(), self.size, cells, self.cells.numel(), self.nk
 
 
-def _search_bounds(codebook: torch.Tensor) -> torch.Tensor:
-    """The codebook's midpoints and a final +inf, the store kernel's search table: made once per
-    codebook tensor (codebooks are cached and never modified), not at every store."""
-    hit = _BOUNDS.get(id(codebook))
+CELL_COUNTS = (1024, 2048, 4096)  # cell tables tried, smallest first (4096 int32: 16 KiB)
+MAX_CELL_COMPARISONS = 2  # a table is used when every value needs at most this many comparisons
+
+_SEARCH: dict[int, tuple[torch.Tensor, _Search]] = {}
+
+
+def _cells(mids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The smallest cell table of :data:`CELL_COUNTS` whose values need at most
+    :data:`MAX_CELL_COMPARISONS` comparisons, and that number; (empty, 0) when there is none. Cell
+    c's entry counts the midpoints below cell c-1 and its comparisons reach past cell c+1, so a
+    value placed one cell off by rounding still gets its exact code."""
+    m = mids.double()
+    for count in CELL_COUNTS:
+        edges = torch.linspace(-1.0, 1.0, count + 1, dtype=torch.float64)
+        below = torch.searchsorted(m, edges[:-1].contiguous())  # midpoints below each cell's lower edge
+        upto = torch.searchsorted(m, edges[1:].contiguous(), right=True)  # ... up to its upper edge
+        base = torch.cat([torch.zeros(1, dtype=below.dtype), below[:-1]])
+        top = torch.cat([upto[1:], torch.tensor([m.numel()])])
+        nk = int((top - base).max())
+        if nk <= MAX_CELL_COMPARISONS:
+            return base.to(torch.int32).contiguous(), nk
+    return torch.empty(0, dtype=torch.int32), 0
+
+
+def _search_bounds(codebook: torch.Tensor) -> _Search:
+    """The codebook's search tables: made once per codebook tensor (codebooks are cached and
+    never modified), not at every store."""
+    hit = _SEARCH.get(id(codebook))
     if hit is not None and hit[0] is codebook:
         return hit[1]
-    bounds = torch.cat([midpoints(codebook.cpu()), torch.tensor([math.inf])]).contiguous()
-    if len(_BOUNDS) > 64:  # codebooks made outside the cache: keep the table small
-        _BOUNDS.clear()
-    _BOUNDS[id(codebook)] = (codebook, bounds)  # the codebook is held, so its id is not reused
-    return bounds
+    mids = midpoints(codebook.cpu())
+    # 4-bit codebooks: the binary search runs in registers (no memory lookups), faster than a table
+    cells, nk = _cells(mids) if mids.numel() + 1 > 16 else (torch.empty(0, dtype=torch.int32), 0)
+    pad = torch.full((1 + nk,), math.inf)  # to 2**bits, and nk more for the cell comparisons
+    search = _Search(torch.cat([mids, pad]).contiguous(), mids.numel() + 1, cells, nk)
+    if len(_SEARCH) > 64:  # codebooks made outside the cache: keep the table small
+        _SEARCH.clear()
+    _SEARCH[id(codebook)] = (codebook, search)  # the codebook is held, so its id is not reused
+    return search
 
 
 def quantize_symmetric(
@@ -360,14 +405,47 @@ def quantize_symmetric(
     if x.dtype != torch.float32:
         x = x.float()
     n = x.shape[0]
-    mids = _search_bounds(codebook)
     starts, blocks = _triangle_layout(n, block_size)
     values, nscales = starts[-1], blocks[-1]
     codes = torch.empty((values + 1) // 2 if bits == 4 else values, dtype=torch.uint8)
     scales = torch.empty(nscales, dtype=scale_dtype)
     work = torch.empty(2 * max(n, 1))
-    failed = lib.quantize(bits, x.data_ptr(), x.stride(0), x.stride(1), n, block_size, mids.data_ptr(), mids.numel(),
-                          scale_dtype == torch.bfloat16, codes.data_ptr(), scales.data_ptr(), work.data_ptr())
+    failed = lib.quantize(bits, x.data_ptr(), x.stride(0), x.stride(1), n, block_size,
+                          *_search_bounds(codebook).args(), scale_dtype == torch.bfloat16, codes.data_ptr(),
+                          scales.data_ptr(), work.data_ptr())
     if failed:
         return None
     return Quantized(codes, scales, x.diagonal().to(torch.float32, copy=True))
+
+
+def symmetric_ema(root: QuantizedMatrix, o: torch.Tensor, beta: float, alpha: float,
+                  scale_dtype: torch.dtype) -> Quantized | None:
+    """``quant.quantize_symmetric(rebuilt * beta + o * alpha)`` of the stored symmetric ``root``
+    and the fp32 matrix ``o`` (its upper triangle is read), bit for bit, without forming the
+    matrix; None where the kernel does not apply (see :func:`applies` and :func:`quantize_symmetric`)."""
+    lib = _library()
+    n = root.order
+    if (lib is None or not applies(root) or scale_dtype not in (torch.float32, torch.bfloat16)
+            or root.absmax.dtype not in (torch.float32, torch.bfloat16) or root.block_size < 1
+            or o.device.type != "cpu" or tuple(o.shape) != (n, n)):
+        return None
+    starts, blocks = _triangle_layout(n, root.block_size)
+    values, nscales = starts[-1], blocks[-1]
+    code_bytes = (values + 1) // 2 if root.bits == 4 else values
+    if root.codes.numel() < code_bytes or root.absmax.numel() < nscales or root.diag.numel() < n:
+        return None
+    o = o.detach().to(torch.float32)
+    if o.stride(1) != 1:
+        o = o.contiguous()
+    codes_in, scales_in = root.codes.contiguous(), root.absmax.contiguous()
+    diag_in = root.diag.to(torch.float32).contiguous()
+    lut = root.codebook.contiguous()
+    codes = torch.empty(code_bytes, dtype=torch.uint8)
+    scales = torch.empty(nscales, dtype=scale_dtype)
+    diag = torch.empty(n)
+    work = torch.empty(2 * max(n, 1))
+    failed = lib.ema(root.bits, codes_in.data_ptr(), scales_in.data_ptr(), scales_in.dtype == torch.bfloat16,
+                     diag_in.data_ptr(), lut.data_ptr(), o.data_ptr(), o.stride(0), n, root.block_size, float(beta),
+                     float(alpha), *_search_bounds(root.codebook).args(), scale_dtype == torch.bfloat16,
+                     codes.data_ptr(), scales.data_ptr(), diag.data_ptr(), work.data_ptr())
+    return None if failed else Quantized(codes, scales, diag)

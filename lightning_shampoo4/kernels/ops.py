@@ -19,6 +19,7 @@ diagonals ``(k, n)``):
 ``rebuild_symmetric``        rows ``r0 .. r1-1`` of stored symmetric matrices, fp32 ``(k, r1 - r0, n)``
 ``matmul_symmetric``         ``S_b @ x[b]`` or ``x[b] @ S_b``, the root decoded inside the matmul
 ``quantize_symmetric``       store a symmetric matrix: (codes, scales, fp32 diagonal)
+``symmetric_ema``            ``S * beta + o * alpha`` of a stored symmetric ``S``, stored again
 ``quantize`` / ``dequantize``  the row-block layout (eigenvector matrices ``transpose=True``)
 ``moment_update``            the fused step with 8- / 4-bit moments, in place
 """
@@ -253,6 +254,57 @@ def _(x, codebook, bits, block_size, scale_dtype, impl):
         return _triton_symmetric().quantize_symmetric(x, codebook, bits, block_size, scale_dtype)
     q = blockwise.quantize_symmetric(x, codebook, bits, block_size, scale_dtype=scale_dtype)
     return q.codes, q.absmax, q.diag
+
+
+# ----------------------------------------------------------------------------- symmetric EMA
+
+
+def _ema_dense(codes, absmax, diag, codebook, o, beta, alpha, n, bits, block_size, rebuild) -> Tensor:
+    """``(S * beta) + (o * alpha)`` as a dense fp32 matrix, ``S`` rebuilt by ``rebuild``."""
+    return rebuild(codes[None], absmax[None], diag[None], codebook, n, bits, block_size, 0, n)[0] * beta + o * alpha
+
+
+@torch.library.custom_op(f"{NS}::symmetric_ema", mutates_args=())
+def symmetric_ema(codes: Tensor, absmax: Tensor, diag: Tensor, codebook: Tensor, o: Tensor, beta: float,
+                  alpha: float, n: int, bits: int, block_size: int, scale_dtype: torch.dtype,
+                  impl: str) -> tuple[Tensor, Tensor, Tensor]:
+    """One EMA step of a stored symmetric matrix, stored again: ``S_new = (S * beta) + (o * alpha)``
+    (each product rounded, then the sum) as (codes, scales, fp32 diagonal)."""
+    _check_impl(impl)
+    dense = _ema_dense(codes, absmax, diag, codebook, o, beta, alpha, n, bits, block_size, _rebuild_torch)
+    q = blockwise.quantize_symmetric(dense, codebook, bits, block_size, scale_dtype=scale_dtype)
+    return q.codes, q.absmax, q.diag
+
+
+@symmetric_ema.register_fake
+def _(codes, absmax, diag, codebook, o, beta, alpha, n, bits, block_size, scale_dtype, impl):
+    numel, scales = triangle_sizes(n, block_size)
+    return (codes.new_empty((numel + 1) // 2 if bits == 4 else numel, dtype=torch.uint8),
+            codes.new_empty(scales, dtype=scale_dtype), codes.new_empty(n, dtype=torch.float32))
+
+
+def _ema_composed(codes, absmax, diag, codebook, o, beta, alpha, n, bits, block_size, scale_dtype, impl):
+    """The EMA through the device's rebuild and store ops (Triton on CUDA)."""
+    device = codes.device.type
+    dense = _ema_dense(codes, absmax, diag, codebook, o, beta, alpha, n, bits, block_size,
+                       lambda *a: _KERNELS[(id(rebuild_symmetric), device)](*a, impl))
+    return _KERNELS[(id(quantize_symmetric), device)](dense, codebook, bits, block_size, scale_dtype, impl)
+
+
+@_kernel(symmetric_ema, "cpu")
+def _(codes, absmax, diag, codebook, o, beta, alpha, n, bits, block_size, scale_dtype, impl):
+    _check_impl(impl)
+    if impl == "native":
+        from . import cpu
+
+        root = QuantizedMatrix(codes, absmax, diag, n, codebook, bits, block_size, symmetric=True)
+        q = cpu.symmetric_ema(root, o, beta, alpha, scale_dtype)
+        if q is not None:
+            return q.codes, q.absmax, q.diag
+    return _ema_composed(codes, absmax, diag, codebook, o, beta, alpha, n, bits, block_size, scale_dtype, impl)
+
+
+_kernel(symmetric_ema, "cuda")(_ema_composed)
 
 
 # ----------------------------------------------------------------------------- row-block layout

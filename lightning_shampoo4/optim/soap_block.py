@@ -94,6 +94,17 @@ class Codec(NamedTuple):
         m = QuantizedMatrix(codes, st["factor_absmax"], st["factor_diag"], k, cb, bits, k, symmetric=True)
         return kernels.materialize(m, backend=self.backend)
 
+    def update_rotated(self, st: Mapping[str, torch.Tensor], k: int, bits: int, o: torch.Tensor,
+                       beta: float) -> dict[str, torch.Tensor]:
+        """The entries of ``S * beta + o * (1 - beta)`` for the stored rotated statistic ``S``: in one
+        pass over its codes (:func:`lightning_shampoo4.kernels.symmetric_ema`)."""
+        if not self.quantized(k):
+            return {"factor": st["factor"] * beta + o * (1 - beta)}
+        cb = get_codebook(_CHOL_CODEBOOK, bits, o.device)
+        m = QuantizedMatrix(st["factor_codes"], st["factor_absmax"], st["factor_diag"], k, cb, bits, k, symmetric=True)
+        out = kernels.symmetric_ema(m, o, beta, 1 - beta, scale_dtype=self.scale_dtype, backend=self.backend)
+        return {"factor_codes": out.codes, "factor_absmax": out.absmax, "factor_diag": out.diag}
+
     def load_chol(self, st: Mapping[str, torch.Tensor], k: int) -> torch.Tensor:
         if not self.quantized(k):
             return st["chol"]
@@ -314,34 +325,46 @@ def _outer(x: torch.Tensor, side: str) -> torch.Tensor:
     return x @ x.mT if side == "L" else x.mT @ x
 
 
-def _power_step(a_rot: torch.Tensor, q: torch.Tensor, counts) -> tuple[torch.Tensor, torch.Tensor] | None:
+class _Refresh(NamedTuple):
+    """One power iteration's result: the new order of the old basis' columns, the new basis, and
+    what re-expressing the statistic in a basis needs (its ordered rotated form, the ordered old
+    basis and that basis' LU factors, None when it is singular)."""
+
+    perm: torch.Tensor
+    q_new: torch.Tensor
+    a_rot: torch.Tensor
+    q: torch.Tensor
+    lu: tuple[torch.Tensor, torch.Tensor] | None
+
+
+def _lu(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    lu, pivots, info = torch.linalg.lu_factor_ex(q)
+    return (lu, pivots) if int(info) == 0 else None
+
+
+def _power_step(a_rot: torch.Tensor, q: torch.Tensor, counts) -> _Refresh | None:
     """One power iteration + QR on the statistic ``A`` given as ``a_rot = q^T A q`` for the stored
     (dequantized, so only nearly orthogonal) basis ``q``: the columns ordered by the estimated
-    eigenvalues ``diag(a_rot)``, ``A q = q^-T a_rot``, new basis ``QR(A q)``. Returns (order, new
-    basis), None on failure."""
+    eigenvalues ``diag(a_rot)``, ``A q = q^-T a_rot``, new basis ``QR(A q)``. ``q`` is factored
+    once for this and for :func:`_change_basis`. None on failure."""
     counts["refreshes"] += 1
     perm = torch.argsort(a_rot.diagonal(), descending=True)
     a_rot, q = a_rot[perm][:, perm], q[:, perm]
-    try:
-        p = torch.linalg.solve(q.mT, a_rot)
-    except torch.linalg.LinAlgError:
-        p = q @ a_rot
+    lu = _lu(q)
+    p = q @ a_rot if lu is None else torch.linalg.lu_solve(*lu, a_rot, adjoint=True)
     res = _qr(p)
     if res is None:
         counts["failed_updates"] += 1
         return None
     q_new, status = res
     counts["retried_updates"] += status == "retried"
-    return perm, q_new
+    return _Refresh(perm, q_new, a_rot, q, lu)
 
 
-def _change_basis(a_rot: torch.Tensor, q: torch.Tensor, q_new: torch.Tensor) -> torch.Tensor:
-    """``Q_new^T A Q_new`` for ``A`` given as ``a_rot = q^T A q``: ``T^T a_rot T``, ``T = q^-1 Q_new``."""
-    try:
-        turn = torch.linalg.solve(q, q_new)
-    except torch.linalg.LinAlgError:
-        turn = q.mT @ q_new
-    return turn.mT @ a_rot @ turn
+def _change_basis(r: _Refresh, q_new: torch.Tensor) -> torch.Tensor:
+    """``Q_new^T A Q_new`` for the statistic of ``r``: ``T^T a_rot T``, ``T = q^-1 Q_new``."""
+    turn = r.q.mT @ q_new if r.lu is None else torch.linalg.lu_solve(*r.lu, q_new)
+    return turn.mT @ r.a_rot @ turn
 
 
 def _store_cholesky(a: torch.Tensor, codec: Codec, counts) -> dict[str, torch.Tensor]:
@@ -412,20 +435,23 @@ def _side_update(side, k, view, q, g, gr, stats, codec, beta, f, first, refresh,
             a_rot.diagonal().copy_(lam)
             res = _power_step(a_rot, q, counts)
             if res is not None:
-                perm, q_new = res
-                lam = _change_basis(a_rot[perm][:, perm], q[:, perm], q_new).diagonal()
+                perm, q_new = res.perm, res.q_new
+                lam = _change_basis(res, q_new).diagonal()
         out["eigvals"] = lam.clamp(min=0)
     else:  # the statistic in its eigenbasis, Q^T L Q
         bits = _ROTATED_BITS[stats]
-        a_rot = torch.add(codec.load_rotated(view, k, bits) * beta, _outer(gr, side), alpha=1 - beta)
-        if refresh:
-            res = _power_step(a_rot, q, counts)
-            if res is not None:  # the statistic in the basis the next steps will read: the stored one
-                perm, q_new = res
-                entries = codec.store_q(q_new)
-                out.update(entries)
-                stored = codec.load_q(entries, k, bjorck)
-                a_rot = _change_basis(a_rot[perm][:, perm], q[:, perm], stored)
+        gg = _outer(gr, side)
+        if not refresh:  # S * beta + (G' G'^T) * (1 - beta), stored again without forming S
+            out.update(codec.update_rotated(view, k, bits, gg, beta))
+            return out, None, None
+        a_rot = codec.load_rotated(view, k, bits) * beta + gg * (1 - beta)
+        res = _power_step(a_rot, q, counts)
+        if res is not None:  # the statistic in the basis the next steps will read: the stored one
+            perm, q_new = res.perm, res.q_new
+            entries = codec.store_q(q_new)
+            out.update(entries)
+            stored = codec.load_q(entries, k, bjorck)
+            a_rot = _change_basis(res, stored)
         out.update(codec.store_rotated(a_rot, bits))
     if q_new is not None and not any(n.startswith("eigvecs") for n in out):
         out.update(codec.store_q(q_new))

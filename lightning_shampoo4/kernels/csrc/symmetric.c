@@ -234,14 +234,111 @@ static inline __m512i codes_of16(__m512 v, const float *mids, int size) {
 }
 #endif
 
+/* The search tables of one codebook. mids: its sorted midpoints padded with +inf to `size` (a
+ * power of two) and `nk` more; cells (optional, else NULL): for each of `ncells` equal cells of
+ * [-1, 1], a number of midpoints below every value that can fall in the cell or its neighbours,
+ * so that a value's code is cells[c] plus how many of the next `nk` midpoints lie below it (one
+ * lookup and nk comparisons instead of a binary search; exact even when rounding puts a value
+ * one cell off). */
+typedef struct {
+    const float *mids;
+    int64_t size;
+    const int32_t *cells;
+    int64_t ncells, nk;
+} search_t;
+
+static inline int code_in(float v, const search_t *sr) {
+    if (!sr->cells) return code_of(v, sr->mids, (int)sr->size);
+    const float f = (v + 1.0f) * (0.5f * (float)sr->ncells);
+    int64_t c = f < 0.0f ? 0 : (int64_t)f;
+    if (c > sr->ncells - 1) c = sr->ncells - 1;
+    const int base = sr->cells[c];
+    int code = base;
+    for (int64_t t = 0; t < sr->nk; ++t) code += sr->mids[base + t] < v;
+    return code;
+}
+
+#ifdef __AVX512F__
+static inline __m512i codes_in16(__m512 v, const search_t *sr) {
+    if (!sr->cells) return codes_of16(v, sr->mids, (int)sr->size);
+    const __m512 f = _mm512_mul_ps(_mm512_add_ps(v, _mm512_set1_ps(1.0f)), _mm512_set1_ps(0.5f * (float)sr->ncells));
+    __m512i c = _mm512_cvttps_epi32(_mm512_max_ps(f, _mm512_setzero_ps()));
+    c = _mm512_min_epi32(c, _mm512_set1_epi32((int)(sr->ncells - 1)));
+    const __m512i base = _mm512_i32gather_epi32(c, sr->cells, 4);
+    __m512i code = base;
+    for (int64_t t = 0; t < sr->nk; ++t) {
+        const __m512 m = _mm512_i32gather_ps(_mm512_add_epi32(base, _mm512_set1_epi32((int)t)), sr->mids, 4);
+        code = _mm512_mask_add_epi32(code, _mm512_cmp_ps_mask(m, v, _CMP_LT_OQ), code, _mm512_set1_epi32(1));
+    }
+    return code;
+}
+#endif
+
+/* Codes of `len` values of `row` in blocks of `block`, one scale each (scales[nb], nb + 1, ...;
+ * fp32, or bf16 bits when bf16_scales) into row_codes; *nb advances past the blocks. Returns 0;
+ * 1 when a value is not finite, 2 when a scale overflows bf16. */
+static int encode_row(const float *row, int64_t len, int64_t block, const search_t *sr,
+                      int64_t bf16_scales, void *scales, int64_t *nb, uint8_t *row_codes) {
+    for (int64_t b0 = 0; b0 < len; b0 += block, ++*nb) {
+        const int64_t b1 = (b0 + block < len) ? b0 + block : len;
+        float amax = 0.0f;
+        int finite = 1;
+        for (int64_t k = b0; k < b1; ++k) {
+            const float a = row[k] < 0 ? -row[k] : row[k];
+            finite &= a <= 3.402823466e38f; /* false for inf and NaN */
+            amax = a > amax ? a : amax;
+        }
+        if (!finite) return 1;
+        if (bf16_scales) {
+            const uint32_t h = bf16_bits(amax);
+            if ((h & 0x7F80u) == 0x7F80u) return 2; /* rounded up to inf */
+            ((uint16_t *)scales)[*nb] = (uint16_t)h;
+            const uint32_t u = h << 16;
+            memcpy(&amax, &u, sizeof amax); /* blocks are normalized by the stored scale */
+        } else {
+            ((float *)scales)[*nb] = amax;
+        }
+        const float safe = amax > 0 ? amax : 1.0f;
+        int64_t k = b0;
+#ifdef __AVX512F__
+        const __m512 vs = _mm512_set1_ps(safe);
+        for (; k + 16 <= b1; k += 16) {
+            const __m512i c = codes_in16(_mm512_div_ps(_mm512_loadu_ps(row + k), vs), sr);
+            _mm_storeu_si128((__m128i *)(row_codes + k), _mm512_cvtepi32_epi8(c));
+        }
+#endif
+        for (; k < b1; ++k) row_codes[k] = (uint8_t)code_in(row[k] / safe, sr);
+    }
+    return 0;
+}
+
+/* Store the `len` codes of row_codes at flat elements p, p + 1, ...: bytes (8 bits), or nibbles
+ * (element q: low nibble of byte q/2 when even, high when odd; a byte left half full gets its
+ * high nibble from the next call, which must come in order). */
+static void pack_run(int64_t bits, uint8_t *codes, int64_t p, const uint8_t *row_codes, int64_t len) {
+    if (bits == 8) {
+        memcpy(codes + p, row_codes, (size_t)len);
+        return;
+    }
+    int64_t k = 0;
+    if (p & 1) {
+        codes[p >> 1] = (uint8_t)(codes[p >> 1] | (row_codes[0] << 4));
+        k = 1;
+    }
+    uint8_t *dst = codes + ((p + k) >> 1);
+    for (; k + 1 < len; k += 2) *dst++ = (uint8_t)(row_codes[k] | (row_codes[k + 1] << 4));
+    if (k < len) *dst = row_codes[k]; /* its high nibble: the next run's first code, or 0 */
+}
+
 /* Quantize the strict upper triangle of the n x n fp32 matrix x (x[i][j] at x + i*rs + j*cs)
  * in the layout above: scales (fp32, or bf16 bits when bf16_scales) and codes (4-bit packed or
- * 8-bit). mids: the codebook's midpoints padded with +inf to `size` (16 or 256). `work`: room
+ * 8-bit). mids .. nk: the codebook's search tables (search_t). `work`: room
  * for 2n fp32. Returns 0; 1 when a value is not finite, 2 when a scale overflows bf16 (what was
  * written is then incomplete: the caller falls back to the torch quantizer, which reports it). */
 int64_t ls4_quantize_symmetric(int64_t bits, const float *x, int64_t rs, int64_t cs, int64_t n, int64_t block,
-                               const float *mids, int64_t size, int64_t bf16_scales, uint8_t *codes,
-                               void *scales, float *work) {
+                               const float *mids, int64_t size, const int32_t *cells, int64_t ncells, int64_t nk,
+                               int64_t bf16_scales, uint8_t *codes, void *scales, float *work) {
+    const search_t sr = {mids, size, cells, ncells, nk};
     uint8_t *row_codes = (uint8_t *)(work + n);
     int64_t p = 0, nb = 0; /* flat element, block */
     for (int64_t i = 0; i + 1 < n; ++i) {
@@ -252,48 +349,43 @@ int64_t ls4_quantize_symmetric(int64_t bits, const float *x, int64_t rs, int64_t
             for (int64_t k = 0; k < len; ++k) work[k] = src[k * cs];
             row = work;
         }
-        for (int64_t b0 = 0; b0 < len; b0 += block, ++nb) {
-            const int64_t b1 = (b0 + block < len) ? b0 + block : len;
-            float amax = 0.0f;
-            int finite = 1;
-            for (int64_t k = b0; k < b1; ++k) {
-                const float a = row[k] < 0 ? -row[k] : row[k];
-                finite &= a <= 3.402823466e38f; /* false for inf and NaN */
-                amax = a > amax ? a : amax;
-            }
-            if (!finite) return 1;
-            if (bf16_scales) {
-                const uint32_t h = bf16_bits(amax);
-                if ((h & 0x7F80u) == 0x7F80u) return 2; /* rounded up to inf */
-                ((uint16_t *)scales)[nb] = (uint16_t)h;
-                const uint32_t u = h << 16;
-                memcpy(&amax, &u, sizeof amax); /* blocks are normalized by the stored scale */
-            } else {
-                ((float *)scales)[nb] = amax;
-            }
-            const float safe = amax > 0 ? amax : 1.0f;
-            int64_t k = b0;
-#ifdef __AVX512F__
-            const __m512 vs = _mm512_set1_ps(safe);
-            for (; k + 16 <= b1; k += 16) {
-                const __m512i c = codes_of16(_mm512_div_ps(_mm512_loadu_ps(row + k), vs), mids, (int)size);
-                _mm_storeu_si128((__m128i *)(row_codes + k), _mm512_cvtepi32_epi8(c));
-            }
-#endif
-            for (; k < b1; ++k) row_codes[k] = (uint8_t)code_of(row[k] / safe, mids, (int)size);
+        const int err = encode_row(row, len, block, &sr, bf16_scales, scales, &nb, row_codes);
+        if (err) return err;
+        pack_run(bits, codes, p, row_codes, len);
+        p += len;
+    }
+    return 0;
+}
+
+/* One exponential-moving-average step of a stored symmetric matrix S, read from (codes, scales,
+ * diag) and written to (codes_out, scales_out, diag_out) in the same layout (the scales of each
+ * fp32, or bf16 bits when bf16_scales / bf16_out):
+ *     S_new = (S * beta) + (o * alpha)     (each product rounded, then the sum: no FMA)
+ * for the fp32 n x n matrix o (row i at o + i * ld; only its upper triangle is read), row by
+ * row without forming S: the triangle row is decoded, updated and encoded in `work` (room for
+ * 2n fp32). mids, size: as for ls4_quantize_symmetric. Returns as ls4_quantize_symmetric. */
+int64_t ls4_symmetric_ema(int64_t bits, const uint8_t *codes, const void *scales, int64_t bf16_scales,
+                          const float *diag, const float *lut, const float *o, int64_t ld, int64_t n, int64_t block,
+                          float beta, float alpha, const float *mids, int64_t size, const int32_t *cells,
+                          int64_t ncells, int64_t nk, int64_t bf16_out, uint8_t *codes_out, void *scales_out,
+                          float *diag_out, float *work) {
+    const search_t sr = {mids, size, cells, ncells, nk};
+    uint8_t *row_codes = (uint8_t *)(work + n);
+    int64_t p = 0, nb_in = 0, nb_out = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        const float *orow = o + i * ld;
+        diag_out[i] = diag[i] * beta + orow[i] * alpha;
+        const int64_t len = n - 1 - i;
+        if (len <= 0) break;
+        decode_row((int)bits, codes, scales, (int)bf16_scales, lut, block, p, nb_in, 0, len, work);
+        nb_in += blocks_of(len, block);
+        for (int64_t k = 0; k < len; ++k) {
+            const float kept = work[k] * beta, added = orow[i + 1 + k] * alpha;
+            work[k] = kept + added;
         }
-        if (bits == 8) {
-            memcpy(codes + p, row_codes, (size_t)len);
-        } else { /* element q: low nibble of byte q/2 when even, high when odd */
-            int64_t k = 0;
-            if (p & 1) {
-                codes[p >> 1] = (uint8_t)(codes[p >> 1] | (row_codes[0] << 4));
-                k = 1;
-            }
-            uint8_t *dst = codes + ((p + k) >> 1);
-            for (; k + 1 < len; k += 2) *dst++ = (uint8_t)(row_codes[k] | (row_codes[k + 1] << 4));
-            if (k < len) *dst = row_codes[k]; /* its high nibble: the next row's first code, or 0 */
-        }
+        const int err = encode_row(work, len, block, &sr, bf16_out, scales_out, &nb_out, row_codes);
+        if (err) return err;
+        pack_run(bits, codes_out, p, row_codes, len);
         p += len;
     }
     return 0;
@@ -305,53 +397,14 @@ int64_t ls4_quantize_symmetric(int64_t bits, const float *x, int64_t rs, int64_t
  * size: as for ls4_quantize_symmetric. `work`: room for `cols` bytes. Returns 0; 1 when a value
  * is not finite, 2 when a scale overflows bf16 (the caller then falls back to torch). */
 int64_t ls4_quantize_rows(int64_t bits, const float *x, int64_t rows, int64_t cols, int64_t block, const float *mids,
-                          int64_t size, int64_t bf16_scales, uint8_t *codes, void *scales, uint8_t *work) {
+                          int64_t size, const int32_t *cells, int64_t ncells, int64_t nk, int64_t bf16_scales,
+                          uint8_t *codes, void *scales, uint8_t *work) {
+    const search_t sr = {mids, size, cells, ncells, nk};
     int64_t nb = 0;
     for (int64_t r = 0; r < rows; ++r) {
-        const float *row = x + r * cols;
-        for (int64_t b0 = 0; b0 < cols; b0 += block, ++nb) {
-            const int64_t b1 = (b0 + block < cols) ? b0 + block : cols;
-            float amax = 0.0f;
-            int finite = 1;
-            for (int64_t k = b0; k < b1; ++k) {
-                const float a = row[k] < 0 ? -row[k] : row[k];
-                finite &= a <= 3.402823466e38f;
-                amax = a > amax ? a : amax;
-            }
-            if (!finite) return 1;
-            if (bf16_scales) {
-                const uint32_t h = bf16_bits(amax);
-                if ((h & 0x7F80u) == 0x7F80u) return 2;
-                ((uint16_t *)scales)[nb] = (uint16_t)h;
-                const uint32_t u = h << 16;
-                memcpy(&amax, &u, sizeof amax);
-            } else {
-                ((float *)scales)[nb] = amax;
-            }
-            const float safe = amax > 0 ? amax : 1.0f;
-            int64_t k = b0;
-#ifdef __AVX512F__
-            const __m512 vs = _mm512_set1_ps(safe);
-            for (; k + 16 <= b1; k += 16) {
-                const __m512i c = codes_of16(_mm512_div_ps(_mm512_loadu_ps(row + k), vs), mids, (int)size);
-                _mm_storeu_si128((__m128i *)(work + k), _mm512_cvtepi32_epi8(c));
-            }
-#endif
-            for (; k < b1; ++k) work[k] = (uint8_t)code_of(row[k] / safe, mids, (int)size);
-        }
-        const int64_t p = r * cols;
-        if (bits == 8) {
-            memcpy(codes + p, work, (size_t)cols);
-        } else {
-            int64_t k = 0;
-            if (p & 1) {
-                codes[p >> 1] = (uint8_t)(codes[p >> 1] | (work[0] << 4));
-                k = 1;
-            }
-            uint8_t *dst = codes + ((p + k) >> 1);
-            for (; k + 1 < cols; k += 2) *dst++ = (uint8_t)(work[k] | (work[k + 1] << 4));
-            if (k < cols) *dst = work[k];
-        }
+        const int err = encode_row(x + r * cols, cols, block, &sr, bf16_scales, scales, &nb, work);
+        if (err) return err;
+        pack_run(bits, codes, r * cols, work, cols);
     }
     return 0;
 }
