@@ -31,6 +31,7 @@ With one process nothing of this runs (one attribute check per step).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import ChainMap
 from collections.abc import Callable, Iterable
@@ -635,8 +636,9 @@ def _root_names(storage: Storage) -> list[str]:
     return list(_root_template(storage))
 
 
+@functools.lru_cache(maxsize=256)
 def _root_template(storage: Storage) -> dict[str, torch.Tensor]:
-    """A fresh factor's root entries as meta tensors (their names, shapes and dtypes)."""
+    """A fresh factor's root entries as meta tensors (their names, shapes and dtypes; read only)."""
     entries = storage.init(torch.device("meta"))
     return {n: t for n, t in entries.items() if n == "root" or n.startswith("root_")}
 
