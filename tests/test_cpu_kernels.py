@@ -422,25 +422,26 @@ def test_symmetric_ema_equals_the_torch_path_bit_for_bit(bits, codebook, n, bloc
 
 
 @needs_kernel
-@pytest.mark.parametrize("codebook", ["linear1.5", "linear", "linear2", "dynamic"])
+@pytest.mark.parametrize("codebook", ["linear1.5", "linear", "linear2", "dynamic", "exp_avg", "exp_avg_sq"])
 def test_8_bit_search_tables_give_the_nearest_code_at_every_boundary(codebook):
-    """The cell table that replaces the binary search for evenly spread 8-bit maps: every
-    midpoint, its float neighbours and every code value land where the torch quantizer puts them."""
+    """The cell tables that replace the binary search for 8-bit maps (even cells for evenly spread
+    maps, bit-pattern cells for the dynamic maps and the moments'): every midpoint, its float
+    neighbours, every code value, zeros and tiny values land where the torch quantizer puts them."""
+    from lightning_shampoo4.quant import moments
     from lightning_shampoo4.quant.codebooks import midpoints
 
-    cb = get_codebook(codebook, 8)
+    cb = moments.moment_codebook(codebook, 8, "cpu") if codebook.startswith("exp") else get_codebook(codebook, 8)
     mids = midpoints(cb)
     probes = torch.cat([mids, torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(-2.0)),
-                        cb, torch.linspace(-1, 1, 4097)])
+                        cb, torch.linspace(-1, 1, 4097), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-8, -1e-8])])
     x = torch.cat([torch.ones(1), probes.clamp(-1, 1)])  # absmax 1: the probes are the normalized values
     for scale_dtype in (torch.float32, torch.bfloat16):
         got, want = cpu.quantize_rows(x, cb, 8, x.numel(), scale_dtype), quantize(x, cb, 8, x.numel(),
                                                                                   scale_dtype=scale_dtype)
         assert torch.equal(got.codes, want.codes)
     search = cpu._search_bounds(cb)
-    assert search.nk <= cpu.MAX_CELL_COMPARISONS
-    if codebook in ("linear1.5", "linear"):  # evenly spread enough for a table; dynamic is not
-        assert search.cells.numel() in cpu.CELL_COUNTS
+    assert 0 < search.nk <= cpu.MAX_CELL_COMPARISONS
+    assert (search.shift == 0) == (codebook in ("linear1.5", "linear"))  # even cells where the codes are even
 
 
 @needs_kernel

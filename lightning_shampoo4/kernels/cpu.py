@@ -203,15 +203,15 @@ def _library() -> _Library | None:
     rows.restype = None
     rows.argtypes = [i64, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64, ptr, i64]
     quantize.restype = i64
-    quantize.argtypes = [i64, ptr, i64, i64, i64, i64, ptr, i64, ptr, i64, i64, i64, ptr, ptr, ptr]
+    quantize.argtypes = [i64, ptr, i64, i64, i64, i64, ptr, i64, ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr]
     dense_rows.restype = None
     dense_rows.argtypes = [i64, ptr, ptr, i64, ptr, i64, i64, i64, i64, ptr]
     quantize_rows.restype = i64
-    quantize_rows.argtypes = [i64, ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, i64, ptr, ptr, ptr]
+    quantize_rows.argtypes = [i64, ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr]
     f32 = ctypes.c_float
     ema.restype = i64
-    ema.argtypes = [i64, ptr, ptr, i64, ptr, ptr, ptr, i64, i64, i64, f32, f32, ptr, i64, ptr, i64, i64, i64, ptr, ptr,
-                    ptr, ptr]
+    ema.argtypes = [i64, ptr, ptr, i64, ptr, ptr, ptr, i64, i64, i64, f32, f32, ptr, i64, ptr, i64, i64, i64, i64, i64,
+                    ptr, ptr, ptr, ptr]
     return _Library(rows, quantize, dense_rows, quantize_rows, ema)
 
 
@@ -334,42 +334,66 @@ def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
 
 class _Search(NamedTuple):
     """A codebook's search tables for the store kernels (``search_t`` in the C source): the
-    midpoints padded with +inf, and for an 8-bit codebook whose midpoints are spread evenly enough a
-    table of equal cells of [-1, 1] that replaces the binary search by one lookup and ``nk``
-    comparisons (``cells`` empty and ``nk`` 0 otherwise)."""
+    midpoints padded with +inf, and for an 8-bit codebook a table of cells that replaces the
+    binary search by one lookup and ``nk`` comparisons (``cells`` empty and ``nk`` 0 otherwise):
+    equal cells of [-1, 1] (``shift`` 0) for maps whose codes are spread evenly, cells of the
+    values' order-preserving bit patterns (``key >> shift``, from cell ``first``) for maps whose
+    codes crowd toward 0 (the dynamic maps)."""
 
     mids: torch.Tensor
     size: int
     cells: torch.Tensor
     nk: int
+    shift: int = 0
+    first: int = 0
 
-    def args(self) -> tuple[int, int, int, int, int]:
+    def args(self) -> tuple:
         cells = self.cells.data_ptr() if self.nk else None
-        return self.mids.data_ptr(), self.size, cells, self.cells.numel(), self.nk
+        return self.mids.data_ptr(), self.size, cells, self.cells.numel(), self.nk, self.shift, self.first
 
 
-CELL_COUNTS = (1024, 2048, 4096)  # cell tables tried, smallest first (4096 int32: 16 KiB)
+EVEN_CELLS = (1024, 2048, 4096)  # even cell tables tried, smallest first (4096 int32: 16 KiB)
+KEY_SHIFTS = (19, 18, 17, 16)  # bit-pattern cells tried, fewest first (shift 17: about 16k cells)
 MAX_CELL_COMPARISONS = 2  # a table is used when every value needs at most this many comparisons
+_EDGE = 1.01  # the normalized values lie in [-1, 1] (a bf16 scale may round a hair below the absmax)
 
 _SEARCH: dict[int, tuple[torch.Tensor, _Search]] = {}
 
 
-def _cells(mids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The smallest cell table of :data:`CELL_COUNTS` whose values need at most
-    :data:`MAX_CELL_COMPARISONS` comparisons, and that number; (empty, 0) when there is none. Cell
-    c's entry counts the midpoints below cell c-1 and its comparisons reach past cell c+1, so a
-    value placed one cell off by rounding still gets its exact code."""
+def _keys(x: torch.Tensor) -> torch.Tensor:
+    """Order-preserving unsigned keys of fp32 values (as int64): negative values' bits flipped,
+    positive values' sign bit set (the C kernels' ``cell_of``)."""
+    bits = x.float().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    return torch.where(bits >= 0x80000000, 0xFFFFFFFF - bits, bits | 0x80000000)
+
+
+def _table(mids_keys: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Cell c's entry counts the midpoints below cell c-1 and its comparisons reach past cell c+1,
+    so a value placed one cell off by rounding still gets its exact code: (table, comparisons)."""
+    below = torch.searchsorted(mids_keys, lower.contiguous())
+    upto = torch.searchsorted(mids_keys, upper.contiguous(), right=True)
+    base = torch.cat([torch.zeros(1, dtype=below.dtype), below[:-1]])
+    top = torch.cat([upto[1:], torch.tensor([mids_keys.numel()])])
+    return base.to(torch.int32).contiguous(), int((top - base).max())
+
+
+def _cells(mids: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+    """The smallest cell table with at most :data:`MAX_CELL_COMPARISONS` comparisons per value:
+    (table, comparisons, shift, first); (empty, 0, 0, 0) when there is none."""
     m = mids.double()
-    for count in CELL_COUNTS:
+    for count in EVEN_CELLS:
         edges = torch.linspace(-1.0, 1.0, count + 1, dtype=torch.float64)
-        below = torch.searchsorted(m, edges[:-1].contiguous())  # midpoints below each cell's lower edge
-        upto = torch.searchsorted(m, edges[1:].contiguous(), right=True)  # ... up to its upper edge
-        base = torch.cat([torch.zeros(1, dtype=below.dtype), below[:-1]])
-        top = torch.cat([upto[1:], torch.tensor([m.numel()])])
-        nk = int((top - base).max())
+        base, nk = _table(m, edges[:-1], edges[1:])
         if nk <= MAX_CELL_COMPARISONS:
-            return base.to(torch.int32).contiguous(), nk
-    return torch.empty(0, dtype=torch.int32), 0
+            return base, nk, 0, 0
+    keys = _keys(mids)
+    lo, hi = (int(k) for k in _keys(torch.tensor([-_EDGE, _EDGE])))
+    for shift in KEY_SHIFTS:
+        cells = torch.arange(lo >> shift, (hi >> shift) + 1, dtype=torch.int64)
+        base, nk = _table(keys, cells << shift, ((cells + 1) << shift) - 1)
+        if nk <= MAX_CELL_COMPARISONS:
+            return base, nk, shift, lo >> shift
+    return torch.empty(0, dtype=torch.int32), 0, 0, 0
 
 
 def _search_bounds(codebook: torch.Tensor) -> _Search:
@@ -380,9 +404,9 @@ def _search_bounds(codebook: torch.Tensor) -> _Search:
         return hit[1]
     mids = midpoints(codebook.cpu())
     # 4-bit codebooks: the binary search runs in registers (no memory lookups), faster than a table
-    cells, nk = _cells(mids) if mids.numel() + 1 > 16 else (torch.empty(0, dtype=torch.int32), 0)
+    cells, nk, shift, first = _cells(mids) if mids.numel() + 1 > 16 else (torch.empty(0, dtype=torch.int32), 0, 0, 0)
     pad = torch.full((1 + nk,), math.inf)  # to 2**bits, and nk more for the cell comparisons
-    search = _Search(torch.cat([mids, pad]).contiguous(), mids.numel() + 1, cells, nk)
+    search = _Search(torch.cat([mids, pad]).contiguous(), mids.numel() + 1, cells, nk, shift, first)
     if len(_SEARCH) > 64:  # codebooks made outside the cache: keep the table small
         _SEARCH.clear()
     _SEARCH[id(codebook)] = (codebook, search)  # the codebook is held, so its id is not reused

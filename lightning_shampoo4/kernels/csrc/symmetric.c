@@ -235,24 +235,36 @@ static inline __m512i codes_of16(__m512 v, const float *mids, int size) {
 #endif
 
 /* The search tables of one codebook. mids: its sorted midpoints padded with +inf to `size` (a
- * power of two) and `nk` more; cells (optional, else NULL): for each of `ncells` equal cells of
- * [-1, 1], a number of midpoints below every value that can fall in the cell or its neighbours,
- * so that a value's code is cells[c] plus how many of the next `nk` midpoints lie below it (one
- * lookup and nk comparisons instead of a binary search; exact even when rounding puts a value
- * one cell off). */
+ * power of two) and `nk` more; cells (optional, else NULL): `ncells` cells, each with a number of
+ * midpoints below every value that can fall in the cell or its neighbours, so that a value's code
+ * is cells[c] plus how many of the next `nk` midpoints lie below it (one lookup and nk comparisons
+ * instead of a binary search; exact even when rounding puts a value one cell off). The cells split
+ * [-1, 1] evenly (shift 0: for evenly spread maps), or the values' order-preserving bit patterns
+ * (shift > 0: cell = (key >> shift) - first, so cells shrink toward 0 as the dynamic maps' codes do). */
 typedef struct {
     const float *mids;
     int64_t size;
     const int32_t *cells;
-    int64_t ncells, nk;
+    int64_t ncells, nk, shift, first;
 } search_t;
+
+static inline int64_t cell_of(float v, const search_t *sr) {
+    int64_t c;
+    if (sr->shift) {
+        uint32_t u;
+        memcpy(&u, &v, sizeof u);
+        const uint32_t key = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+        c = (int64_t)(key >> sr->shift) - sr->first;
+    } else {
+        const float f = (v + 1.0f) * (0.5f * (float)sr->ncells);
+        c = f < 0.0f ? 0 : (int64_t)f;
+    }
+    return c < 0 ? 0 : (c > sr->ncells - 1 ? sr->ncells - 1 : c);
+}
 
 static inline int code_in(float v, const search_t *sr) {
     if (!sr->cells) return code_of(v, sr->mids, (int)sr->size);
-    const float f = (v + 1.0f) * (0.5f * (float)sr->ncells);
-    int64_t c = f < 0.0f ? 0 : (int64_t)f;
-    if (c > sr->ncells - 1) c = sr->ncells - 1;
-    const int base = sr->cells[c];
+    const int base = sr->cells[cell_of(v, sr)];
     int code = base;
     for (int64_t t = 0; t < sr->nk; ++t) code += sr->mids[base + t] < v;
     return code;
@@ -261,9 +273,18 @@ static inline int code_in(float v, const search_t *sr) {
 #ifdef __AVX512F__
 static inline __m512i codes_in16(__m512 v, const search_t *sr) {
     if (!sr->cells) return codes_of16(v, sr->mids, (int)sr->size);
-    const __m512 f = _mm512_mul_ps(_mm512_add_ps(v, _mm512_set1_ps(1.0f)), _mm512_set1_ps(0.5f * (float)sr->ncells));
-    __m512i c = _mm512_cvttps_epi32(_mm512_max_ps(f, _mm512_setzero_ps()));
-    c = _mm512_min_epi32(c, _mm512_set1_epi32((int)(sr->ncells - 1)));
+    __m512i c;
+    if (sr->shift) {
+        const __m512i u = _mm512_castps_si512(v);
+        const __m512i flip = _mm512_or_si512(_mm512_srai_epi32(u, 31), _mm512_set1_epi32((int)0x80000000u));
+        const __m512i key = _mm512_xor_si512(u, flip);
+        c = _mm512_sub_epi32(_mm512_srli_epi32(key, (unsigned)sr->shift), _mm512_set1_epi32((int)sr->first));
+    } else {
+        const __m512 f = _mm512_mul_ps(_mm512_add_ps(v, _mm512_set1_ps(1.0f)),
+                                       _mm512_set1_ps(0.5f * (float)sr->ncells));
+        c = _mm512_cvttps_epi32(_mm512_max_ps(f, _mm512_setzero_ps()));
+    }
+    c = _mm512_min_epi32(_mm512_max_epi32(c, _mm512_setzero_si512()), _mm512_set1_epi32((int)(sr->ncells - 1)));
     const __m512i base = _mm512_i32gather_epi32(c, sr->cells, 4);
     __m512i code = base;
     for (int64_t t = 0; t < sr->nk; ++t) {
@@ -337,8 +358,9 @@ static void pack_run(int64_t bits, uint8_t *codes, int64_t p, const uint8_t *row
  * written is then incomplete: the caller falls back to the torch quantizer, which reports it). */
 int64_t ls4_quantize_symmetric(int64_t bits, const float *x, int64_t rs, int64_t cs, int64_t n, int64_t block,
                                const float *mids, int64_t size, const int32_t *cells, int64_t ncells, int64_t nk,
-                               int64_t bf16_scales, uint8_t *codes, void *scales, float *work) {
-    const search_t sr = {mids, size, cells, ncells, nk};
+                               int64_t shift, int64_t first, int64_t bf16_scales, uint8_t *codes, void *scales,
+                               float *work) {
+    const search_t sr = {mids, size, cells, ncells, nk, shift, first};
     uint8_t *row_codes = (uint8_t *)(work + n);
     int64_t p = 0, nb = 0; /* flat element, block */
     for (int64_t i = 0; i + 1 < n; ++i) {
@@ -367,9 +389,9 @@ int64_t ls4_quantize_symmetric(int64_t bits, const float *x, int64_t rs, int64_t
 int64_t ls4_symmetric_ema(int64_t bits, const uint8_t *codes, const void *scales, int64_t bf16_scales,
                           const float *diag, const float *lut, const float *o, int64_t ld, int64_t n, int64_t block,
                           float beta, float alpha, const float *mids, int64_t size, const int32_t *cells,
-                          int64_t ncells, int64_t nk, int64_t bf16_out, uint8_t *codes_out, void *scales_out,
-                          float *diag_out, float *work) {
-    const search_t sr = {mids, size, cells, ncells, nk};
+                          int64_t ncells, int64_t nk, int64_t shift, int64_t first, int64_t bf16_out,
+                          uint8_t *codes_out, void *scales_out, float *diag_out, float *work) {
+    const search_t sr = {mids, size, cells, ncells, nk, shift, first};
     uint8_t *row_codes = (uint8_t *)(work + n);
     int64_t p = 0, nb_in = 0, nb_out = 0;
     for (int64_t i = 0; i < n; ++i) {
@@ -397,9 +419,9 @@ int64_t ls4_symmetric_ema(int64_t bits, const uint8_t *codes, const void *scales
  * size: as for ls4_quantize_symmetric. `work`: room for `cols` bytes. Returns 0; 1 when a value
  * is not finite, 2 when a scale overflows bf16 (the caller then falls back to torch). */
 int64_t ls4_quantize_rows(int64_t bits, const float *x, int64_t rows, int64_t cols, int64_t block, const float *mids,
-                          int64_t size, const int32_t *cells, int64_t ncells, int64_t nk, int64_t bf16_scales,
-                          uint8_t *codes, void *scales, uint8_t *work) {
-    const search_t sr = {mids, size, cells, ncells, nk};
+                          int64_t size, const int32_t *cells, int64_t ncells, int64_t nk, int64_t shift,
+                          int64_t first, int64_t bf16_scales, uint8_t *codes, void *scales, uint8_t *work) {
+    const search_t sr = {mids, size, cells, ncells, nk, shift, first};
     int64_t nb = 0;
     for (int64_t r = 0; r < rows; ++r) {
         const int err = encode_row(x + r * cols, cols, block, &sr, bf16_scales, scales, &nb, work);
