@@ -92,6 +92,9 @@ SOAP_VARIANTS: dict[str, dict[str, Any]] = {
     "soap4_dense_stats": dict(bits=4, statistics="dense"),
     "soap4_eigen_m4_dim1024": dict(bits=4, statistics="eigen", moment_bits=4, max_precondition_dim=1024),
     "soap4_dim128_cholesky8_m4": dict(bits=4, statistics="cholesky8", moment_bits=4, max_precondition_dim=128),
+    # the compact choices: the first moment in the eigenbasis at 4 bits, and also square blocks of 128
+    "soap4_rotm4": dict(bits=4, first_moment_basis="rotated", moment_bits=4),
+    "soap4_rotm4_dim128": dict(bits=4, first_moment_basis="rotated", moment_bits=4, max_precondition_dim=128),
 }
 PEER_VARIANTS = ("soap_po", "singd")  # pytorch_optimizer's SOAP (fp32), singd's SINGD (dense, fp32)
 # not among the CIFAR models of create_model: quality.py's char-level transformer (its charlm settings)
@@ -117,6 +120,8 @@ VARIANT_LABELS = {
     "soap4_dense_stats": "4-bit SOAP, fp32 statistics",
     "soap4_eigen_m4_dim1024": "4-bit SOAP, eigen statistics, 4-bit m, max dim 1024",
     "soap4_dim128_cholesky8_m4": "4-bit SOAP, max dim 128, cholesky8, 4-bit m",
+    "soap4_rotm4": "4-bit SOAP, 4-bit m in the eigenbasis",
+    "soap4_rotm4_dim128": "4-bit SOAP, 4-bit m in the eigenbasis, max dim 128",
     "soap_po": "SOAP (pytorch_optimizer, fp32)",
     "singd": "SINGD (dense, fp32) + AdamW",
 }
