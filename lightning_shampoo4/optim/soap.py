@@ -38,8 +38,9 @@ Dimensions above ``max_precondition_dim`` are cut into blocks as Shampoo4bit cut
 (``large_dims="block"``), or left unrotated as in the paper's code (``"unrotated"``).
 
 One step either completes or changes nothing: every new state entry and every direction is
-computed first; a non-finite gradient or direction skips the step (counted in
-``counters["skipped_nonfinite"]``). Under DDP each block has one owner rank that alone keeps its
+computed first; a non-finite gradient, direction or new state entry (a huge gradient's statistic
+overflowing) skips the step (counted in ``counters["skipped_nonfinite"]``), and an exception
+leaves the state as it was. Under DDP each block has one owner rank that alone keeps its
 second-order state and rotated moments, and the rotated-back directions are all-gathered
 (:mod:`.distributed`). FSDP2 ``Shard(0)`` parameters, ``distributed="auto"`` (lossless): the
 blocks are the whole parameter's, each with one owner rank as under DDP; every rank updates the
@@ -52,6 +53,7 @@ device's. ``distributed="off"``: each rank preconditions its local shard as its 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, NamedTuple
 
@@ -68,7 +70,7 @@ __all__ = ["COUNTERS", "SOAP4bit", "SOAP_SETTINGS"]
 COUNTERS = (
     "steps",  # step() calls with at least one gradient
     "refreshes",  # eigenbasis updates (eigh at the first step, then power iteration + QR) of a factor
-    "skipped_nonfinite",  # steps that changed nothing because a gradient or direction had inf / NaN
+    "skipped_nonfinite",  # steps that changed nothing: a gradient, direction or new state entry had inf / NaN
     "retried_updates",  # decompositions that succeeded only in float64
     "failed_updates",  # decompositions that failed: the previous basis / statistic is kept
 )
@@ -359,8 +361,13 @@ class SOAP4bit(BlockOptimizer):
             updates.append((t, group, state, entries, direction))
         if gathered:
             layout.gather(gathered)
+        # a non-finite direction or new state entry (a huge gradient's statistic or second moment
+        # overflowing) would poison every later step: skip this one whole. Under block owners the
+        # ranks hold different entries, so they agree on the answer.
         dirs = [d for *_, d in updates if d is not None]
-        if dirs and not self._finite(dirs, fsdp):
+        floats = [v for *_, entries, _ in updates for v in entries.values()
+                  if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        if not self._finite(dirs + floats, fsdp or layout.index is not None):
             return self._skip(clock, loss)
 
         # 2. commit
@@ -379,10 +386,15 @@ class SOAP4bit(BlockOptimizer):
         self._skip_run = 0
         return loss
 
-    def _finite(self, tensors: list[torch.Tensor], fsdp: bool) -> bool:
-        flags = [torch.isfinite(t).all() for t in tensors if t is not None]
-        ok = torch.stack(flags).all() if flags else torch.tensor(True)
-        return D.all_true(ok, self._layer.group) if fsdp else bool(ok)
+    def _finite(self, tensors: list[torch.Tensor], everywhere: bool) -> bool:
+        """Whether every tensor is finite (one host sync); ``everywhere``: on every rank (the
+        ranks hold different tensors)."""
+        tensors = [t for t in tensors if t is not None and t.numel()]
+        if tensors:  # one max-norm per tensor in a few fused calls: inf / NaN anywhere make it non-finite
+            ok = torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(tensors, math.inf)])).all()
+        else:
+            ok = torch.tensor(True)
+        return D.all_true(ok, self._layer.group) if everywhere else bool(ok)
 
     def _compute(self, t, grad, group, plan, state, owned, counts, gathered, pid):
         """New state entries of one parameter and its direction (None at its first step)."""
