@@ -53,7 +53,6 @@ device's. ``distributed="off"``: each rank preconditions its local shard as its 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, NamedTuple
 
@@ -390,8 +389,9 @@ class SOAP4bit(BlockOptimizer):
         """Whether every tensor is finite (one host sync); ``everywhere``: on every rank (the
         ranks hold different tensors)."""
         tensors = [t for t in tensors if t is not None and t.numel()]
-        if tensors:  # one max-norm per tensor in a few fused calls: inf / NaN anywhere make it non-finite
-            ok = torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(tensors, math.inf)])).all()
+        if tensors:  # one L1 norm per tensor in a few fused calls: inf / NaN make it non-finite (and so
+            # does a sum of magnitudes beyond fp32's range, values near 1e38, which would overflow the step)
+            ok = torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(tensors, 1)])).all()
         else:
             ok = torch.tensor(True)
         return D.all_true(ok, self._layer.group) if everywhere else bool(ok)
