@@ -445,6 +445,28 @@ def test_8_bit_search_tables_give_the_nearest_code_at_every_boundary(codebook):
 
 
 @needs_kernel
+def test_kernels_write_cpu_buffers_whatever_the_default_device():
+    """Under ``with torch.device("meta")`` (a default-device context) the kernels still allocate
+    their outputs and work buffers on the CPU: a meta buffer would hand the C code a null pointer."""
+    cb8, cb15 = get_codebook("dynamic", 8), get_codebook("linear1.5", 8)
+    x = torch.randn(300)
+    a = torch.randn(40, 40)
+    a = a + a.T
+    q = quantize_symmetric(a, cb15, 8, 40)
+    root = QuantizedMatrix(q.codes, q.absmax, q.diag, 40, cb15, 8, 40, True)
+    plain = (cpu.quantize_rows(x, cb8, 8, 64, torch.float32), cpu.quantize_symmetric(a, cb15, 8, 40, torch.float32),
+             cpu.symmetric_ema(root, a, 0.9, 0.1, torch.float32))
+    cpu._SEARCH.clear()  # the search tables are built under the context too
+    with torch.device("meta"):
+        got = (cpu.quantize_rows(x, cb8, 8, 64, torch.float32), cpu.quantize_symmetric(a, cb15, 8, 40, torch.float32),
+               cpu.symmetric_ema(root, a, 0.9, 0.1, torch.float32))
+        decoded = cpu.dequantize_rows(got[0].codes, got[0].absmax, cb8, 1, 300, 8, 64)
+    for want, have in zip(plain, got):
+        assert all(torch.equal(w, h) for w, h in zip(want, have) if w is not None)
+    assert decoded.device.type == "cpu" and torch.equal(decoded.view(-1), dequantize(plain[0], cb8, (300,), 8, 64))
+
+
+@needs_kernel
 def test_rows_split_over_threads_equal_one_thread():
     root, q = _root(1000, 40, seed=5)
     ref = dequantize_symmetric(q, root.codebook, 1000, 4, 40)

@@ -48,6 +48,7 @@ SOURCE = Path(__file__).resolve().parent / "csrc" / "symmetric.c"
 CACHE_ENV_VAR = "LIGHTNING_SHAMPOO4_CACHE"
 # -march=native turns on AVX-512 where the CPU has it (x86 only: Apple's clang rejects it on arm64,
 # where the plain C path is compiled)
+_CPU = torch.device("cpu")  # every buffer the kernels write: explicit, whatever default device is set
 _ARCH = ("-march=native",) if platform.machine().lower() in ("x86_64", "amd64") else ()
 FLAGS = ("-O3", *_ARCH, "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu99")
 
@@ -285,7 +286,7 @@ def dequantize_rows(codes: torch.Tensor, absmax: torch.Tensor, codebook: torch.T
     numel = rows * cols
     if codes.numel() < ((numel + 1) // 2 if bits == 4 else numel) or absmax.numel() < rows * -(-cols // block_size):
         return None
-    out = torch.empty(rows, cols)
+    out = torch.empty(rows, cols, device=_CPU)
     if numel:
         codes, absmax, lut = codes.contiguous(), absmax.contiguous(), codebook.contiguous()
         lib.dense_rows(bits, codes.data_ptr(), absmax.data_ptr(), absmax.dtype == torch.bfloat16, lut.data_ptr(),
@@ -303,10 +304,10 @@ def quantize_rows(x: torch.Tensor, codebook: torch.Tensor, bits: int, block_size
         return None
     x = x.detach().to(torch.float32).contiguous()
     rows, cols = (math.prod(x.shape[:-1]), x.shape[-1]) if x.dim() else (1, 1)  # the reference's layout
-    codes = torch.empty((x.numel() + 1) // 2 if bits == 4 else x.numel(), dtype=torch.uint8)
-    scales = torch.empty(rows, -(-cols // block_size), dtype=scale_dtype)
+    codes = torch.empty((x.numel() + 1) // 2 if bits == 4 else x.numel(), dtype=torch.uint8, device=_CPU)
+    scales = torch.empty(rows, -(-cols // block_size), dtype=scale_dtype, device=_CPU)
     if x.numel():
-        work = torch.empty(cols, dtype=torch.uint8)
+        work = torch.empty(cols, dtype=torch.uint8, device=_CPU)
         if lib.quantize_rows(bits, x.data_ptr(), rows, cols, block_size, *_search_bounds(codebook).args(),
                              scale_dtype == torch.bfloat16, codes.data_ptr(), scales.data_ptr(), work.data_ptr()):
             return None
@@ -372,8 +373,8 @@ def _table(mids_keys: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) ->
     so a value placed one cell off by rounding still gets its exact code: (table, comparisons)."""
     below = torch.searchsorted(mids_keys, lower.contiguous())
     upto = torch.searchsorted(mids_keys, upper.contiguous(), right=True)
-    base = torch.cat([torch.zeros(1, dtype=below.dtype), below[:-1]])
-    top = torch.cat([upto[1:], torch.tensor([mids_keys.numel()])])
+    base = torch.cat([torch.zeros(1, dtype=below.dtype, device=_CPU), below[:-1]])
+    top = torch.cat([upto[1:], torch.tensor([mids_keys.numel()], device=_CPU)])
     return base.to(torch.int32).contiguous(), int((top - base).max())
 
 
@@ -382,18 +383,18 @@ def _cells(mids: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     (table, comparisons, shift, first); (empty, 0, 0, 0) when there is none."""
     m = mids.double()
     for count in EVEN_CELLS:
-        edges = torch.linspace(-1.0, 1.0, count + 1, dtype=torch.float64)
+        edges = torch.linspace(-1.0, 1.0, count + 1, dtype=torch.float64, device=_CPU)
         base, nk = _table(m, edges[:-1], edges[1:])
         if nk <= MAX_CELL_COMPARISONS:
             return base, nk, 0, 0
     keys = _keys(mids)
-    lo, hi = (int(k) for k in _keys(torch.tensor([-_EDGE, _EDGE])))
+    lo, hi = (int(k) for k in _keys(torch.tensor([-_EDGE, _EDGE], device=_CPU)))
     for shift in KEY_SHIFTS:
-        cells = torch.arange(lo >> shift, (hi >> shift) + 1, dtype=torch.int64)
+        cells = torch.arange(lo >> shift, (hi >> shift) + 1, dtype=torch.int64, device=_CPU)
         base, nk = _table(keys, cells << shift, ((cells + 1) << shift) - 1)
         if nk <= MAX_CELL_COMPARISONS:
             return base, nk, shift, lo >> shift
-    return torch.empty(0, dtype=torch.int32), 0, 0, 0
+    return torch.empty(0, dtype=torch.int32, device=_CPU), 0, 0, 0
 
 
 def _search_bounds(codebook: torch.Tensor) -> _Search:
@@ -404,8 +405,9 @@ def _search_bounds(codebook: torch.Tensor) -> _Search:
         return hit[1]
     mids = midpoints(codebook.cpu())
     # 4-bit codebooks: the binary search runs in registers (no memory lookups), faster than a table
-    cells, nk, shift, first = _cells(mids) if mids.numel() + 1 > 16 else (torch.empty(0, dtype=torch.int32), 0, 0, 0)
-    pad = torch.full((1 + nk,), math.inf)  # to 2**bits, and nk more for the cell comparisons
+    cells, nk, shift, first = _cells(mids) if mids.numel() + 1 > 16 else (torch.empty(0, dtype=torch.int32, device=_CPU),
+                                                                          0, 0, 0)
+    pad = torch.full((1 + nk,), math.inf, device=_CPU)  # to 2**bits, and nk more for the cell comparisons
     search = _Search(torch.cat([mids, pad]).contiguous(), mids.numel() + 1, cells, nk, shift, first)
     if len(_SEARCH) > 64:  # codebooks made outside the cache: keep the table small
         _SEARCH.clear()
@@ -431,9 +433,9 @@ def quantize_symmetric(
     n = x.shape[0]
     starts, blocks = _triangle_layout(n, block_size)
     values, nscales = starts[-1], blocks[-1]
-    codes = torch.empty((values + 1) // 2 if bits == 4 else values, dtype=torch.uint8)
-    scales = torch.empty(nscales, dtype=scale_dtype)
-    work = torch.empty(2 * max(n, 1))
+    codes = torch.empty((values + 1) // 2 if bits == 4 else values, dtype=torch.uint8, device=_CPU)
+    scales = torch.empty(nscales, dtype=scale_dtype, device=_CPU)
+    work = torch.empty(2 * max(n, 1), device=_CPU)
     failed = lib.quantize(bits, x.data_ptr(), x.stride(0), x.stride(1), n, block_size,
                           *_search_bounds(codebook).args(), scale_dtype == torch.bfloat16, codes.data_ptr(),
                           scales.data_ptr(), work.data_ptr())
@@ -464,10 +466,10 @@ def symmetric_ema(root: QuantizedMatrix, o: torch.Tensor, beta: float, alpha: fl
     codes_in, scales_in = root.codes.contiguous(), root.absmax.contiguous()
     diag_in = root.diag.to(torch.float32).contiguous()
     lut = root.codebook.contiguous()
-    codes = torch.empty(code_bytes, dtype=torch.uint8)
-    scales = torch.empty(nscales, dtype=scale_dtype)
-    diag = torch.empty(n)
-    work = torch.empty(2 * max(n, 1))
+    codes = torch.empty(code_bytes, dtype=torch.uint8, device=_CPU)
+    scales = torch.empty(nscales, dtype=scale_dtype, device=_CPU)
+    diag = torch.empty(n, device=_CPU)
+    work = torch.empty(2 * max(n, 1), device=_CPU)
     failed = lib.ema(root.bits, codes_in.data_ptr(), scales_in.data_ptr(), scales_in.dtype == torch.bfloat16,
                      diag_in.data_ptr(), lut.data_ptr(), o.data_ptr(), o.stride(0), n, root.block_size, float(beta),
                      float(alpha), *_search_bounds(root.codebook).args(), scale_dtype == torch.bfloat16,

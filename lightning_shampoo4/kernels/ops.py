@@ -140,7 +140,7 @@ def _(codes, absmax, diag, codebook, n, bits, block_size, r0, r1, impl):
     if impl == "native":
         from . import cpu
 
-        out = torch.empty(codes.shape[0], r1 - r0, n, dtype=torch.float32)
+        out = torch.empty(codes.shape[0], r1 - r0, n, dtype=torch.float32, device=codes.device)
         done = True
         for b in range(codes.shape[0]):
             root = QuantizedMatrix(codes[b], absmax[b], diag[b], n, codebook, bits, block_size, symmetric=True)
