@@ -304,7 +304,21 @@ static int encode_row(const float *row, int64_t len, int64_t block, const search
         const int64_t b1 = (b0 + block < len) ? b0 + block : len;
         float amax = 0.0f;
         int finite = 1;
-        for (int64_t k = b0; k < b1; ++k) {
+        int64_t k0 = b0;
+#ifdef __AVX512F__
+        if (b1 - b0 >= 16) { /* the maximum is exact in any order; a NaN or inf lane fails the block */
+            __m512 vmax = _mm512_setzero_ps();
+            __mmask16 bad = 0;
+            for (; k0 + 16 <= b1; k0 += 16) {
+                const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(row + k0));
+                bad |= _mm512_cmp_ps_mask(a, _mm512_set1_ps(3.402823466e38f), _CMP_NLE_UQ);
+                vmax = _mm512_max_ps(vmax, a);
+            }
+            finite = bad == 0;
+            amax = _mm512_reduce_max_ps(vmax);
+        }
+#endif
+        for (int64_t k = k0; k < b1; ++k) {
             const float a = row[k] < 0 ? -row[k] : row[k];
             finite &= a <= 3.402823466e38f; /* false for inf and NaN */
             amax = a > amax ? a : amax;
