@@ -52,8 +52,8 @@ __all__ = [
     "precondition_path",
     "quantize",
     "quantize_symmetric",
-    "symmetric_ema",
     "resolve_backend",
+    "symmetric_ema",
     "triton_available",
     "triton_interpreted",
 ]
@@ -416,7 +416,7 @@ def moment_update(
 
     def call(impl):
         ops.call(ops.moment_update, base, p, grad, codes, absmax, codebooks, bits, block_size, values,
-                          bool(hyper.get("nesterov", False)), impl)
+                 bool(hyper.get("nesterov", False)), impl)
 
     if base not in ops._HYPER:
         raise ValueError(f"base={base!r} is not supported; choose one of {tuple(ops._HYPER)}")
