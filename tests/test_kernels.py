@@ -497,7 +497,7 @@ def test_triton_failure_falls_back_once_with_a_warning(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("PTX compile failed")
 
-    monkeypatch.setattr(k, "resolve_backend", lambda backend, device: "triton")
+    monkeypatch.setattr(k, "_impl", lambda backend, device: "triton")
     monkeypatch.setattr(k, "triton_interpreted", lambda: True)
     monkeypatch.setattr(triton_quant, "quantize", broken)
     monkeypatch.setattr(k, "_BROKEN", set())

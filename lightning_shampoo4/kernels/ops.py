@@ -37,6 +37,7 @@ from torch.utils import _python_dispatch
 from ..quant import blockwise
 from ..quant import moments as _moments
 from ..quant.blockwise import Quantized, packed_numel
+from . import cpu
 from .types import QuantizedMatrix
 
 NS = "lightning_shampoo4"
@@ -78,17 +79,22 @@ def _kernel(op: Any, device: str) -> Callable[[Callable[..., Any]], Callable[...
     return register
 
 
-def _plain(args: Sequence[Any]) -> torch.device | None:
-    """The device of ``args``' tensors when all are plain tensors (no subclass: fake, functional,
-    DTensor), else None."""
+def _plain(args: Sequence[Any]) -> str | None:
+    """The device type of ``args``' tensors when all are plain tensors (no subclass: fake,
+    functional, DTensor), else None."""
     device = None
     for a in args:
-        items = a if isinstance(a, (list, tuple)) else (a,)
-        for t in items:
-            if isinstance(t, Tensor):
-                if type(t) is not Tensor and not isinstance(t, torch.nn.Parameter):
-                    return None
-                device = device or t.device
+        if type(a) is Tensor:  # the common case first: this runs on every eager op call
+            device = device or a.device.type
+        elif isinstance(a, Tensor):
+            if not isinstance(a, torch.nn.Parameter):
+                return None
+            device = device or a.device.type
+        elif isinstance(a, (list, tuple)) and a and any(isinstance(t, Tensor) for t in a):
+            inner = _plain(a)
+            if inner is None:
+                return None
+            device = device or inner
     return device
 
 
@@ -99,7 +105,7 @@ def call(op: Any, *args: Any) -> Any:
     Anything else (``torch.compile``, fake tensors, ``opcheck``) goes through the dispatcher."""
     if not torch.compiler.is_compiling() and _python_dispatch._get_current_dispatch_mode() is None:
         device = _plain(args)
-        fn = None if device is None else _KERNELS.get((id(op), device.type))
+        fn = None if device is None else _KERNELS.get((id(op), device))
         if fn is not None:
             return fn(*args)
     return op(*args)
@@ -138,8 +144,6 @@ def _(codes, absmax, diag, codebook, n, bits, block_size, r0, r1, impl):
     if impl == "triton":
         return _triton_symmetric().rebuild(codes, absmax, diag, codebook, n, bits, block_size, r0, r1)
     if impl == "native":
-        from . import cpu
-
         out = torch.empty(codes.shape[0], r1 - r0, n, dtype=torch.float32, device=codes.device)
         done = True
         for b in range(codes.shape[0]):
@@ -238,8 +242,6 @@ def _(x, codebook, bits, block_size, scale_dtype, impl):
     if impl == "triton" and _triton_stores(scale_dtype, bits):
         return _triton_symmetric().quantize_symmetric(x, codebook, bits, block_size, scale_dtype)
     if impl == "native":
-        from . import cpu
-
         q = cpu.quantize_symmetric(x, codebook, bits, block_size, scale_dtype)
         if q is not None:
             return q.codes, q.absmax, q.diag
@@ -295,8 +297,6 @@ def _ema_composed(codes, absmax, diag, codebook, o, beta, alpha, n, bits, block_
 def _(codes, absmax, diag, codebook, o, beta, alpha, n, bits, block_size, scale_dtype, impl):
     _check_impl(impl)
     if impl == "native":
-        from . import cpu
-
         root = QuantizedMatrix(codes, absmax, diag, n, codebook, bits, block_size, symmetric=True)
         q = cpu.symmetric_ema(root, o, beta, alpha, scale_dtype)
         if q is not None:
@@ -344,8 +344,6 @@ def _quantize_device(x, codebook, bits, block_size, offdiag, transpose, scale_dt
         diag = q.diag if q.diag is not None else x.new_empty(0, dtype=torch.float32)
         return q.codes, q.absmax, diag
     if impl == "native" and not transpose and not offdiag and x.device.type == "cpu":
-        from . import cpu
-
         q = cpu.quantize_rows(x, codebook, bits, block_size, scale_dtype)
         if q is not None:
             return q.codes, q.absmax, x.new_empty(0, dtype=torch.float32)
@@ -376,12 +374,10 @@ def _dequantize_device(codes, absmax, diag, codebook, shape, bits, block_size, t
         return _triton_quant().dequantize(Quantized(codes, absmax, diag), codebook, tuple(shape), bits, block_size,
                                           transpose=transpose, dtype=dtype)
     if impl == "native" and not transpose and diag is None and dtype == torch.float32:
-        from . import cpu
-
         rows = math.prod(shape[:-1]) if len(shape) else 1
         out = cpu.dequantize_rows(codes, absmax, codebook, rows, shape[-1] if len(shape) else 1, bits, block_size)
         if out is not None:
-            return out.view(tuple(shape))
+            return out if len(shape) == 2 else out.view(tuple(shape))
     return blockwise.dequantize(Quantized(codes, absmax, diag), codebook, tuple(shape), bits, block_size,
                                 transpose=transpose, dtype=dtype)
 
