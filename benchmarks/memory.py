@@ -95,6 +95,8 @@ SOAP_VARIANTS: dict[str, dict[str, Any]] = {
     # the compact choices: the first moment in the eigenbasis at 4 bits, and also square blocks of 128
     "soap4_rotm4": dict(bits=4, first_moment_basis="rotated", moment_bits=4),
     "soap4_rotm4_dim128": dict(bits=4, first_moment_basis="rotated", moment_bits=4, max_precondition_dim=128),
+    "soap4_norm4": dict(bits=4, first_moment_basis="normalized", moment_bits=4),
+    "soap4_norm4_dim128": dict(bits=4, first_moment_basis="normalized", moment_bits=4, max_precondition_dim=128),
 }
 PEER_VARIANTS = ("soap_po", "singd")  # pytorch_optimizer's SOAP (fp32), singd's SINGD (dense, fp32)
 # not among the CIFAR models of create_model: quality.py's char-level transformer (its charlm settings)
@@ -122,6 +124,8 @@ VARIANT_LABELS = {
     "soap4_dim128_cholesky8_m4": "4-bit SOAP, max dim 128, cholesky8, 4-bit m",
     "soap4_rotm4": "4-bit SOAP, 4-bit m in the eigenbasis",
     "soap4_rotm4_dim128": "4-bit SOAP, 4-bit m in the eigenbasis, max dim 128",
+    "soap4_norm4": "4-bit SOAP, normalized 4-bit m",
+    "soap4_norm4_dim128": "4-bit SOAP, normalized 4-bit m, max dim 128",
     "soap_po": "SOAP (pytorch_optimizer, fp32)",
     "singd": "SINGD (dense, fp32) + AdamW",
 }

@@ -32,6 +32,8 @@ Optimizers (all share one warm-up + cosine schedule, gradient clipping at norm 1
                 4-bit eigenvector matrices and its default compact moments (``docs/soap.md``).
 ``soap32``      SOAP4bit(bits=32): the fp32 SOAP, the reference of ``soap4``.
 ``soap4_bjorck1`` (only when named) ``soap4`` with one Björck step on the dequantized bases.
+``soap4_norm4`` (only when named) ``soap4`` with its compact first moment: 4 bits, in the eigenbasis,
+                divided by the root of the second moment (``first_moment_basis="normalized"``).
 ``soap_po``     (only when named, needs ``pytorch_optimizer``) pytorch_optimizer's SOAP, fp32, its
                 defaults but betas (0.95, 0.95), ``precondition_frequency`` 10.
 ``singd``       (only when named, needs ``singd``) SINGD (structured inverse-free KFAC, arXiv
@@ -80,16 +82,18 @@ from lightning_shampoo4.optim.soap import SOAP4bit
 NAME = "quality"
 OPTIMIZERS = ("adamw", "shampoo32", "naive4", "shampoo4", "shampoo4_m4", "cholesky4", "cholesky8", "cholesky8_m4",
               "muon")
-OPTIONAL = ("shampoo4_bf16", "soap4", "soap32", "soap4_bjorck1", "soap_po", "singd")  # run only when named
+OPTIONAL = ("shampoo4_bf16", "soap4", "soap32", "soap4_bjorck1", "soap4_norm4", "soap_po", "singd")  # run only when named
 LABELS = {**LABELS, "shampoo4_m4": "4-bit eigenvector Shampoo + 4-bit moments",
           "cholesky8_m4": "4-bit Shampoo (default) + 4-bit moments",
           "shampoo4_bf16": "4-bit eigenvector Shampoo, bf16 matmuls",
           "soap4": "4-bit SOAP (SOAP4bit)", "soap32": "32-bit SOAP (SOAP4bit bits=32)",
           "soap4_bjorck1": "4-bit SOAP, one Björck step",
+          "soap4_norm4": "4-bit SOAP, normalized 4-bit first moment",
           "soap_po": "SOAP (pytorch_optimizer, fp32)", "singd": "SINGD (+AdamW)"}
 # SOAP4bit variants: keyword arguments (the char-LM runs share SOAP's precondition_frequency 10)
 SOAP_KW: dict[str, dict[str, Any]] = {"soap4": dict(bits=4), "soap32": dict(bits=32),
-                                      "soap4_bjorck1": dict(bits=4, bjorck_steps=1)}
+                                      "soap4_bjorck1": dict(bits=4, bjorck_steps=1),
+                                      "soap4_norm4": dict(bits=4, first_moment_basis="normalized", moment_bits=4)}
 SHAMPOO_KW = {
     "shampoo32": dict(bits=32),
     "naive4": dict(bits=4, quantize="preconditioner"),

@@ -149,6 +149,30 @@ def test_4bit_eigenvectors_close_to_fp32():
     assert _direction_error(dict(bits=4)) > 0.7  # the default compact state
 
 
+@pytest.mark.parametrize("second_moment", ["full", "factored"])
+def test_normalized_first_moment(second_moment):
+    """``first_moment_basis="normalized"`` keeps the rotated first moment divided by sqrt(V) + eps:
+    with fp32 moments the same steps as "rotated" up to rounding; at 4 bits its codes hold Adam's
+    direction (entries of one size) and follow the fp32 moment's steps far more closely than the
+    plain rotated moment's codes (whose entries span the eigenvalues' range) or the parameter
+    basis' codes."""
+    shapes = [(40, 24), (24,), (30, 70)]
+    seq = _grads(shapes, 12)
+    torch.manual_seed(0)
+    weights = [torch.randn(s) for s in shapes]
+    out = {}
+    for basis in ("rotated", "normalized"):
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        _run(params, seq, bits=32, second_moment=second_moment, first_moment_basis=basis, precondition_frequency=4,
+             max_precondition_dim=32)
+        out[basis] = params
+    for a, b in zip(out["rotated"], out["normalized"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    cos = {basis: _direction_error(dict(bits=32, second_moment=second_moment, first_moment_basis=basis, moment_bits=4))
+           for basis in ("original", "rotated", "normalized")}
+    assert cos["normalized"] > 0.88 and cos["normalized"] > cos["rotated"] + 0.05 > cos["original"], cos
+
+
 def test_eigenbases_orthogonal():
     p = torch.nn.Parameter(torch.randn(128, 72))
     seq = _grads([(128, 72)], 12)
@@ -167,7 +191,8 @@ def _roundtrip(opt):
 
 
 @pytest.mark.parametrize("kw", [dict(bits=4), dict(bits=4, statistics="cholesky8", first_moment_basis="rotated",
-                                                    second_moment="full", moment_bits=4), dict(bits=32)])
+                                                    second_moment="full", moment_bits=4),
+                                dict(bits=4, first_moment_basis="normalized", moment_bits=4), dict(bits=32)])
 def test_state_dict_resume_is_bit_identical(kw):
     shapes = [(70, 66), (66,), (300, 40)]
     seq = _grads(shapes, 14)

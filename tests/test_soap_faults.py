@@ -31,7 +31,7 @@ SETTINGS = dict(lr=1e-2, precondition_frequency=3, max_precondition_dim=16, min_
 MODES = {
     "4bit-defaults": dict(bits=4),
     "32bit": dict(bits=32),
-    "4bit-rotated-m4": dict(bits=4, first_moment_basis="rotated", moment_bits=4),
+    "4bit-normalized-m4": dict(bits=4, first_moment_basis="normalized", moment_bits=4),
     "4bit-cholesky8-full-v": dict(bits=4, statistics="cholesky8", second_moment="full", moment_bits=8),
 }
 FAULTS = ("nonfinite_grad", "huge_grad", "linalg_error", "exception")

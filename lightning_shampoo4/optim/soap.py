@@ -27,10 +27,12 @@ What ``bits=4`` keeps (``docs/soap.md`` has the measurements that chose each def
   m x n second moment at ``moment_bits``.
 * the first moment at ``moment_bits`` (8 by default at 4 / 8 bits), in the parameter's own basis
   (``first_moment_basis="original"``, as the paper's code keeps it, so a basis change needs no
-  rotation) or in the rotated one (carried across a refresh by ``QL_new^T QL_old M' QR_old^T QR_new``).
-  The compact choice ``first_moment_basis="rotated", moment_bits=4`` keeps about 0.06x of fp32
-  AdamW's bytes less (``docs/soap.md``: 0.39x instead of 0.45x on the char-LM model) for a
-  char-LM loss about 0.02 higher; in the parameter's basis 4 bits cost 0.08.
+  rotation) or in the rotated one (carried across a refresh by ``QL_new^T QL_old M' QR_old^T QR_new``;
+  ``"normalized"``: stored divided by ``sqrt(V) + eps``, so that its codes hold Adam's direction,
+  whose entries are of one size). The compact choice ``first_moment_basis="normalized",
+  moment_bits=4`` keeps about 0.06x of fp32 AdamW's bytes less (``docs/soap.md``: 0.39x instead of
+  0.45x on the char-LM model) for a char-LM loss about 0.015 higher; in the parameter's basis
+  4 bits cost 0.08.
 
 ``bits=32`` with the other settings left at ``None`` is the exact fp32 SOAP.
 
@@ -124,8 +126,9 @@ SOAP_SETTINGS = register(SettingsTable(
                        "Adam's second moment in the eigenbasis: full (m x n) or factored over rows and columns "
                        "(Adafactor, m + n numbers); None: full at bits=32, else factored",
                        format=True, resolve=_resolve_second_moment),
-        Setting.choice("first_moment_basis", "original", ("original", "rotated"),
-                       "the basis the first moment is kept in", format=True),
+        Setting.choice("first_moment_basis", "original", ("original", "rotated", "normalized"),
+                       "the basis the first moment is kept in: the parameter's, the eigenbasis, or the eigenbasis "
+                       "divided by the root of the second moment", format=True),
         Setting.integer("bjorck_steps", 0, "Björck steps on the dequantized eigenvector matrices", 0),
         Setting.choice("codebook", "linear2", ("linear2", "linear1.5", "dynamic", "linear"),
                        "quantization map of the eigenvector matrices", format=True),
@@ -193,7 +196,8 @@ class SOAP4bit(BlockOptimizer):
         statistics: "rotated8", "rotated4", "eigen", "cholesky8" or "dense" (see the module
             docstring); None: "dense" at ``bits=32``, "rotated8" otherwise.
         second_moment: "full" or "factored"; None: "full" at ``bits=32``, "factored" otherwise.
-        first_moment_basis: "original" (the parameter's basis) or "rotated" (the eigenbasis).
+        first_moment_basis: "original" (the parameter's basis), "rotated" (the eigenbasis) or
+            "normalized" (the eigenbasis, stored divided by ``sqrt(V) + eps``).
         bjorck_steps: Björck steps applied to dequantized eigenvector matrices.
         codebook: the eigenvector quantization map ("linear2", the paper's).
         block_size: elements per quantization block of an eigenvector.
@@ -227,7 +231,7 @@ class SOAP4bit(BlockOptimizer):
         moment_bits: Literal[4, 8, 32] | None = None,
         statistics: Literal["rotated8", "rotated4", "eigen", "cholesky8", "dense"] | None = None,
         second_moment: Literal["full", "factored"] | None = None,
-        first_moment_basis: Literal["original", "rotated"] = "original",
+        first_moment_basis: Literal["original", "rotated", "normalized"] = "original",
         bjorck_steps: int = 0,
         codebook: Literal["linear2", "linear1.5", "dynamic", "linear"] = "linear2",
         block_size: int = 64,
@@ -278,7 +282,7 @@ class SOAP4bit(BlockOptimizer):
         shape = (block.rows, block.cols)
         # the block's moments in the eigenbasis live under its left side ("{i}.L."); a factored second
         # moment keeps its row sums there and its column sums under the right side
-        if group["first_moment_basis"] == "rotated":
+        if group["first_moment_basis"] != "original":
             out.update(moment_init(f"{i}.L.exp_avg", shape, mbits, f32, device))
         if group["second_moment"] == "factored":
             out[f"{i}.L.exp_avg_sq"] = torch.zeros(block.rows, dtype=f32, device=device)

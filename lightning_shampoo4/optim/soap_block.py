@@ -248,7 +248,8 @@ def block_step(i, block, sides, g, m_orig, group, state, first, refresh, t, coun
     b1, b2 = group["betas"]
     beta, mbits, f = group["shampoo_beta"], group["moment_bits"], group["precondition_frequency"]
     factored = group["second_moment"] == "factored"
-    rotated_m = group["first_moment_basis"] == "rotated"
+    rotated_m = group["first_moment_basis"] != "original"
+    normalized = group["first_moment_basis"] == "normalized"
     shape = (block.rows, block.cols)
     new: dict[str, torch.Tensor] = {}
     views = []
@@ -269,12 +270,15 @@ def block_step(i, block, sides, g, m_orig, group, state, first, refresh, t, coun
             sq = gr.square()
             row = state[row_key] * b2 + sq.sum(1) * (1 - b2)
             col = state[col_key] * b2 + sq.sum(0) * (1 - b2)
-            v = torch.outer(row, col) / row.sum().clamp(min=torch.finfo(torch.float32).tiny)
+            v = _factored(row, col)
             new[row_key], new[col_key] = row, col
         else:
             v = moment_load(state, v_key, shape, mbits).mul(b2).addcmul_(gr, gr, value=1 - b2)
         if rotated_m:
-            m = torch.lerp(moment_load(state, m_key, shape, mbits), gr, 1 - b1)
+            m = moment_load(state, m_key, shape, mbits)
+            if normalized:  # stored divided by the root of the second moment it was stored with
+                m = m * _moment_scale(state, i, shape, factored, mbits, group["eps"])
+            m = torch.lerp(m, gr, 1 - b1)
         else:
             m = _rotate(m_orig, *qs)
         direction = _rotate_back(adam_direction(m, v, b1, b2, group["eps"], t), *qs)
@@ -317,8 +321,27 @@ def block_step(i, block, sides, g, m_orig, group, state, first, refresh, t, coun
                 ql = None if new_qs[0] is None else qs[0].mT @ new_qs[0]
                 qr = None if new_qs[1] is None else qs[1].mT @ new_qs[1]
                 m = _rotate(m, ql, qr)
+            if normalized:
+                m = m / _moment_scale(new, i, shape, factored, mbits, group["eps"])
             new.update(moment_store(m_key, m, mbits, torch.float32))
     return new, direction
+
+
+def _factored(row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """Adafactor's second moment ``r c^T / sum(r)`` from its row and column sums."""
+    return torch.outer(row, col) / row.sum().clamp(min=torch.finfo(torch.float32).tiny)
+
+
+def _moment_scale(entries: Mapping[str, torch.Tensor], i: int, shape: tuple[int, int], factored: bool, mbits: int,
+                  eps: float) -> torch.Tensor:
+    """``sqrt(V) + eps`` of block ``i``'s second moment as stored in ``entries`` (after rounding):
+    the scale a normalized first moment is stored in, so that its codes hold Adam's direction,
+    whose entries are of one size, instead of a moment whose entries span the eigenvalues' range."""
+    if factored:  # sqrt(r_i / sum(r)) sqrt(c_j): no product of two large sums that could overflow
+        row, col = entries[f"{i}.L.exp_avg_sq"], entries[f"{i}.R.exp_avg_sq"]
+        share = row / row.sum().clamp(min=torch.finfo(torch.float32).tiny)
+        return torch.outer(share.sqrt(), col.sqrt()).add_(eps)
+    return moment_load(entries, f"{i}.L.exp_avg_sq", shape, mbits).sqrt().add_(eps)
 
 
 def _outer(x: torch.Tensor, side: str) -> torch.Tensor:
