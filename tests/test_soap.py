@@ -358,12 +358,14 @@ def _ddp_worker(rank, world, store, out, kw):
         dist.destroy_process_group()
 
 
-def test_ddp_sharded_equals_off_and_fsdp2_local_shards(tmp_path):
+@pytest.mark.parametrize("kw", [dict(bits=4), dict(bits=4, first_moment_basis="normalized", moment_bits=4)],
+                         ids=["defaults", "normalized-m4"])
+def test_ddp_sharded_equals_off_and_fsdp2_local_shards(tmp_path, kw):
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     with ctx.Manager() as manager:
         out = manager.dict()
         store = str(tmp_path / "store")
-        procs = [ctx.Process(target=_ddp_worker, args=(r, 2, store, out, dict(bits=4))) for r in range(2)]
+        procs = [ctx.Process(target=_ddp_worker, args=(r, 2, store, out, kw)) for r in range(2)]
         for proc in procs:
             proc.start()
         deadline = time.monotonic() + 90
