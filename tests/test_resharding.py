@@ -41,6 +41,8 @@ CASES = {  # name: (layout, optimizer settings)
     "soap_ddp": ("ddp", {}),
     "soap_fsdp2": ("fsdp2", {}),
     "soap_fsdp2_moments8": ("fsdp2", {"moment_bits": 8}),
+    # the first moment in the blocks' eigenbasis: kept by the block owners, not by parameter shards
+    "soap_fsdp2_normalized8": ("fsdp2", {"first_moment_basis": "normalized", "moment_bits": 8}),
 }
 KW = dict(lr=0.02, min_quant_numel=4, max_order=4, stat_interval=1, root_interval=2)
 SOAP_KW = dict(lr=0.02, min_quant_numel=4, max_precondition_dim=4, precondition_frequency=2)
