@@ -147,15 +147,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 def _impl(backend: str, device: torch.device) -> str:
     """The ``impl`` argument of the ops (:mod:`.ops`) for ``backend`` on ``device``."""
     device = torch.device(device)
-    if device.type == "cpu" and backend in ("auto", "torch"):  # every CPU call: no Triton to consider
+    if device.type == "cpu" and backend in ("auto", "torch"):  # no Triton asked for: one environment read
         env = _env(ENV_VAR, "auto")
         if env in ("auto", "torch"):
-            return "torch" if "torch" in (backend, env) else "native"
-    if resolve_backend(backend, device) == "triton":
-        return "triton"
-    if device.type == "cpu" and backend != "torch" and _env(ENV_VAR, "auto") != "torch":
-        return "native"  # the C kernel where it applies
-    return "torch"
+            return "torch" if "torch" in (backend, env) else "native"  # native: the C kernel where it applies
+    return "triton" if resolve_backend(backend, device) == "triton" else "torch"
 
 
 def precondition_path() -> str:
