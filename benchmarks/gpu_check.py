@@ -17,9 +17,10 @@ What it does on CUDA:
    Cholesky with error feedback, eigenvectors, naive, 32-bit) and SOAP4bit when it imports:
    loss before / after, finite parameters.
 3. **step time**: ``optimizer.step()`` of 4-bit Shampoo (default storage) vs 32-bit Shampoo vs
-   AdamW vs Muon (``torch.optim.Muon`` when present, AdamW for the rest), timed with CUDA
-   events: *steady* (median of steps with no statistics or root update) and *amortized* (mean of
-   all steps, statistics every 10 steps and roots every 50); peak memory from
+   4-bit SOAP vs 32-bit SOAP vs AdamW vs Muon (``torch.optim.Muon`` when present, AdamW for the
+   rest), timed with CUDA events: *steady* (median of steps with no statistics, root or
+   eigenbasis update) and *amortized* (mean of all steps, Shampoo's statistics every 10 steps
+   and roots every 50, SOAP's eigenbases every 10); peak memory from
    ``torch.cuda.max_memory_allocated`` and the optimizer state's bytes.
 4. **preconditioning paths**: the Triton backend's ``workspace`` path (rebuild, then cuBLAS) vs
    the ``fused`` path (roots decoded inside the Triton matmul) on batched and lone blocks, fp32
@@ -339,6 +340,7 @@ def step_times(device, sizes: Sizes, timer: Timer) -> list[dict]:
     import torch
 
     from lightning_shampoo4 import Shampoo4bit
+    from lightning_shampoo4.optim.soap import SOAP4bit
 
     t1, t2 = 10, 50
 
@@ -353,9 +355,18 @@ def step_times(device, sizes: Sizes, timer: Timer) -> list[dict]:
     makers = {
         "Shampoo 4-bit (default)": lambda ps: [Shampoo4bit(ps, lr=1e-3, stat_interval=t1, root_interval=t2)],
         "Shampoo 32-bit": lambda ps: [Shampoo4bit(ps, lr=1e-3, bits=32, stat_interval=t1, root_interval=t2)],
+        "SOAP 4-bit (default)": lambda ps: [SOAP4bit(ps, lr=1e-3, precondition_frequency=t1)],
+        "SOAP 32-bit": lambda ps: [SOAP4bit(ps, lr=1e-3, bits=32, precondition_frequency=t1)],
         "AdamW": lambda ps: [torch.optim.AdamW(ps, lr=1e-3)],
         "Muon (+AdamW)": muon,
     }
+
+    def updates_at(name: str, step: int) -> bool:
+        """Whether ``step`` (1-based) updates a preconditioner: Shampoo's statistics every ``t1`` steps;
+        SOAP's eigenbasis refresh every ``t1`` Adam steps (its first step only sets up the bases)."""
+        if name.startswith("SOAP"):
+            return step > 1 and (step - 1) % t1 == 0
+        return "Shampoo" in name and step % t1 == 0
     rows = []
     w, layers = sizes.time_width, sizes.time_layers
     for name, make in makers.items():
@@ -385,7 +396,7 @@ def step_times(device, sizes: Sizes, timer: Timer) -> list[dict]:
             ms = timer.once(run)
             if step > sizes.time_warmup:
                 times.append(ms)
-                updates.append(step % t1 == 0)
+                updates.append(updates_at(name, step))
         steady = [t for t, u in zip(times, updates) if not u] or times
         rows.append({
             "optimizer": name,
@@ -393,7 +404,8 @@ def step_times(device, sizes: Sizes, timer: Timer) -> list[dict]:
             "steady_ms": statistics.median(steady),
             "amortized_ms": sum(times) / len(times),
             "steps": len(times),
-            "intervals": {"stat": t1, "root": t2} if "Shampoo" in name else None,
+            "intervals": ({"stat": t1, "root": t2} if "Shampoo" in name
+                          else {"refresh": t1} if name.startswith("SOAP") else None),
             # everything the run allocated beyond the model and its input: gradients, activations, state,
             # the optimizer's temporaries
             "peak_mib": (torch.cuda.max_memory_allocated() - base_mem) / 2**20 if timer.cuda else None,
@@ -538,7 +550,8 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['optimizer']} | {r['steady_ms']:.2f} | {r['amortized_ms']:.2f} | {peak} | "
                      f"{r['state_mib']:.1f} |")
     model = next((r["model"] for r in result["step_time"] if "model" in r), "")
-    lines += ["", f"Model: {model}; Shampoo statistics every 10 steps, roots every 50.", ""]
+    lines += ["", f"Model: {model}; Shampoo statistics every 10 steps, roots every 50; SOAP eigenbases every 10.",
+              ""]
     lines += ["| blocks | shape | products | workspace (ms) | fused (ms) | faster |", "|---:|---|---|---:|---:|---|"]
     for r in result["precondition_paths"]["rows"]:
         lines.append(f"| {r['blocks']} | {r['shape'][0]} x {r['shape'][1]} | {r['dtype']} | {r['workspace_ms']:.3f} | "
