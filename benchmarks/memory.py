@@ -83,7 +83,7 @@ MOMENT_VARIANTS: dict[str, dict[str, Any]] = {
 VARIANT_KWARGS: dict[str, dict[str, Any]] = {**SHAMPOO_VARIANTS, **MOMENT_VARIANTS}
 # SOAP4bit (its defaults at 4 bits, and its fp32 reference) and, when installed, the peers
 SOAP_VARIANTS: dict[str, dict[str, Any]] = {
-    "soap4": dict(bits=4), "soap32": dict(bits=32),
+    "soap4": dict(bits=4), "soap32": dict(bits=32), "soap8": dict(bits=8),
     # the design candidates of docs/soap.md
     "soap4_rotated4_m4": dict(bits=4, statistics="rotated4", moment_bits=4),
     "soap4_rotated4": dict(bits=4, statistics="rotated4"),
@@ -115,6 +115,7 @@ VARIANT_LABELS = {
     "cholesky8_m4": "4-bit Shampoo, default storage + 4-bit moments",
     "soap4": "4-bit SOAP (SOAP4bit defaults)",
     "soap32": "32-bit SOAP (SOAP4bit bits=32)",
+    "soap8": "8-bit SOAP (SOAP4bit bits=8)",
     "soap4_rotated4_m4": "4-bit SOAP, rotated4 statistics, 4-bit m",
     "soap4_rotated4": "4-bit SOAP, rotated4 statistics",
     "soap4_rotated8_m4": "4-bit SOAP, 4-bit m",

@@ -31,6 +31,7 @@ Optimizers (all share one warm-up + cosine schedule, gradient clipping at norm 1
 ``soap4``       SOAP4bit(): SOAP (Adam in Shampoo's eigenbasis, Vyas et al., arXiv 2409.11321) with
                 4-bit eigenvector matrices and its default compact moments (``docs/soap.md``).
 ``soap32``      SOAP4bit(bits=32): the fp32 SOAP, the reference of ``soap4``.
+``soap8``       (only when named) SOAP4bit(bits=8): 8-bit eigenvector matrices, the rest as ``soap4``.
 ``soap4_bjorck1`` (only when named) ``soap4`` with one Björck step on the dequantized bases.
 ``soap4_norm4`` (only when named) ``soap4`` with its compact first moment: 4 bits, in the eigenbasis,
                 divided by the root of the second moment (``first_moment_basis="normalized"``).
@@ -82,16 +83,16 @@ from lightning_shampoo4.optim.soap import SOAP4bit
 NAME = "quality"
 OPTIMIZERS = ("adamw", "shampoo32", "naive4", "shampoo4", "shampoo4_m4", "cholesky4", "cholesky8", "cholesky8_m4",
               "muon")
-OPTIONAL = ("shampoo4_bf16", "soap4", "soap32", "soap4_bjorck1", "soap4_norm4", "soap_po", "singd")  # run only when named
+OPTIONAL = ("shampoo4_bf16", "soap4", "soap32", "soap8", "soap4_bjorck1", "soap4_norm4", "soap_po", "singd")  # run only when named
 LABELS = {**LABELS, "shampoo4_m4": "4-bit eigenvector Shampoo + 4-bit moments",
           "cholesky8_m4": "4-bit Shampoo (default) + 4-bit moments",
           "shampoo4_bf16": "4-bit eigenvector Shampoo, bf16 matmuls",
           "soap4": "4-bit SOAP (SOAP4bit)", "soap32": "32-bit SOAP (SOAP4bit bits=32)",
-          "soap4_bjorck1": "4-bit SOAP, one Björck step",
+          "soap8": "8-bit SOAP (SOAP4bit bits=8)", "soap4_bjorck1": "4-bit SOAP, one Björck step",
           "soap4_norm4": "4-bit SOAP, normalized 4-bit first moment",
           "soap_po": "SOAP (pytorch_optimizer, fp32)", "singd": "SINGD (+AdamW)"}
 # SOAP4bit variants: keyword arguments (the char-LM runs share SOAP's precondition_frequency 10)
-SOAP_KW: dict[str, dict[str, Any]] = {"soap4": dict(bits=4), "soap32": dict(bits=32),
+SOAP_KW: dict[str, dict[str, Any]] = {"soap4": dict(bits=4), "soap32": dict(bits=32), "soap8": dict(bits=8),
                                       "soap4_bjorck1": dict(bits=4, bjorck_steps=1),
                                       "soap4_norm4": dict(bits=4, first_moment_basis="normalized", moment_bits=4)}
 SHAMPOO_KW = {
