@@ -98,7 +98,8 @@ SOAP_VARIANTS: dict[str, dict[str, Any]] = {
     "soap4_norm4": dict(bits=4, first_moment_basis="normalized", moment_bits=4),
     "soap4_norm4_dim128": dict(bits=4, first_moment_basis="normalized", moment_bits=4, max_precondition_dim=128),
 }
-PEER_VARIANTS = ("soap_po", "singd")  # pytorch_optimizer's SOAP (fp32), singd's SINGD (dense, fp32)
+# pytorch_optimizer's SOAP (fp32), singd's SINGD (dense, fp32), torch's Muon (+ AdamW)
+PEER_VARIANTS = ("soap_po", "singd", "muon")
 # not among the CIFAR models of create_model: quality.py's char-level transformer (its charlm settings)
 EXTRA_MODELS = {"charlm": "adamw"}
 VARIANTS = ("baseline", "shampoo32", "shampoo8", "naive4", "shampoo4", "cholesky4", "cholesky8", "shampoo4_m8",
@@ -129,6 +130,7 @@ VARIANT_LABELS = {
     "soap4_norm4_dim128": "4-bit SOAP, normalized 4-bit m, max dim 128",
     "soap_po": "SOAP (pytorch_optimizer, fp32)",
     "singd": "SINGD (dense, fp32) + AdamW",
+    "muon": "Muon (fp32 momentum) + AdamW",
 }
 # Paper Table 2: total peak GPU MB at batch 128 (first-order, + 32-bit Shampoo, + 4-bit Shampoo).
 PAPER_PEAK_MB = {
@@ -262,6 +264,17 @@ def _singd(model: torch.nn.Module, model_name: str) -> _Peer:
     return _Peer(singd, adamw, extra=extra)
 
 
+def _muon(model: torch.nn.Module) -> _Peer:
+    """``torch.optim.Muon`` on the hidden matrices (the 2-D weights under ``blocks.``, as
+    quality.py's charlm runs split them), AdamW on the rest; counted after a step (Muon creates
+    its momentum buffers there)."""
+    hidden = [p for n, p in model.named_parameters() if p.ndim == 2 and n.startswith("blocks.")]
+    ids = {id(p) for p in hidden}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    return _Peer(torch.optim.Muon(hidden, lr=1e-3, weight_decay=0.05, adjust_lr_fn="match_rms_adamw"),
+                 torch.optim.AdamW(rest, lr=1e-3, weight_decay=0.05))
+
+
 def _tensors_of(x: Any) -> list[torch.Tensor]:
     """The tensors a SINGD structured matrix holds (its registered tensors are attributes)."""
     if isinstance(x, torch.Tensor):
@@ -327,10 +340,12 @@ def measure_state(model_name: str, variants: tuple[str, ...], device: str = "cpu
         for p in params:
             p.grad = torch.zeros_like(p)
         groups = [{**g, "params": [swap[id(p)] for p in g["params"]]} for g in param_groups(model, variant)]
-        if variant == "singd":
+        if variant in ("singd", "muon"):
             if device == "meta":
-                continue  # SINGD needs a real forward + backward
-            opt = _singd(model, model_name)
+                continue  # their state exists only after a real step (SINGD's after a forward + backward too)
+            opt = _singd(model, model_name) if variant == "singd" else _muon(model)
+            if variant == "muon":
+                opt.step()
             rep = opt.report()
             out["variants"][variant] = {"state": rep, "total_vs_adamw32": rep["total"] / adamw32, "num_factors": 0,
                                         "max_order": 0}
@@ -553,7 +568,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = base_parser(__doc__.split("\n\n")[0], NAME)
     parser.add_argument("--models", nargs="+", default=list(MODELS), help="models (CIFAR-100 heads, 32x32)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS + SOAP_CHOICES,
-                        help="variants of the state table (soap4, soap32, soap_po, singd: on request)")
+                        help="variants of the state table (soap4, soap32, soap_po, singd, muon: on request)")
     parser.add_argument(
         "--peak-variants", nargs="+", default=None, choices=VARIANTS,
         help=f"variants whose peak RSS is measured (default: those of {' '.join(PEAK_VARIANTS)} in --variants)",
@@ -685,7 +700,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "peers": {"soap_po": "pytorch_optimizer.SOAP(lr=1e-3, weight_decay=0.05, betas=(0.95, 0.95), "
                                  "precondition_frequency=10), its defaults otherwise (max_precondition_dim 10000)",
                       "singd": "singd SINGD(structures=('dense', 'dense')) on Linear / Conv2d layers after one real "
-                               "forward + backward; AdamW on the rest"},
+                               "forward + backward; AdamW on the rest",
+                      "muon": "torch.optim.Muon(lr=1e-3, weight_decay=0.05, adjust_lr_fn='match_rms_adamw') on the "
+                              "2-D weights under blocks., AdamW on the rest"},
             "first_order": {"sgdm": "torch.optim.SGD(lr=0.1, momentum=0.9, weight_decay=5e-4)",
                             "adamw": "torch.optim.AdamW(lr=1e-3, weight_decay=0.05)"},
         },
