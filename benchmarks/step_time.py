@@ -74,8 +74,8 @@ Part ``optstep``: the optimizer step alone
   is its base optimizer until the first root update. DS updates its factor statistics on every
   step; that is how it works, so its steady step includes them and it has no separate
   statistics step.
-* ``soap4`` / ``soap32`` (not run by default): ``SOAP4bit`` at its defaults (``bits=4``) and its fp32
-  reference (``bits=32``), betas (0.95, 0.95), ``precondition_frequency`` = ``--opt-stat-interval``:
+* ``soap4`` / ``soap8`` / ``soap32`` (not run by default): ``SOAP4bit`` at its defaults (``bits=4``),
+  with 8-bit eigenvector matrices (``bits=8``) and its fp32 reference (``bits=32``), betas (0.95, 0.95), ``precondition_frequency`` = ``--opt-stat-interval``:
   its eigenbasis refresh is booked as the statistics step (the first step, which only sets up
   the eigenbases, is in the warm-up), so ``amortized_10_50_ms`` is SOAP's amortized step at its
   default frequency 10; ``x_soap32`` compares with the fp32 reference.
@@ -419,7 +419,7 @@ def train_part(args: Any, argv: list[str]) -> dict[str, Any]:
 # == part "optstep": the optimizer step alone on recorded gradients ==========================
 OPT_CONTENDERS = ("ours32", "ours4", "ours8", "naive4", "cholesky4", "cholesky8", "adamw", "ds32")
 BF16_CONTENDERS = ("ours4_bf16", "ours32_bf16")  # on request: fast only with bf16 matrix units
-SOAP_CONTENDERS = ("soap4", "soap32")  # on request: SOAP4bit (4-bit) and its fp32 reference
+SOAP_CONTENDERS = ("soap4", "soap8", "soap32")  # on request: SOAP4bit (4-, 8-bit) and its fp32 reference
 OPT_LABELS = {
     "ours32": "Shampoo4bit bits=32",
     "ours4": "Shampoo4bit bits=4",
@@ -432,9 +432,10 @@ OPT_LABELS = {
     "adamw": "AdamW (foreach)",
     "ds32": "DS32 (Distributed Shampoo fp32)",
     "soap4": "SOAP4bit bits=4",
+    "soap8": "SOAP4bit bits=8",
     "soap32": "SOAP4bit bits=32",
 }
-SOAP_KW = {"soap4": dict(bits=4), "soap32": dict(bits=32)}
+SOAP_KW = {"soap4": dict(bits=4), "soap8": dict(bits=8), "soap32": dict(bits=32)}
 OURS_VARIANT = {"ours32": "shampoo32", "ours4": "shampoo4", "ours8": "shampoo8", "naive4": "naive4",
                 "cholesky4": "cholesky4", "cholesky8": "cholesky8", "ours4_bf16": "shampoo4",
                 "ours32_bf16": "shampoo32"}
