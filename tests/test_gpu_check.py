@@ -11,6 +11,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -38,3 +40,34 @@ def test_dry_run_checks_every_section_and_writes_under_out(tmp_path):
     assert result["precondition_paths"]["recommended_default"] in ("workspace", "fused")
     assert result["ddp"]["ok"], result["ddp"]
     assert "| optimizer | steady step (ms) | amortized step (ms) |" in res.stdout
+
+
+def test_ddp_check_keeps_a_written_result_when_a_rank_fails_on_exit(tmp_path, monkeypatch):
+    """A rank that fails after the ranks compared their parameters (a collective library's
+    teardown) leaves the result standing with the failure beside it; a failure before that is
+    an error; neither leaves the scratch file in the output folder."""
+    import importlib.util
+
+    import torch.multiprocessing as mp
+
+    spec = importlib.util.spec_from_file_location("gpu_check_under_test", ROOT / "benchmarks" / "gpu_check.py")
+    gc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gc)
+
+    def exits_badly(fn, args, nprocs, join):
+        Path(args[2]).write_text(json.dumps({"world": 2, "backend": "gloo", "params_identical": True,
+                                             "median_step_ms": 1.0, "finite": True}))
+        raise mp.ProcessExitedException("process 1 terminated with signal SIGABRT", 1, 1, 0, signal_name="SIGABRT")
+
+    monkeypatch.setattr(mp, "spawn", exits_badly)
+    res = gc.ddp_check(tmp_path, cuda=False)
+    assert res["ok"] and "SIGABRT" in res["teardown_error"]
+    assert list(tmp_path.iterdir()) == []
+
+    def fails_early(fn, args, nprocs, join):
+        raise mp.ProcessRaisedException("init failed", 0, 1)
+
+    monkeypatch.setattr(mp, "spawn", fails_early)
+    with pytest.raises(mp.ProcessRaisedException):
+        gc.ddp_check(tmp_path, cuda=False)
+    assert list(tmp_path.iterdir()) == []
