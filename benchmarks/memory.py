@@ -264,13 +264,12 @@ def _singd(model: torch.nn.Module, model_name: str) -> _Peer:
     return _Peer(singd, adamw, extra=extra)
 
 
-def _muon(model: torch.nn.Module) -> _Peer:
-    """``torch.optim.Muon`` on the hidden matrices (the 2-D weights under ``blocks.``, as
-    quality.py's charlm runs split them), AdamW on the rest; counted after a step (Muon creates
-    its momentum buffers there)."""
-    hidden = [p for n, p in model.named_parameters() if p.ndim == 2 and n.startswith("blocks.")]
-    ids = {id(p) for p in hidden}
-    rest = [p for p in model.parameters() if id(p) not in ids]
+def _muon(model: torch.nn.Module, model_name: str) -> _Peer:
+    """``torch.optim.Muon`` on the hidden matrices, AdamW on the rest, split as quality.py's runs
+    split them; counted after a step (Muon creates its momentum buffers there)."""
+    import quality
+
+    hidden, rest = quality.muon_param_split(model, model_name)
     return _Peer(torch.optim.Muon(hidden, lr=1e-3, weight_decay=0.05, adjust_lr_fn="match_rms_adamw"),
                  torch.optim.AdamW(rest, lr=1e-3, weight_decay=0.05))
 
@@ -343,7 +342,7 @@ def measure_state(model_name: str, variants: tuple[str, ...], device: str = "cpu
         if variant in ("singd", "muon"):
             if device == "meta":
                 continue  # their state exists only after a real step (SINGD's after a forward + backward too)
-            opt = _singd(model, model_name) if variant == "singd" else _muon(model)
+            opt = _singd(model, model_name) if variant == "singd" else _muon(model, model_name)
             if variant == "muon":
                 opt.step()
             rep = opt.report()
@@ -701,8 +700,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                  "precondition_frequency=10), its defaults otherwise (max_precondition_dim 10000)",
                       "singd": "singd SINGD(structures=('dense', 'dense')) on Linear / Conv2d layers after one real "
                                "forward + backward; AdamW on the rest",
-                      "muon": "torch.optim.Muon(lr=1e-3, weight_decay=0.05, adjust_lr_fn='match_rms_adamw') on the "
-                              "2-D weights under blocks., AdamW on the rest"},
+                      "muon": "torch.optim.Muon(lr=1e-3, weight_decay=0.05, adjust_lr_fn='match_rms_adamw') on "
+                              "quality.py's hidden matrices (2-D, not tok. / pos. / head.), AdamW on the rest"},
             "first_order": {"sgdm": "torch.optim.SGD(lr=0.1, momentum=0.9, weight_decay=5e-4)",
                             "adamw": "torch.optim.AdamW(lr=1e-3, weight_decay=0.05)"},
         },

@@ -378,6 +378,9 @@ def _table(mids_keys: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) ->
     return base.to(torch.int32).contiguous(), int((top - base).max())
 
 
+_NO_CELLS = (torch.empty(0, dtype=torch.int32, device=_CPU), 0, 0, 0)  # no table: (table, comparisons, shift, first)
+
+
 def _cells(mids: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     """The smallest cell table with at most :data:`MAX_CELL_COMPARISONS` comparisons per value:
     (table, comparisons, shift, first); (empty, 0, 0, 0) when there is none."""
@@ -394,7 +397,7 @@ def _cells(mids: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
         base, nk = _table(keys, cells << shift, ((cells + 1) << shift) - 1)
         if nk <= MAX_CELL_COMPARISONS:
             return base, nk, shift, lo >> shift
-    return torch.empty(0, dtype=torch.int32, device=_CPU), 0, 0, 0
+    return _NO_CELLS
 
 
 def _search_bounds(codebook: torch.Tensor) -> _Search:
@@ -405,8 +408,7 @@ def _search_bounds(codebook: torch.Tensor) -> _Search:
         return hit[1]
     mids = midpoints(codebook.cpu())
     # 4-bit codebooks: the binary search runs in registers (no memory lookups), faster than a table
-    cells, nk, shift, first = _cells(mids) if mids.numel() + 1 > 16 else (torch.empty(0, dtype=torch.int32, device=_CPU),
-                                                                          0, 0, 0)
+    cells, nk, shift, first = _cells(mids) if mids.numel() + 1 > 16 else _NO_CELLS
     pad = torch.full((1 + nk,), math.inf, device=_CPU)  # to 2**bits, and nk more for the cell comparisons
     search = _Search(torch.cat([mids, pad]).contiguous(), mids.numel() + 1, cells, nk, shift, first)
     if len(_SEARCH) > 64:  # codebooks made outside the cache: keep the table small
